@@ -1,0 +1,123 @@
+"""What every experiment script shares: flags, output folder, run.json, tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from inference.runtime import resolve_device  # noqa: E402
+
+SUMMARY_COLUMNS = [
+    "model", "engine", "guide", "bound", "n", "elbo", "elbo_se", "elbo_per_datum",
+    "log_evidence", "log_evidence_se", "log_evidence_method", "gap", "gap_per_datum",
+    "seconds", "device", "dtype", "seed", "converged",
+]
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>)")
+    p.add_argument("--data", type=Path, default=None, help="CSV (header row) or .npy/.npz file")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def setup(args, name: str) -> tuple[Path, torch.device, torch.dtype]:
+    """Check the common flags, create the output folder; return (out, device, dtype)."""
+    if args.seed < 0:
+        raise SystemExit("--seed: must be >= 0")
+    out = Path(args.out) if args.out is not None else Path("runs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from exc
+    return out, device, getattr(torch, args.dtype)
+
+
+def versions() -> dict:
+    import arviz
+    import numpy
+    import pyro
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "arviz": arviz.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def write_run_json(out: Path, args, device, extra: dict | None = None) -> Path:
+    payload = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seed": args.seed,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "versions": versions(),
+        **(extra or {}),
+    }
+    path = out / "run.json"
+    path.write_text(json.dumps(payload, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def summary_frame(results, log_evidence=None) -> pd.DataFrame:
+    """One row per FitResult, standard columns first."""
+    df = pd.DataFrame([r.to_row(log_evidence) for r in results])
+    cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
+    return df[cols + [c for c in df.columns if c not in cols]]
+
+
+def print_table(df: pd.DataFrame, columns=None, title: str | None = None) -> None:
+    cols = columns or [c for c in df.columns if c in SUMMARY_COLUMNS and c not in ("model", "device", "dtype", "seed", "n")]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        if title:
+            print(f"\n{title}")
+        print(df[cols].to_string(index=False))
+
+
+def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
+    """ELBO/objective trace of each engine, one panel, per data point."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        if r.trace:
+            ax.plot([v / r.n_data for v in r.trace], label=f"{r.engine}/{r.guide} ({r.bound})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("objective per data point (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,24 @@
+"""How a guide is named and built, so guides can be swapped by name in code and on the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """A named variational family.
+
+    ``build(family, x, **options)`` returns a Pyro guide callable with the model's signature
+    (an ``AutoGuide``, a ``PyroModule`` or a plain function using ``pyro.param``).
+    ``collapsed``: the family's discrete sites are not in the guide but summed out exactly
+    (the SVI engine then uses ``TraceEnum_ELBO``, and the bound is labelled ``elbo-collapsed``).
+    ``amortized``: q(z_n | x_n) comes from an encoder shared across data points.
+    """
+
+    name: str
+    build: Callable
+    collapsed: bool = False
+    amortized: bool = False
+    description: str = ""

@@ -1,0 +1,133 @@
+"""The one result object every engine returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Names of the bounds/objectives a result can carry (the ``bound`` column of every table).
+BOUNDS = {
+    "elbo": "ELBO over all latents (discrete sites explicit in q)",
+    "elbo-collapsed": "ELBO with discrete sites summed out exactly (tighter)",
+    "log-joint-map": "log p(x, theta) at the MAP estimate (not a bound on log p(x))",
+    "log-likelihood": "log p(x | theta) at the estimate (exact marginal likelihood of the data)",
+    "iwae": "importance-weighted bound",
+    "ais": "annealed importance sampling lower bound",
+    "none": "no ELBO (sampler)",
+}
+
+
+def _np(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+@dataclass
+class FitResult:
+    """What an engine produced, with everything needed to compare it with the others.
+
+    ``elbo`` is in nats, summed over the ``n_data`` points and keeping every constant; ``bound``
+    names which bound it is (see :data:`BOUNDS`). ``posterior`` holds point estimates or
+    variational parameters (tensors); ``samples`` holds draws shaped ``(chain, draw, ...)`` and
+    ``log_likelihood`` pointwise values shaped ``(chain, draw, n)``.
+    """
+
+    model: str
+    engine: str
+    guide: str
+    bound: str
+    n_data: int
+    elbo: float = math.nan
+    elbo_se: float = math.nan
+    trace: list[float] = field(default_factory=list)
+    posterior: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, Any] = field(default_factory=dict)
+    log_likelihood: dict[str, Any] = field(default_factory=dict)
+    sample_stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    converged: bool = False
+    message: str = ""
+    settings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    state: Any = None
+
+    def __post_init__(self):
+        if self.bound not in BOUNDS:
+            raise ValueError(f"bound: must be one of {sorted(BOUNDS)}, got {self.bound!r}")
+
+    @property
+    def elbo_per_datum(self) -> float:
+        return self.elbo / self.n_data
+
+    def to_row(self, log_evidence=None) -> dict:
+        """One row of a comparison table; ``gap`` = log evidence - ELBO when both are known."""
+        le, le_se, le_method = math.nan, math.nan, ""
+        if log_evidence is not None:
+            le, le_se, le_method = log_evidence.value, log_evidence.se, log_evidence.method
+        gap = le - self.elbo if self.bound not in ("none", "log-joint-map") else math.nan
+        row = {
+            "model": self.model,
+            "engine": self.engine,
+            "guide": self.guide,
+            "bound": self.bound,
+            "n": self.n_data,
+            "elbo": self.elbo,
+            "elbo_se": self.elbo_se,
+            "elbo_per_datum": self.elbo_per_datum,
+            "log_evidence": le,
+            "log_evidence_se": le_se,
+            "log_evidence_method": le_method,
+            "gap": gap,
+            "gap_per_datum": gap / self.n_data,
+            "seconds": self.seconds,
+            "device": self.device,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "converged": self.converged,
+            "iterations": len(self.trace),
+        }
+        row.update({f"diag_{k}": v for k, v in self.diagnostics.items() if np.isscalar(v)})
+        return row
+
+    def to_frame(self, log_evidence=None):
+        import pandas as pd
+
+        return pd.DataFrame([self.to_row(log_evidence)])
+
+    def to_inference_data(self):
+        """An ArviZ ``InferenceData`` (posterior, log_likelihood, sample_stats groups).
+
+        Point estimates become one chain with one draw, so every engine converts.
+        """
+        import arviz as az
+
+        def with_chain_draw(d: dict) -> dict:
+            return {k: _np(v) for k, v in d.items()}
+
+        if self.samples:
+            posterior = with_chain_draw(self.samples)
+        else:
+            posterior = {k: _np(v)[None, None] for k, v in self.posterior.items()}
+        log_lik = with_chain_draw(self.log_likelihood) if self.log_likelihood else None
+        stats = with_chain_draw(self.sample_stats) if self.sample_stats else None
+        attrs = {
+            "model": self.model,
+            "engine": self.engine,
+            "guide": self.guide,
+            "bound": self.bound,
+            "elbo": self.elbo,
+            "elbo_se": self.elbo_se,
+            "seed": self.seed,
+            "device": self.device,
+        }
+        return az.from_dict(
+            posterior=posterior, log_likelihood=log_lik, sample_stats=stats, attrs=attrs
+        )

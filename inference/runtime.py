@@ -1,0 +1,79 @@
+"""Devices, seeds, isolated Pyro state and honest timers."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pyro
+import torch
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+    if not (spec == "cpu" or spec.startswith("cuda")):
+        raise ValueError(f"device: must be one of auto, cpu, cuda[:N], got {spec!r}")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy, torch and Pyro; return a CPU generator for explicit draws."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    pyro.set_rng_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated(seed: int | None = None) -> Iterator[pyro.poutine.runtime._PYRO_PARAM_STORE.__class__]:
+    """A fresh Pyro param store for the block (restored afterwards); seeds when given.
+
+    No global Pyro state leaks between fits: each engine run happens inside one of these.
+    """
+    store = pyro.get_param_store()
+    if seed is not None:
+        seed_everything(seed)
+    with store.scope():
+        store.clear()
+        yield store
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock timer that synchronizes CUDA before reading the clock."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+def like(x: torch.Tensor) -> dict:
+    """``dict(device=..., dtype=...)`` of ``x``, for creating tensors that follow the data."""
+    return {"device": x.device, "dtype": x.dtype}
