@@ -14,9 +14,11 @@ def load_array(path: str | Path, *, name: str = "data") -> np.ndarray:
     families that handle missing values; the families' own checks reject them otherwise.
     """
     p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".npy", ".npz", ".csv", ".txt"):
+        raise ValueError(f"{name}: unsupported file type {suffix!r} (use .csv, .npy or .npz)")
     if not p.exists():
         raise FileNotFoundError(f"{name}: no such file {str(p)!r}")
-    suffix = p.suffix.lower()
     if suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
     elif suffix == ".npz":
@@ -24,16 +26,14 @@ def load_array(path: str | Path, *, name: str = "data") -> np.ndarray:
             if not z.files:
                 raise ValueError(f"{name}: {str(p)!r} holds no arrays")
             arr = z[z.files[0]]
-    elif suffix in (".csv", ".txt"):
+    else:
         import pandas as pd
 
         df = pd.read_csv(p)
-        bad = [c for c in df.columns if not np.issubdtype(df[c].dtype, np.number)]
+        bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
         if bad:
             raise ValueError(f"{name}: non-numeric column(s) {bad} in {str(p)!r}")
         arr = df.to_numpy(dtype=np.float64)
-    else:
-        raise ValueError(f"{name}: unsupported file type {suffix!r} (use .csv, .npy or .npz)")
     if arr.size == 0:
         raise ValueError(f"{name}: {str(p)!r} is empty")
     return arr

@@ -1,0 +1,21 @@
+import pyro
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """No Pyro parameter leaks from one test into the next."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
