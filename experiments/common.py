@@ -121,3 +121,42 @@ def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def posterior_summary(draws: dict[str, "torch.Tensor"], engine: str) -> pd.DataFrame:
+    """Mean and sd of each scalar component of ``draws`` (name -> (..., *shape) with the
+    draw dims leading and already flattened to one), one row per component."""
+    rows = []
+    for name, d in draws.items():
+        flat = d.reshape(d.shape[0], -1).double().cpu()
+        mean, sd = flat.mean(0), flat.std(0) if flat.shape[0] > 1 else torch.full_like(flat[0], math.nan)
+        for j in range(flat.shape[1]):
+            rows.append({"engine": engine, "quantity": f"{name}[{j}]", "mean": float(mean[j]), "sd": float(sd[j])})
+    return pd.DataFrame(rows)
+
+
+def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str) -> Path:
+    """Histogram of each component per engine, over the reference's (``reference`` key)."""
+    ref = draws_by_engine[reference].reshape(draws_by_engine[reference].shape[0], -1).cpu()
+    m = ref.shape[1]
+    fig, axes = plt.subplots(1, m, figsize=(4 * m, 3.2), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        lo, hi = float(ref[:, j].min()), float(ref[:, j].max())
+        pad = 0.25 * (hi - lo + 1e-9)
+        bins = torch.linspace(lo - pad, hi + pad, 40).numpy()
+        ax.hist(ref[:, j].numpy(), bins=bins, density=True, color="0.8", label=f"{reference} (reference)")
+        for name, d in draws_by_engine.items():
+            if name == reference:
+                continue
+            d = d.reshape(d.shape[0], -1).cpu()
+            if d.shape[0] > 1:
+                ax.hist(d[:, j].numpy(), bins=bins, density=True, histtype="step", label=name)
+            else:
+                ax.axvline(float(d[0, j]), ls="--", lw=1, label=f"{name} (point)")
+        ax.set_title(f"component {j}")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,92 @@
+"""Variational families, swappable by name in code and on the command line.
+
+For any model whose latent site is a per-data-point z of shape (n, k) in ``pyro.plate("data")``::
+
+    import guides
+    guides.names()                                  # ['exact', 'mean-field', 'full-rank', ...]
+    guide = guides.make("linear-full", family, x)   # a Pyro guide: guide(x, subsample_size=None)
+    family.guides = lambda: guides.latent_guides()  # what a family returns from ``guides()``
+
+Options (keyword arguments of ``make`` / ``guide_options`` of the SVI engine): ``latent_dim``
+(default ``family.latent_dim``), ``site`` ("z"), ``plate`` ("data"), ``name`` (Pyro module name),
+``init_scale``; ``hidden`` and ``activation`` for ``mlp``; ``params`` for ``exact``.
+"""
+
+from __future__ import annotations
+
+from guides.amortized import (
+    EncoderGuide,
+    LinearEncoderGuide,
+    MLPEncoderGuide,
+    build_linear_diag,
+    build_linear_full,
+    build_mlp,
+)
+from guides.base import GuideSpec
+from guides.exact import ExactPosteriorGuide, build_exact
+from guides.local import (
+    FullRankGuide,
+    LatentGuide,
+    LocalGuide,
+    MeanFieldGuide,
+    build_full_rank,
+    build_mean_field,
+)
+
+#: The per-data-point latent guides, by name.
+LATENT_GUIDES: dict[str, GuideSpec] = {
+    "exact": GuideSpec("exact", build_exact, description="the family's exact posterior"),
+    "mean-field": GuideSpec(
+        "mean-field", build_mean_field, description="local diagonal Gaussian per data point"),
+    "full-rank": GuideSpec(
+        "full-rank", build_full_rank, description="local full-covariance Gaussian per data point"),
+    "linear-diag": GuideSpec(
+        "linear-diag", build_linear_diag, amortized=True,
+        description="linear encoder, diagonal Gaussian"),
+    "linear-full": GuideSpec(
+        "linear-full", build_linear_full, amortized=True,
+        description="linear encoder, full-covariance Gaussian"),
+    "mlp": GuideSpec(
+        "mlp", build_mlp, amortized=True, description="MLP encoder, diagonal Gaussian"),
+}
+
+
+def names(*, amortized: bool | None = None) -> list[str]:
+    """Guide names (only amortized / only local ones when ``amortized`` is given)."""
+    return [k for k, s in LATENT_GUIDES.items() if amortized is None or s.amortized == amortized]
+
+
+def latent_guides(*, exact: bool = True) -> dict[str, GuideSpec]:
+    """A fresh dict of the specs, for a family's ``guides()`` (without ``exact`` if it has none)."""
+    return {k: s for k, s in LATENT_GUIDES.items() if exact or k != "exact"}
+
+
+def spec(name) -> GuideSpec:
+    """The spec called ``name`` (a GuideSpec passes through)."""
+    if isinstance(name, GuideSpec):
+        return name
+    if name not in LATENT_GUIDES:
+        raise ValueError(f"guide: must be one of {list(LATENT_GUIDES)}, got {name!r}")
+    return LATENT_GUIDES[name]
+
+
+def make(name, family, x, **options) -> LatentGuide:
+    """Build the guide ``name`` (or a GuideSpec) for ``family`` and data ``x``."""
+    return spec(name).build(family, x, **options)
+
+
+def parse_names(text: str) -> list[str]:
+    """``"mean-field,mlp"`` -> ``["mean-field", "mlp"]``, checking every name."""
+    out = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not out:
+        raise ValueError("guides: empty list")
+    for t in out:
+        spec(t)
+    return out
+
+
+__all__ = [
+    "LATENT_GUIDES", "EncoderGuide", "ExactPosteriorGuide", "FullRankGuide", "GuideSpec",
+    "LatentGuide", "LinearEncoderGuide", "LocalGuide", "MLPEncoderGuide", "MeanFieldGuide",
+    "latent_guides", "make", "names", "parse_names", "spec",
+]

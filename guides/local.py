@@ -63,7 +63,8 @@ class LatentGuide(nn.Module):
     def forward(self, x, subsample_size=None, **kwargs):
         n = x.shape[0]
         self.register()
-        with pyro.plate(self.plate, n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
+        plate = pyro.plate(self.plate, n, subsample_size=subsample_size, dim=-1, device=x.device)
+        with plate as idx:
             return pyro.sample(self.site, self.distribution(x, idx))
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Per-data-point importance-weighted (IWAE) estimates of the log evidence, and Pyro tracing helpers.
+"""Per-data-point importance-weighted (IWAE) log-evidence estimates, and Pyro tracing helpers.
 
 For fixed model parameters and a proposal q(z_n | x_n), the IWAE bound of data point n is
 (Burda, Grosse & Salakhutdinov 2016, eq. 8)
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from models.validate import as_data, integer
 
@@ -114,6 +115,12 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
+def _skip(site) -> bool:
+    """Not a random variable: params, plates' subsample sites, pyro.deterministic."""
+    return (site["type"] != "sample" or site_is_subsample(site)
+            or bool(site["infer"].get("_deterministic")))
+
+
 def _in_plate(site, name: str) -> bool:
     for frame in site["cond_indep_stack"]:
         if frame.name == name:
@@ -123,11 +130,11 @@ def _in_plate(site, name: str) -> bool:
     return False
 
 
-def _site_log_prob(site, s: int, n: int, nesting: int) -> torch.Tensor:
-    """log prob of one site inside the data plate, summed over event and inner plate dims -> (s, n)."""
+def _site_log_prob(site, s: int, n: int, nesting: int, what: str) -> torch.Tensor:
+    """log prob of a site in the data plate, summed over event and inner plate dims -> (s, n)."""
     if not (isinstance(site["scale"], float | int) and site["scale"] == 1):
         raise ValueError(
-            f"model: site {site['name']!r} is scaled (subsampling or poutine.scale); "
+            f"{what}: site {site['name']!r} is scaled (subsampling or poutine.scale); "
             "per-point evidence needs the unscaled model (subsample_size=None)"
         )
     lp = site["fn"].log_prob(site["value"])
@@ -137,8 +144,8 @@ def _site_log_prob(site, s: int, n: int, nesting: int) -> torch.Tensor:
         lp = lp.unsqueeze(0)
     if lp.dim() > nesting + 1:
         raise ValueError(
-            f"model: site {site['name']!r} has {lp.dim()} batch dims, more than max_plate_nesting + 1 "
-            f"= {nesting + 1}; raise max_plate_nesting"
+            f"{what}: site {site['name']!r} has {lp.dim()} batch dims, more than "
+            f"max_plate_nesting + 1 = {nesting + 1}; raise max_plate_nesting"
         )
     if nesting > 1:
         lp = lp.sum(dim=tuple(range(-nesting, -1)))
@@ -151,11 +158,16 @@ def _per_point_log_prob(trace, s: int, n: int, *, nesting: int, fixed, latent, w
     total = None
     found = False
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["infer"].get("_deterministic"):
+        if _skip(site):
             continue
         if not _in_plate(site, data_plate):
             if name in fixed:
                 continue
+            if what == "guide":
+                raise ValueError(
+                    f"guide: site {name!r} lies outside the plate {data_plate!r}; the per-point "
+                    "IWAE needs a guide over the local latent only (fix global sites in the model)"
+                )
             if site["is_observed"]:
                 raise ValueError(
                     f"{what}: observed site {name!r} lies outside the plate {data_plate!r}; it "
@@ -173,10 +185,10 @@ def _per_point_log_prob(trace, s: int, n: int, *, nesting: int, fixed, latent, w
                 f"site {latent!r} is integrated out"
             )
         found = found or name == latent
-        lp = _site_log_prob(site, s, n, nesting)
+        lp = _site_log_prob(site, s, n, nesting, what)
         total = lp if total is None else total + lp
     if not found:
-        raise ValueError(f"latent: no site {latent!r} inside the plate {data_plate!r} of the {what}")
+        raise ValueError(f"latent: no site {latent!r} in the plate {data_plate!r} of the {what}")
     return total
 
 
@@ -252,8 +264,7 @@ def proposal_from(
     if latent not in trace.nodes:
         raise ValueError(f"latent: the program has no site {latent!r}")
     for name, site in trace.nodes.items():
-        if (site["type"] == "sample" and not site["is_observed"] and name != latent
-                and not site["infer"].get("_deterministic")):
+        if not _skip(site) and not site["is_observed"] and name != latent:
             raise ValueError(
                 f"latent: site {latent!r} may depend on the other random site {name!r}; "
                 "proposal_from needs it to be the only unobserved site"

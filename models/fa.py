@@ -55,7 +55,8 @@ class FAParams:
         d = self.W.shape[0]
         for name in ("mu", "psi"):
             if tuple(getattr(self, name).shape) != (d,):
-                raise ValueError(f"{name}: expected shape ({d},), got {tuple(getattr(self, name).shape)}")
+                shape = tuple(getattr(self, name).shape)
+                raise ValueError(f"{name}: expected shape ({d},), got {shape}")
         if not (self.psi > 0).all():
             raise ValueError("psi: noise variances must be > 0")
 
@@ -220,7 +221,8 @@ def svd_update(S: torch.Tensor, psi, k: int, min_var: float):
     # at the optimal W, log|C| = sum log psi + sum log max(lam, 1),
     # tr(C^-1 S) = tr(S~) - sum (lam - 1)_+ (eigenvalues in the W subspace are 1 in C~^-1 S~)
     lam1 = lam.clamp_min(1)
-    ll = -0.5 * (d * LOG_2PI + torch.log(psi).sum() + torch.log(lam1).sum() + evals.sum() - (lam1 - 1).sum())
+    tr = evals.sum() - (lam1 - 1).sum()
+    ll = -0.5 * (d * LOG_2PI + torch.log(psi).sum() + torch.log(lam1).sum() + tr)
     psin = (torch.diagonal(S) - (W * W).sum(1)).clamp_min(min_var)
     return W, psin, ll
 
@@ -334,7 +336,9 @@ class FactorAnalysis(ModelFamily):
             raise TypeError(f"params: expected FAParams or None, got {type(params).__name__}")
         if params is not None:
             if params.latent_dim != self.latent_dim:
-                raise ValueError(f"params: W has {params.latent_dim} columns, latent_dim is {self.latent_dim}")
+                raise ValueError(
+                    f"params: W has {params.latent_dim} columns, latent_dim is {self.latent_dim}"
+                )
             if dim is not None and int(dim) != params.dim:
                 raise ValueError(f"dim: {dim} does not match params (d = {params.dim})")
             dim = params.dim
@@ -356,12 +360,17 @@ class FactorAnalysis(ModelFamily):
         return x
 
     def settings(self) -> dict:
-        return {"latent_dim": self.latent_dim, "kind": self.kind, "dim": self.dim, "min_var": self.min_var}
+        return {
+            "latent_dim": self.latent_dim,
+            "kind": self.kind,
+            "dim": self.dim,
+            "min_var": self.min_var,
+        }
 
     def _params(self, x: torch.Tensor, params: FAParams | None) -> FAParams:
         p = params if params is not None else self.params
         if p is None:
-            raise ValueError("params: none given and the family holds none (fit first, e.g. fit_em)")
+            raise ValueError("params: none given and the family holds none (fit first: fit_em)")
         if p.dim != x.shape[-1] or p.latent_dim != self.latent_dim:
             raise ValueError(
                 f"params: shape (d={p.dim}, k={p.latent_dim}) does not match data d={x.shape[-1]}, "
@@ -465,11 +474,14 @@ class FactorAnalysis(ModelFamily):
         return mean, cov
 
     def log_joint(self, x, z: torch.Tensor, params: FAParams | None = None) -> torch.Tensor:
-        """log p(x_n, z_n) = log N(z_n; 0, I) + log N(x_n; W z_n + mu, Psi); z (..., n, k) -> (..., n)."""
+        """log p(x_n, z_n) = log N(z_n; 0, I) + log N(x_n; W z_n + mu, Psi).
+
+        z (..., n, k) -> (..., n), broadcast over leading sample dims."""
         x = self.check_data(x)
         p = self._params(x, params)
         if z.shape[-2:] != (x.shape[0], self.latent_dim):
-            raise ValueError(f"z: expected shape (..., {x.shape[0]}, {self.latent_dim}), got {tuple(z.shape)}")
+            want = f"(..., {x.shape[0]}, {self.latent_dim})"
+            raise ValueError(f"z: expected shape {want}, got {tuple(z.shape)}")
         d, k = x.shape[1], self.latent_dim
         r = x - z @ p.W.T - p.mu
         lx = -0.5 * (d * LOG_2PI + torch.log(p.psi).sum() + (r * r / p.psi).sum(-1))
@@ -515,7 +527,8 @@ class FactorAnalysis(ModelFamily):
             raise ValueError("params: CAVI over q(z) needs a family with fixed params")
         L, b, const = self._cavi_consts(x)
         m = torch.randn(x.shape[0], self.latent_dim, generator=generator, dtype=torch.float64).to(x)
-        return {"m": m, "v": torch.ones(self.latent_dim, device=x.device, dtype=x.dtype), "L": L, "b": b, "c": const}
+        v = torch.ones(self.latent_dim, device=x.device, dtype=x.dtype)
+        return {"m": m, "v": v, "L": L, "b": b, "c": const}
 
     def cavi_step(self, x: torch.Tensor, state: dict) -> dict:
         """Sweep j = 1..k: v_j = 1 / L_jj, m_nj = (b_nj - sum_{i != j} L_ji m_ni) / L_jj
@@ -579,7 +592,8 @@ def observed_loglik(x_nan, params: FAParams) -> torch.Tensor:
     p = params.to(x)
     m, G, chol, inv, b, r = _posterior_observed(x, obs, p.W, p.mu, p.psi)
     o = obs.to(x.dtype)
-    logdet = (o * torch.log(p.psi)).sum(1) + 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)[inv]
+    logdet_L = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    logdet = (o * torch.log(p.psi)).sum(1) + logdet_L[inv]
     quad = (r * r / p.psi).sum(1) - (b * m).sum(1)
     return -0.5 * (o.sum(1) * LOG_2PI + logdet + quad)
 
@@ -612,7 +626,8 @@ def em_missing(
     non_negative(tol, "tol")
     counts = obs.sum(0)
     if (counts == 0).any():
-        raise ValueError(f"x: column(s) {torch.nonzero(counts == 0).flatten().tolist()} have no observed values")
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"x: column(s) {empty} have no observed values")
     o = obs.to(x.dtype)
     x0 = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if init is None:

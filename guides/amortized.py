@@ -1,0 +1,171 @@
+"""Amortized Gaussian guides: one encoder x_n -> q(z_n | x_n) shared by all data points.
+
+* ``linear-diag``:  m = A x + a,  s = softplus(B x + b) + s_min            (diagonal covariance)
+* ``linear-full``:  m = A x + a,  L = tril(C x + c) with diagonal softplus(.) + s_min
+* ``mlp``:          h = MLP(x);  m = A h + a,  s = softplus(B h + b) + s_min  (diagonal)
+
+For factor analysis the exact posterior N(M (x - mu), L^-1) is in the ``linear-full`` family
+(mean linear in x, covariance constant), so a converged linear-full encoder has no amortization
+gap there. Inputs are flattened to (b, d). ``s_min`` (``min_scale``, default 1e-6) only keeps the
+log density finite. Encoders are built with the data's device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guides.local import LatentGuide, _data, _latent_dim, no_extra
+from models.validate import integer, non_negative, positive
+
+ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+def _softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class EncoderGuide(LatentGuide):
+    """Shared parts of the amortized guides: input flattening, scale heads."""
+
+    amortized = True
+
+    def __init__(self, data_dim, latent_dim, *, init_scale=1.0, min_scale=1e-6, site="z",
+                 plate="data", name=None):
+        super().__init__(latent_dim, site=site, plate=plate, name=name)
+        self.data_dim = integer(data_dim, "data_dim", minimum=1)
+        self.init_scale = positive(init_scale, "init_scale")
+        self.min_scale = non_negative(min_scale, "min_scale")
+        if self.min_scale >= self.init_scale:
+            raise ValueError(f"min_scale: must be below init_scale={init_scale}, got {min_scale}")
+
+    def _inputs(self, x, idx):
+        rows = x if idx is None else x.index_select(0, idx)
+        rows = rows.reshape(rows.shape[0], -1)
+        if rows.shape[1] != self.data_dim:
+            raise ValueError(f"data: encoder expects {self.data_dim} features, got {rows.shape[1]}")
+        return rows
+
+    def _scale(self, raw):
+        return F.softplus(raw) + self.min_scale
+
+    def _init_scale_head(self, layer: nn.Linear, diag_index=None):
+        with torch.no_grad():
+            layer.weight.mul_(0.01)
+            bias = _softplus_inverse(self.init_scale - self.min_scale)
+            if diag_index is None:
+                layer.bias.fill_(bias)
+            else:
+                layer.bias.zero_()
+                layer.bias[diag_index] = bias
+
+
+class LinearEncoderGuide(EncoderGuide):
+    """q(z_n | x_n) = N(A x_n + a, S(x_n)) with a linear diagonal or full-covariance head."""
+
+    def __init__(self, data_dim, latent_dim, *, full=False, like, init_scale=1.0, min_scale=1e-6,
+                 site="z", plate="data", name=None):
+        self.kind = "linear-full" if full else "linear-diag"
+        self.diagonal = not full
+        super().__init__(data_dim, latent_dim, init_scale=init_scale, min_scale=min_scale,
+                         site=site, plate=plate, name=name)
+        d, k = self.data_dim, self.latent_dim
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.loc_net = nn.Linear(d, k, **kw)
+        if full:
+            rows, cols = torch.tril_indices(k, k, device=like.device)
+            self.register_buffer("tril_rows", rows, persistent=False)
+            self.register_buffer("tril_cols", cols, persistent=False)
+            self.scale_net = nn.Linear(d, rows.numel(), **kw)
+            self._init_scale_head(self.scale_net, (rows == cols).nonzero().squeeze(-1))
+        else:
+            self.scale_net = nn.Linear(d, k, **kw)
+            self._init_scale_head(self.scale_net)
+
+    def moments(self, x, idx=None):
+        h = self._inputs(x, idx)
+        loc = self.loc_net(h)
+        raw = self.scale_net(h)
+        if self.diagonal:
+            return loc, torch.diag_embed(self._scale(raw))
+        k = self.latent_dim
+        diag = self.tril_rows == self.tril_cols
+        vals = torch.where(diag, self._scale(raw), raw)
+        tril = raw.new_zeros(raw.shape[0], k, k)
+        tril[:, self.tril_rows, self.tril_cols] = vals
+        return loc, tril
+
+
+class MLPEncoderGuide(EncoderGuide):
+    """q(z_n | x_n) = N(m(x_n), diag s(x_n)^2) from an MLP with configurable hidden sizes."""
+
+    kind = "mlp"
+    diagonal = True
+
+    def __init__(self, data_dim, latent_dim, *, hidden=(64,), activation="softplus", like,
+                 init_scale=1.0, min_scale=1e-6, site="z", plate="data", name=None):
+        super().__init__(data_dim, latent_dim, init_scale=init_scale, min_scale=min_scale,
+                         site=site, plate=plate, name=name)
+        if isinstance(hidden, int):
+            hidden = (hidden,)
+        self.hidden = tuple(integer(h, "hidden", minimum=1) for h in hidden)
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        kw = {"device": like.device, "dtype": like.dtype}
+        layers, width = [], self.data_dim
+        for h in self.hidden:
+            layers += [nn.Linear(width, h, **kw), ACTIVATIONS[activation]()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.loc_net = nn.Linear(width, self.latent_dim, **kw)
+        self.scale_net = nn.Linear(width, self.latent_dim, **kw)
+        self._init_scale_head(self.scale_net)
+
+    def moments(self, x, idx=None):
+        h = self.body(self._inputs(x, idx))
+        return self.loc_net(h), torch.diag_embed(self._scale(self.scale_net(h)))
+
+    def distribution(self, x, idx=None):
+        import pyro.distributions as dist
+
+        h = self.body(self._inputs(x, idx))
+        return dist.Normal(self.loc_net(h), self._scale(self.scale_net(h))).to_event(1)
+
+
+def _data_dim(x) -> int:
+    return int(x[0].numel())
+
+
+def build_linear_diag(family, x, *, latent_dim=None, site="z", plate="data", name=None,
+                      init_scale=1.0, min_scale=1e-6, **options):
+    """``GuideSpec.build`` of the linear encoder with diagonal covariance."""
+    no_extra(options, "linear-diag")
+    x = _data(family, x)
+    return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=False, like=x,
+                              init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,
+                              name=name)
+
+
+def build_linear_full(family, x, *, latent_dim=None, site="z", plate="data", name=None,
+                      init_scale=1.0, min_scale=1e-6, **options):
+    """``GuideSpec.build`` of the linear encoder with full covariance."""
+    no_extra(options, "linear-full")
+    x = _data(family, x)
+    return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=True, like=x,
+                              init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,
+                              name=name)
+
+
+def build_mlp(family, x, *, latent_dim=None, hidden=(64,), activation="softplus", site="z",
+              plate="data", name=None, init_scale=1.0, min_scale=1e-6, **options):
+    """``GuideSpec.build`` of the MLP encoder (diagonal Gaussian)."""
+    no_extra(options, "mlp")
+    x = _data(family, x)
+    return MLPEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), hidden=hidden,
+                           activation=activation, like=x, init_scale=init_scale,
+                           min_scale=min_scale, site=site, plate=plate, name=name)

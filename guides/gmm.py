@@ -1,0 +1,161 @@
+"""Variational families for the Bayesian GMM (models/gmm.py), swappable by name.
+
+* ``mean-field``: q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i) - the CAVI family of
+  Blei et al. (2017, eqs. 6-8); bound "elbo" (Trace_ELBO).
+* ``collapsed``: q(mu_k) = N(m_k, s_k^2 I) only; c is summed out by TraceEnum_ELBO
+  ("elbo-collapsed", tighter: it is log p(x) - KL(q(mu) || p(mu | x))).
+* ``auto-normal`` / ``auto-mvn``: Pyro's AutoNormal / AutoMultivariateNormal over mu only (the
+  model is shown to them through ``poutine.block(expose=["mu"])``); c summed out as above.
+
+Every builder takes ``seed`` for its random initialization: the means start at K data points
+chosen at random (distinct), which breaks the label symmetry (all means at one value is a saddle).
+Parameters live in the active Pyro param store; build and fit inside ``inference.runtime.isolated``.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
+
+from guides.base import GuideSpec
+from models.gmm import init_means, responsibilities
+from models.validate import integer, positive
+
+#: Pyro param names of the mean-field and collapsed guides
+LOC, SCALE, PROBS = "q_mu_loc", "q_mu_scale", "q_c_probs"
+
+
+def _initial(family, x, seed: int, init: dict | None):
+    """(m (K, d), s (K,), phi (n, K)) from ``init`` (a CAVI state or guide params) or seeded."""
+    if init is not None:
+        return _unpack(init)
+    gen = torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
+    m = init_means(x, family.K, gen)
+    s = x.new_ones(family.K)
+    return m, s, responsibilities(x, m)
+
+
+def _unpack(state: dict):
+    """Accept a CAVI state ``{"m", "s2", "phi"}`` or guide params ``{LOC, SCALE, PROBS}``."""
+    if "m" in state:
+        m, s, phi = state["m"], state["s2"].sqrt(), state.get("phi")
+    elif LOC in state:
+        m, s, phi = state[LOC], state[SCALE], state.get(PROBS)
+    else:
+        raise ValueError(f"init: expected keys m, s2, phi (CAVI) or {LOC}, {SCALE}, {PROBS}")
+    return m.detach(), s.detach(), None if phi is None else phi.detach()
+
+
+def _mean_field(m, s, phi, *, fixed: bool):
+    """The mean-field guide q(mu) q(c) with initial (or, if ``fixed``, constant) values."""
+    K, n = m.shape[0], phi.shape[0]
+
+    def guide(x, subsample_size=None):
+        if fixed:
+            loc, scale, probs = m, s, phi
+        else:
+            loc = pyro.param(LOC, m.clone())
+            scale = pyro.param(SCALE, s.clone(), constraint=constraints.positive)
+            probs = pyro.param(PROBS, phi.clone(), constraint=constraints.simplex)
+        with pyro.plate("components", K, dim=-1):
+            pyro.sample("mu", dist.Normal(loc, scale[:, None].expand(loc.shape)).to_event(1))
+        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=loc.device) as i:
+            pyro.sample("c", dist.Categorical(probs=probs[i]))
+
+    return guide
+
+
+def build_mean_field(family, x, *, seed: int = 0, init: dict | None = None, fixed: bool = False):
+    """q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i); params ``q_mu_loc`` (K, d),
+    ``q_mu_scale`` (K,) > 0, ``q_c_probs`` (n, K) on the simplex."""
+    x = family.check_data(x)
+    m, s, phi = _initial(family, x, seed, init)
+    if phi is None:
+        phi = responsibilities(x, m)
+    if phi.shape != (x.shape[0], family.K):
+        raise ValueError(f"init: phi must be shaped (n, K) = {(x.shape[0], family.K)}")
+    return _mean_field(m, s, phi, fixed=fixed)
+
+
+def mean_field_guide_from(state: dict, *, fixed: bool = True):
+    """The mean-field guide holding given values, e.g. CAVI's state ``{"m", "s2", "phi"}``.
+
+    ``fixed=True`` (default): the values are constants, so the guide describes exactly that q
+    whatever the param store holds (for ELBO evaluation). ``fixed=False``: they are the initial
+    values of ``pyro.param`` sites (to warm-start SVI; use a fresh param store).
+    """
+    m, s, phi = _unpack(state)
+    if phi is None:
+        raise ValueError(f"state: needs phi (or {PROBS}) for the mean-field guide")
+    return _mean_field(m, s, phi, fixed=fixed)
+
+
+def build_collapsed(family, x, *, seed: int = 0, init: dict | None = None):
+    """q(mu_k) = N(m_k, s_k^2 I) only; c enumerated in the model (TraceEnum_ELBO)."""
+    x = family.check_data(x)
+    m, s, _ = _initial(family, x, seed, init)
+    K = family.K
+
+    def guide(x, subsample_size=None):
+        loc = pyro.param(LOC, m.clone())
+        scale = pyro.param(SCALE, s.clone(), constraint=constraints.positive)
+        with pyro.plate("components", K, dim=-1):
+            pyro.sample("mu", dist.Normal(loc, scale[:, None].expand(loc.shape)).to_event(1))
+
+    return guide
+
+
+def _auto(cls, family, x, seed: int, init_scale: float):
+    x = family.check_data(x)
+    gen = torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
+    values = {"mu": init_means(x, family.K, gen)}
+    return cls(
+        poutine.block(family.model, expose=["mu"]),
+        init_loc_fn=init_to_value(values=values),
+        init_scale=positive(init_scale, "init_scale"),
+    )
+
+
+def build_auto_normal(family, x, *, seed: int = 0, init_scale: float = 0.1):
+    """AutoNormal over mu (diagonal Gaussian over all K*d coordinates)."""
+    return _auto(AutoNormal, family, x, seed, init_scale)
+
+
+def build_auto_mvn(family, x, *, seed: int = 0, init_scale: float = 0.1):
+    """AutoMultivariateNormal over mu (full-covariance Gaussian over the K*d coordinates)."""
+    return _auto(AutoMultivariateNormal, family, x, seed, init_scale)
+
+
+def guide_specs() -> dict[str, GuideSpec]:
+    """Name -> GuideSpec for the GMM family (``BayesianGMM.guides()``)."""
+    return {
+        "mean-field": GuideSpec(
+            "mean-field", build_mean_field, False, False, "q(mu_k)=N(m_k,s_k^2 I) q(c_i)=Cat(phi_i)"
+        ),
+        "collapsed": GuideSpec(
+            "collapsed", build_collapsed, True, False, "q(mu_k)=N(m_k,s_k^2 I); c summed out"
+        ),
+        "auto-normal": GuideSpec(
+            "auto-normal", build_auto_normal, True, False, "AutoNormal over mu; c summed out"
+        ),
+        "auto-mvn": GuideSpec(
+            "auto-mvn", build_auto_mvn, True, False, "AutoMultivariateNormal over mu; c summed out"
+        ),
+    }
+
+
+__all__ = [
+    "LOC",
+    "PROBS",
+    "SCALE",
+    "build_auto_mvn",
+    "build_auto_normal",
+    "build_collapsed",
+    "build_mean_field",
+    "guide_specs",
+    "mean_field_guide_from",
+]

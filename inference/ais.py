@@ -1,0 +1,365 @@
+"""Annealed importance sampling per data point (Neal 2001) with HMC transitions, and BDMC.
+
+Path. For a proposal q(z_n) (the prior, or an encoder's q(z_n | x_n)) and inverse temperatures
+0 = b_0 < b_1 < ... < b_T = 1, the intermediate unnormalized targets are the geometric path
+
+    f_t(z) = q(z)^(1 - b_t) p(x_n, z)^(b_t),    f_0 = q (normalized), f_T = p(x_n, z).
+
+With the prior as q this is p(z) p(x_n | z)^(b_t). Forward AIS draws z_0 ~ q and, for t = 1..T,
+adds  log f_t(z_{t-1}) - log f_{t-1}(z_{t-1}) = (b_t - b_{t-1}) (log p(x_n, z) - log q(z))  to the
+log weight, then moves z_{t-1} -> z_t with an HMC kernel leaving f_t invariant (t < T). Then
+E[w] = p(x_n) (Neal 2001, eq. 11), so log mean_c w_c over C independent chains is a stochastic
+lower bound on log p(x_n) (Jensen), with the delta-method se of :mod:`inference.evidence`.
+
+BDMC (Grosse, Ghahramani & Adams 2015). Run the chain backwards from an exact posterior draw
+z_T ~ p(z | x_n) (available on simulated data: simulate z, then x), adding
+log f_{t-1}(z_t) - log f_t(z_t) and moving with the kernels in reverse order; then E[w_rev] =
+1 / p(x_n), so -log mean_c w_rev,c is a stochastic upper bound. The two bracket log p(x_n).
+
+HMC. U_t(z) = -log f_t(z); momentum p ~ N(0, M) with diagonal M^-1 = s^2, s the proposal's
+standard deviation (``mass="proposal"``) or 1; L leapfrog steps of size eps_t[n] (one per data point
+and temperature); Metropolis accept on the Hamiltonian. Step sizes: ``adapt="pilot"`` (default)
+runs a pilot AIS with ``pilot_chains`` chains that moves eps multiplicatively toward
+``target_accept`` after each temperature (eps <- eps exp(0.5 (accept - target))), then the
+estimates use those step sizes frozen, so their kernels do not depend on their own draws and the
+bounds above hold exactly. ``adapt="online"`` adapts inside the run itself (cheaper, slightly
+biased), ``adapt="none"`` keeps ``step_size``.
+
+Schedules: ``linear`` b_t = t / T; ``sigmoid`` (Grosse, Maddison & Salakhutdinov 2013)
+b_t proportional to sigma(delta (2 t / T - 1)), rescaled to [0, 1], delta = 4; or any increasing
+sequence from 0 to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from inference.evidence import (
+    EvidenceEstimate,
+    LogJoint,
+    _check_proposal,
+    _chunks,
+    make_estimate,
+    seeded,
+)
+from models.validate import as_data, choice, integer, positive, probability
+
+SCHEDULES = ("linear", "sigmoid")
+ADAPT = ("pilot", "online", "none")
+MASS = ("proposal", "identity")
+
+
+def annealing_schedule(num_steps: int, kind: str = "sigmoid", *, delta: float = 4.0) -> list[float]:
+    """Inverse temperatures b_0 = 0 < ... < b_T = 1 (``num_steps`` = T), as Python floats."""
+    t_max = integer(num_steps, "num_steps", minimum=1)
+    choice(kind, "schedule", SCHEDULES)
+    if kind == "linear":
+        return [t / t_max for t in range(t_max + 1)]
+    delta = positive(delta, "delta")
+    raw = [1 / (1 + math.exp(-delta * (2 * t / t_max - 1))) for t in range(t_max + 1)]
+    lo, hi = raw[0], raw[-1]
+    betas = [(r - lo) / (hi - lo) for r in raw]
+    betas[0], betas[-1] = 0.0, 1.0
+    return betas
+
+
+def _betas(schedule, num_steps) -> list[float]:
+    if isinstance(schedule, str):
+        return annealing_schedule(num_steps, schedule)
+    if not isinstance(schedule, Sequence | torch.Tensor):
+        raise TypeError(f"schedule: must be one of {list(SCHEDULES)} or a sequence, got {schedule}")
+    betas = [float(b) for b in schedule]
+    if len(betas) < 2 or betas[0] != 0.0 or betas[-1] != 1.0:
+        raise ValueError("schedule: a sequence must start at 0, end at 1 and have >= 2 entries")
+    if any(b1 <= b0 for b0, b1 in zip(betas, betas[1:])):
+        raise ValueError("schedule: inverse temperatures must increase strictly")
+    return betas
+
+
+class _Target:
+    """log p(x, z), log q(z) and their gradients in z, for chains shaped (C, n, *event)."""
+
+    def __init__(self, log_joint, q, x, event_dim):
+        self.log_joint, self.q, self.x, self.event_dim = log_joint, q, x, event_dim
+
+    def __call__(self, z):
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            lp = self.log_joint(self.x, z)
+            if tuple(lp.shape) != tuple(z.shape[:2]):
+                raise ValueError(
+                    f"log_joint: must return shape {tuple(z.shape[:2])} (chains, n), "
+                    f"got {tuple(lp.shape)}"
+                )
+            lq = self.q.log_prob(z)
+            (gp,) = torch.autograd.grad(lp.sum(), z)
+            (gq,) = torch.autograd.grad(lq.sum(), z)
+        return z.detach(), lp.detach(), lq.detach(), gp, gq
+
+
+def _esum(t, event_dim):
+    return t.flatten(-event_dim).sum(-1) if event_dim else t
+
+
+def _hmc(state, beta, eps, minv, leapfrog, target):
+    """One HMC transition leaving f_beta invariant; returns (state, accept probability (C, n))."""
+    z, lp, lq, gp, gq = state
+    ed = target.event_dim
+    e = eps.reshape((1, -1) + (1,) * ed)
+
+    def energy(lp_, lq_):
+        return -(lq_ + beta * (lp_ - lq_))
+
+    def grad(gp_, gq_):
+        return -(gq_ + beta * (gp_ - gq_))
+
+    p = torch.randn_like(z) / minv.sqrt()
+    h0 = energy(lp, lq) + 0.5 * _esum(minv * p * p, ed)
+    p = p - 0.5 * e * grad(gp, gq)
+    zn = z
+    for step in range(leapfrog):
+        zn = zn + e * minv * p
+        zn, lpn, lqn, gpn, gqn = target(zn)
+        p = p - (e if step < leapfrog - 1 else 0.5 * e) * grad(gpn, gqn)
+    h1 = energy(lpn, lqn) + 0.5 * _esum(minv * p * p, ed)
+    log_acc = torch.nan_to_num(h0 - h1, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    accept = torch.log(torch.rand_like(log_acc)) < log_acc
+    acc_prob = torch.exp(torch.clamp(log_acc, max=0.0))
+    keep = accept.reshape(accept.shape + (1,) * ed)
+    new = (
+        torch.where(keep, zn, z),
+        torch.where(accept, lpn, lp),
+        torch.where(accept, lqn, lq),
+        torch.where(keep, gpn, gp),
+        torch.where(keep, gqn, gq),
+    )
+    return new, acc_prob
+
+
+def _anneal(target, z0, betas, eps, minv, leapfrog, *, reverse=False, adapt=None):
+    """Run one AIS sweep. ``eps``: (T + 1, n) frozen step sizes, or (n,) start when adapting.
+
+    Returns (log weights (C, n), mean acceptance per point, step sizes used (T + 1, n)).
+    """
+    state = target(z0)
+    t_max = len(betas) - 1
+    log_w = torch.zeros_like(state[1])
+    acc_total = torch.zeros_like(log_w[0])
+    used = torch.zeros((t_max + 1,) + tuple(log_w[0].shape), dtype=z0.dtype, device=z0.device)
+    cur = eps.clone() if adapt is not None else None
+    moves = 0
+    order = range(t_max, 0, -1) if reverse else range(1, t_max + 1)
+    for t in order:
+        lp, lq = state[1], state[2]
+        delta = (betas[t - 1] - betas[t]) if reverse else (betas[t] - betas[t - 1])
+        log_w = log_w + delta * (lp - lq)
+        t_move = t - 1 if reverse else t
+        if not 1 <= t_move <= t_max - 1:
+            continue
+        step = cur if adapt is not None else eps[t_move]
+        state, acc = _hmc(state, betas[t_move], step, minv, leapfrog, target)
+        a = acc.mean(0)
+        acc_total = acc_total + a
+        moves += 1
+        if adapt is not None:
+            rate, goal = adapt
+            cur = torch.clamp(cur * torch.exp(rate * (a - goal)), 1e-8, 1e3)
+        used[t_move] = step if adapt is None else cur
+    mean_acc = acc_total / max(moves, 1)
+    return torch.nan_to_num(log_w, nan=-math.inf), mean_acc, used
+
+
+def _mass(q, mass, like_z):
+    ones = torch.ones_like(like_z)
+    if mass == "identity":
+        return ones
+    try:
+        s = q.stddev.expand_as(like_z)
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return ones
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        return ones
+    return (s * s).to(like_z)
+
+
+def _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt, target_accept,
+              pilot_chains, mass, batch_size, x):
+    x = as_data(x, "x", ndim=(1, 2, 3, 4))
+    s = {
+        "num_steps": integer(num_steps, "num_steps", minimum=1),
+        "num_chains": integer(num_chains, "num_chains", minimum=1),
+        "leapfrog_steps": integer(leapfrog_steps, "leapfrog_steps", minimum=1),
+        "step_size": positive(step_size, "step_size"),
+        "adapt": choice(adapt, "adapt", ADAPT),
+        "target_accept": probability(target_accept, "target_accept", open_left=True),
+        "pilot_chains": integer(pilot_chains, "pilot_chains", minimum=1),
+        "mass": choice(mass, "mass", MASS),
+    }
+    s["betas"] = _betas(schedule, s["num_steps"])
+    s["schedule"] = schedule if isinstance(schedule, str) else "custom"
+    n = x.shape[0]
+    s["batch_size"] = n if batch_size is None else min(integer(batch_size, "batch_size"), n)
+    return x, s
+
+
+def _one_batch(log_joint, q, xb, s, z_post=None):
+    """Forward (and, with z_post, reverse) AIS on one block of data points."""
+    m = xb.shape[0]
+    _check_proposal(q, m)
+    ed = len(q.event_shape)
+    target = _Target(log_joint, q, xb, ed)
+    c = s["num_chains"]
+    z0 = q.sample((c,))
+    minv = _mass(q, s["mass"], z0)
+    betas, lf = s["betas"], s["leapfrog_steps"]
+    eps0 = torch.full((m,), s["step_size"], dtype=xb.dtype, device=xb.device)
+    adapt = (0.5, s["target_accept"])
+    if s["adapt"] == "pilot":
+        zp = q.sample((s["pilot_chains"],))
+        _, _, eps_t = _anneal(target, zp, betas, eps0, minv[:1].expand_as(zp), lf, adapt=adapt)
+    elif s["adapt"] == "none":
+        eps_t = eps0.expand(len(betas), m)
+    if s["adapt"] == "online":
+        log_w, acc, eps_t = _anneal(target, z0, betas, eps0, minv, lf, adapt=adapt)
+    else:
+        log_w, acc, _ = _anneal(target, z0, betas, eps_t, minv, lf)
+    out = {"log_w": log_w, "acc": acc, "eps": eps_t}
+    if z_post is not None:
+        out["log_w_rev"], out["acc_rev"], _ = _anneal(target, z_post, betas, eps_t, minv, lf,
+                                                      reverse=True)
+    return out
+
+
+def _estimate(log_w, num_chains, method, details, dtype, upper=False):
+    lse1 = torch.logsumexp(log_w, 0).to(dtype)
+    lse2 = torch.logsumexp(2 * log_w, 0).to(dtype)
+    est = make_estimate(lse1, lse2, num_chains, method, details)
+    if upper:
+        est.per_point = -est.per_point
+        est.total = -est.total
+    return est
+
+
+def _run(log_joint, proposal, x, s, seed, z_posterior=None):
+    if not callable(log_joint):
+        raise TypeError("log_joint: must be callable log_joint(x, z) -> (chains, n)")
+    n = x.shape[0]
+    fixed_q = isinstance(proposal, torch.distributions.Distribution)
+    if not fixed_q and not callable(proposal):
+        raise TypeError("proposal: must be a torch Distribution or a callable x -> Distribution")
+    if fixed_q and s["batch_size"] < n:
+        raise ValueError(
+            "batch_size: a Distribution proposal covers all n points at once; pass a callable "
+            "proposal(x_rows) to batch over data points"
+        )
+    outs = []
+    with seeded(seed, x.device), torch.no_grad():
+        for i, m in _chunks(n, s["batch_size"]):
+            xb = x[i:i + m]
+            q = proposal if fixed_q else proposal(xb)
+            zb = None
+            if z_posterior is not None:
+                zb = _slice_posterior(z_posterior, q, i, m, n, s["num_chains"], x)
+            outs.append(_one_batch(log_joint, q, xb, s, zb))
+    cat = {k: torch.cat([o[k] for o in outs], dim=-1) for k in outs[0]}
+    details = {
+        "num_steps": s["num_steps"],
+        "schedule": s["schedule"],
+        "leapfrog_steps": s["leapfrog_steps"],
+        "adapt": s["adapt"],
+        "mass": s["mass"],
+        "acceptance": cat["acc"],
+        "mean_acceptance": float(cat["acc"].mean()),
+        "step_sizes": cat["eps"],
+        "log_weights": cat["log_w"],
+    }
+    lower = _estimate(cat["log_w"], s["num_chains"], "ais", details, x.dtype)
+    if z_posterior is None:
+        return lower
+    rdetails = {**details, "acceptance": cat["acc_rev"], "log_weights": cat["log_w_rev"],
+                "mean_acceptance": float(cat["acc_rev"].mean())}
+    upper = _estimate(cat["log_w_rev"], s["num_chains"], "bdmc-upper", rdetails, x.dtype, True)
+    return lower, upper
+
+
+def _slice_posterior(z_posterior, q, i, m, n, chains, x):
+    if not isinstance(z_posterior, torch.Tensor):
+        raise TypeError("z_posterior: must be a tensor (n, *event) or (chains, n, *event)")
+    ev = tuple(q.event_shape)
+    shape = tuple(z_posterior.shape)
+    if shape == (n,) + ev:
+        z = z_posterior[i:i + m].unsqueeze(0)
+    elif len(shape) == 2 + len(ev) and shape[1:] == (n,) + ev and shape[0] in (1, chains):
+        z = z_posterior[:, i:i + m]
+    else:
+        raise ValueError(
+            f"z_posterior: expected shape ({n}, *{ev}) or (1 or {chains}, {n}, *{ev}), got {shape}"
+        )
+    if not torch.isfinite(z).all():
+        raise ValueError("z_posterior: contains NaN or inf")
+    return z.to(device=x.device, dtype=x.dtype).expand((chains, m) + ev)
+
+
+def ais(
+    log_joint: LogJoint,
+    proposal,
+    x,
+    *,
+    num_steps: int = 200,
+    num_chains: int = 16,
+    schedule: str | Sequence[float] = "sigmoid",
+    leapfrog_steps: int = 5,
+    step_size: float = 0.5,
+    adapt: str = "pilot",
+    target_accept: float = 0.65,
+    pilot_chains: int = 4,
+    mass: str = "proposal",
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> EvidenceEstimate:
+    """Forward AIS: per-point stochastic lower bound log mean_c w_c (module docstring).
+
+    ``log_joint(x, z)`` returns log p(x_n, z_n) shaped (chains, n) for z shaped
+    (chains, n, *event) (e.g. :func:`inference.evidence.pyro_log_joint`); ``proposal`` is the
+    normalized start q, a Distribution with batch shape (n,) or a callable ``x_rows ->
+    Distribution`` (needed with ``batch_size``). ``details`` holds the log weights (C, n), the
+    acceptance rates and the step sizes per temperature.
+    """
+    x, s = _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt,
+                     target_accept, pilot_chains, mass, batch_size, x)
+    return _run(log_joint, proposal, x, s, seed)
+
+
+def bdmc(
+    log_joint: LogJoint,
+    proposal,
+    x,
+    z_posterior: torch.Tensor,
+    *,
+    num_steps: int = 200,
+    num_chains: int = 16,
+    schedule: str | Sequence[float] = "sigmoid",
+    leapfrog_steps: int = 5,
+    step_size: float = 0.5,
+    adapt: str = "pilot",
+    target_accept: float = 0.65,
+    pilot_chains: int = 4,
+    mass: str = "proposal",
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> tuple[EvidenceEstimate, EvidenceEstimate]:
+    """Bidirectional Monte Carlo: (forward AIS lower bound, reverse AIS upper bound) per point.
+
+    ``z_posterior``: exact posterior draws, shaped (n, *event) (one per point, e.g. the z that
+    simulated x; all reverse chains start there) or (num_chains, n, *event). Both runs use the
+    same step sizes, fixed before either starts (pilot or ``step_size``); ``adapt="online"`` is
+    refused, as both bounds need kernels fixed in advance.
+    """
+    if adapt == "online":
+        raise ValueError("adapt: bdmc needs frozen kernels; use 'pilot' or 'none'")
+    x, s = _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt,
+                     target_accept, pilot_chains, mass, batch_size, x)
+    return _run(log_joint, proposal, x, s, seed, z_posterior=z_posterior)

@@ -1,0 +1,355 @@
+"""The decomposition of the inference gap (Cremer, Li & Duvenaud 2018), for any model whose
+latent site is a per-data-point z in the data plate, with the model's parameters fixed.
+
+For data point n, an amortized guide q(z | x_n) and a variational family F:
+
+    inference gap      log p(x_n) - L_n[q]        = approximation gap + amortization gap
+    approximation gap  log p(x_n) - L_n[q*_F]     q*_F = argmax_{q in F} L_n[q] (per point)
+    amortization gap   L_n[q*_F] - L_n[q]
+
+q*_F is found by optimizing one member of F per data point (a local guide), warm-started from the
+encoder's output, with the model's parameters fixed. Two ways to compute ELBOs and to optimize:
+
+* ``"mc"`` / ``"svi"`` (generic): L_n from S draws, mean_s [log p(x_n, z_s) - log q(z_s | x_n)]
+  (:mod:`inference.pointwise`), SE sd_s / sqrt(S); q*_F by SVI (:func:`inference.svi.run_svi`).
+* ``"closed-form"`` (families with a Gaussian ``exact_posterior`` and ``log_evidence_pointwise``,
+  e.g. FA/PPCA, and Gaussian guides with ``moments``): L_n[q] = log p(x_n) - KL(q_n || p(z | x_n))
+  exactly (SE 0), and q*_F by L-BFGS on sum_n KL(q_n || p(z | x_n)), a deterministic objective.
+  ``"auto"`` picks this whenever it applies.
+
+Standard errors: the per-point SEs are Monte Carlo SEs; estimates of different terms use
+independent draws, so SE(a - b) = sqrt(se_a^2 + se_b^2) (the inference gap pairs log p and L[q]
+directly). Totals add variances over points: SE = sqrt(sum_n se_n^2). The ``mean`` row is
+total / n with the Monte Carlo SE sqrt(sum_n se_n^2) / n, i.e. the uncertainty given these data
+points; its ``*_se_points`` columns hold sd_n(value_n) / sqrt(n), the SE of the mean as an
+estimate of the expectation over the data distribution (between-point spread plus MC noise).
+The optimization error of q*_F is not in the SEs: check ``converged`` in ``DataFrame.attrs``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.distributions import MultivariateNormal, kl_divergence
+
+import guides as guide_registry
+from inference.pointwise import caller_scope, pointwise_elbo
+from models.base import Evidence, MissingCapability
+from models.validate import choice, integer, non_negative, positive
+
+QUANTITIES = (
+    "log_evidence", "elbo_q_star", "elbo_amortized",
+    "approximation_gap", "amortization_gap", "inference_gap",
+)
+
+
+@dataclass
+class QStarSettings:
+    """How q*_F is optimized.
+
+    svi: at most ``steps`` Adam steps of ``num_particles`` draws, learning rate ``lr`` decayed by
+    the factor ``lr_decay`` over the run; stops when the mean loss per datum over ``window`` steps
+    improves by less than ``tol`` nats. closed-form: L-BFGS for at most ``steps`` iterations,
+    stops when the objective per datum changes by less than ``tol`` between rounds of 50.
+    """
+
+    steps: int = 3000
+    lr: float = 0.05
+    num_particles: int = 16
+    lr_decay: float = 0.05
+    tol: float = 1e-5
+    window: int = 200
+
+    def __post_init__(self):
+        integer(self.steps, "steps", minimum=1)
+        positive(self.lr, "lr")
+        integer(self.num_particles, "num_particles", minimum=1)
+        positive(self.lr_decay, "lr_decay")
+        non_negative(self.tol, "tol")
+        integer(self.window, "window", minimum=1)
+
+
+@dataclass
+class OptimizeRun:
+    method: str
+    trace: list[float] = field(default_factory=list)  # ELBO (total, nats) per step / iteration
+    converged: bool = False
+    steps: int = 0
+    message: str = ""
+
+
+@dataclass
+class GapTerms:
+    """Per-point values (n,) and Monte Carlo SEs (n,) of every term, plus the fitted q*_F."""
+
+    values: dict[str, torch.Tensor]
+    se: dict[str, torch.Tensor]
+    q_star: object
+    run: OptimizeRun
+    estimator: str
+    evidence_method: str
+    settings: dict
+
+    def frame(self) -> pd.DataFrame:
+        return _frame(self)
+
+
+# -- helpers other tools reuse -------------------------------------------------------------------
+def closed_form_available(family, *guides_) -> bool:
+    """Whether the closed-form path applies: Gaussian exact posterior, exact pointwise evidence,
+    and guides that expose their Gaussian ``moments``."""
+    return family.has("exact_posterior", "log_evidence_pointwise") and all(
+        callable(getattr(g, "moments", None)) for g in guides_)
+
+
+def exact_posterior_mvn(family, x) -> MultivariateNormal:
+    mean, cov = family.exact_posterior(x)
+    return MultivariateNormal(mean, covariance_matrix=cov)
+
+
+def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> torch.Tensor:
+    """L_n[q] = log p(x_n) - KL(q(z | x_n) || p(z | x_n)) per point (n,), exact for Gaussian q
+    and a Gaussian posterior (the ELBO identity log p(x) = L[q] + KL(q || p(z | x)))."""
+    post = posterior if posterior is not None else exact_posterior_mvn(family, x)
+    lp = log_evidence if log_evidence is not None else family.log_evidence_pointwise(x)
+    loc, tril = guide.moments(x)
+    return lp - kl_divergence(MultivariateNormal(loc, scale_tril=tril), post)
+
+
+def gaussian_approximation_gap(cov: torch.Tensor, local_family: str) -> torch.Tensor:
+    """Closed-form approximation gap of the best member of F for a Gaussian posterior N(m, cov).
+
+    mean-field: min_q KL = 1/2 (sum_j log Lambda_jj - log det Lambda), Lambda = cov^-1 (the
+    optimal factor j is N(m_j, 1 / Lambda_jj)); full-rank: 0 (the posterior is in F).
+    """
+    if local_family == "full-rank":
+        return cov.new_zeros(cov.shape[:-2])
+    if local_family != "mean-field":
+        raise ValueError(f"local_family: closed form known for mean-field and full-rank, got "
+                         f"{local_family!r}")
+    prec = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+    return 0.5 * (prec.diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(prec))
+
+
+def resolve_log_evidence(family, x, log_evidence=None):
+    """(values (n,), se (n,), method) from a tensor/array (n,), a (values, se) pair, an Evidence
+    holding ``details['pointwise']`` (and optionally ``details['pointwise_se']``), or, by default,
+    the family's exact ``log_evidence_pointwise``."""
+    n = x.shape[0]
+    method = "exact"
+    se = None
+    if log_evidence is None:
+        if not family.has("log_evidence_pointwise"):
+            raise MissingCapability(
+                f"log_evidence: the {family.name} family has no exact log_evidence_pointwise; pass "
+                "a per-data-point estimate (e.g. IWAE with many samples or AIS) as log_evidence="
+            )
+        values = family.log_evidence_pointwise(x)
+    elif isinstance(log_evidence, Evidence):
+        if "pointwise" not in log_evidence.details:
+            raise ValueError("log_evidence: an Evidence needs details['pointwise'] (n,) values "
+                             "for a per-data-point decomposition")
+        values = log_evidence.details["pointwise"]
+        se = log_evidence.details.get("pointwise_se")
+        method = log_evidence.method
+    elif isinstance(log_evidence, tuple) and len(log_evidence) == 2:
+        values, se = log_evidence
+        method = "given"
+    else:
+        values, method = log_evidence, "given"
+    values = torch.as_tensor(values, device=x.device, dtype=x.dtype).reshape(-1)
+    if values.shape[0] != n:
+        raise ValueError(f"log_evidence: expected {n} per-point values, got {values.shape[0]}")
+    if not torch.isfinite(values).all():
+        raise ValueError("log_evidence: contains non-finite values")
+    se = (torch.zeros_like(values) if se is None
+          else torch.as_tensor(se, device=x.device, dtype=x.dtype).reshape(-1).expand(n))
+    return values.detach(), se.detach(), method
+
+
+# -- optimizing a guide with the model fixed ---------------------------------------------------
+def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSettings | None = None,
+                   posterior=None) -> OptimizeRun:
+    """Maximize the ELBO over ``guide``'s parameters with the model's parameters fixed, in the
+    current param store. ``closed-form``: L-BFGS on sum_n KL(q_n || p(z | x_n)); ``svi``: Adam on
+    the Monte Carlo ELBO (:func:`inference.svi.run_svi`, model params blocked)."""
+    settings = settings or QStarSettings()
+    method = choice(method, "method", ("auto", "closed-form", "svi"))
+    if method == "auto":
+        method = "closed-form" if closed_form_available(family, guide) else "svi"
+    n = x.shape[0]
+    if method == "svi":
+        from inference import svi
+
+        s = svi.Settings(num_steps=settings.steps, lr=settings.lr,
+                         num_particles=settings.num_particles, lr_decay=settings.lr_decay,
+                         tol=settings.tol, window=settings.window, learn_model_params=False,
+                         snapshot_every=max(50, settings.window))
+        run = svi.run_svi(family.model, guide, (x,), s,
+                          max_plate_nesting=getattr(family, "max_plate_nesting", 1))
+        return OptimizeRun("svi", run.trace, run.converged, run.steps, run.message)
+    if not closed_form_available(family, guide):
+        raise MissingCapability(
+            f"method: closed-form needs the {family.name} family's exact_posterior and "
+            "log_evidence_pointwise, and a guide with moments()")
+    post = posterior if posterior is not None else _detached_posterior(family, x)
+    lp = family.log_evidence_pointwise(x).detach()
+    guide.register()  # syncs the module with the param store; then its tensors are the leaves
+    params = [p for p in guide.parameters() if p.requires_grad]
+    if not params:
+        return OptimizeRun("closed-form", [], True, 0, "guide has no parameters")
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=50, history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+    out = OptimizeRun("closed-form")
+
+    def closure():
+        opt.zero_grad()
+        loc, tril = guide.moments(x)
+        loss = kl_divergence(MultivariateNormal(loc, scale_tril=tril), post).sum()
+        loss.backward()
+        return loss
+
+    last = math.inf
+    while out.steps < settings.steps:
+        loss = float(opt.step(closure).detach())
+        before, out.steps = out.steps, int(opt.state[params[0]].get("n_iter", out.steps))
+        with torch.no_grad():
+            loc, tril = guide.moments(x)
+            kl = float(kl_divergence(MultivariateNormal(loc, scale_tril=tril), post).sum())
+        out.trace.append(float(lp.sum()) - kl)
+        if not math.isfinite(loss):
+            out.message = "objective became non-finite"
+            return out
+        if abs(last - kl) <= settings.tol * n or out.steps == before:
+            out.converged = True
+            break
+        last = kl
+    out.message = (f"converged after {out.steps} L-BFGS iterations" if out.converged
+                   else f"reached steps={settings.steps} without converging")
+    return out
+
+
+def _detached_posterior(family, x):
+    with torch.no_grad():
+        return exact_posterior_mvn(family, x)
+
+
+# -- the decomposition --------------------------------------------------------------------------
+def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evidence=None,
+              optimizer: str = "auto", estimator: str = "auto",
+              settings: QStarSettings | None = None, num_particles: int = 1000,
+              particle_batch: int | None = None, data_batch: int | None = None, seed: int = 0,
+              guide_options: dict | None = None) -> GapTerms:
+    """Everything :func:`decompose_gaps` reports, as tensors, plus the fitted q*_F guide."""
+    x = family.check_data(x)
+    optimizer = choice(optimizer, "optimizer", ("auto", "closed-form", "svi"))
+    estimator = choice(estimator, "estimator", ("auto", "closed-form", "mc"))
+    settings = settings or QStarSettings()
+    if not callable(amortized_guide):
+        raise TypeError("amortized_guide: must be a fitted guide (callable), e.g. from guides.make")
+    lspec = guide_registry.spec(local_family)
+    options = {"latent_dim": getattr(amortized_guide, "latent_dim", None),
+               "site": getattr(amortized_guide, "site", "z"), "name": f"qstar_{lspec.name}"}
+    options = {k: v for k, v in options.items() if v is not None}
+    options.update(guide_options or {})
+    with caller_scope(seed):  # sees the caller's params; q*'s are dropped afterwards
+        q_star = lspec.build(family, x, **options)
+        if callable(getattr(q_star, "warm_start", None)) and hasattr(amortized_guide, "moments"):
+            with torch.no_grad():
+                q_star.warm_start(amortized_guide, x)
+        closed = closed_form_available(family, q_star, amortized_guide)
+        if estimator == "auto":
+            estimator = "closed-form" if closed and log_evidence is None else "mc"
+        if estimator == "closed-form" and not closed:
+            raise MissingCapability(
+                f"estimator: closed-form needs the {family.name} family's exact_posterior and "
+                "log_evidence_pointwise, and guides with moments()")
+        lp, lp_se, ev_method = resolve_log_evidence(family, x, log_evidence)
+        run = optimize_guide(family, x, q_star, method=optimizer, settings=settings)
+        with torch.no_grad():
+            if estimator == "closed-form":
+                post = exact_posterior_mvn(family, x)
+                exact_lp = family.log_evidence_pointwise(x)
+                l_star = closed_form_elbo(family, x, q_star, posterior=post, log_evidence=exact_lp)
+                l_q = closed_form_elbo(family, x, amortized_guide, posterior=post,
+                                       log_evidence=exact_lp)
+                l_star_se, l_q_se = torch.zeros_like(l_star), torch.zeros_like(l_q)
+            else:
+                kw = dict(num_particles=num_particles, particle_batch=particle_batch,
+                          data_batch=data_batch,
+                          max_plate_nesting=getattr(family, "max_plate_nesting", 1))
+                est_star = pointwise_elbo(family.model, q_star, x, **kw)
+                est_q = pointwise_elbo(family.model, amortized_guide, x, **kw)
+                l_star, l_star_se = est_star.value, est_star.se
+                l_q, l_q_se = est_q.value, est_q.se
+    values = {
+        "log_evidence": lp, "elbo_q_star": l_star, "elbo_amortized": l_q,
+        "approximation_gap": lp - l_star, "amortization_gap": l_star - l_q,
+        "inference_gap": lp - l_q,
+    }
+    se = {
+        "log_evidence": lp_se, "elbo_q_star": l_star_se, "elbo_amortized": l_q_se,
+        "approximation_gap": _hypot(lp_se, l_star_se),
+        "amortization_gap": _hypot(l_star_se, l_q_se),
+        "inference_gap": _hypot(lp_se, l_q_se),
+    }
+    info = {
+        "amortized_guide": getattr(amortized_guide, "kind", type(amortized_guide).__name__),
+        "local_family": lspec.name, "optimizer": run.method, "estimator": estimator,
+        "num_particles": num_particles if estimator == "mc" else 0,
+        "q_star_converged": run.converged, "q_star_steps": run.steps,
+        "q_star_message": run.message, "seed": seed,
+    }
+    return GapTerms({k: v.detach() for k, v in values.items()},
+                    {k: v.detach() for k, v in se.items()}, q_star, run, estimator, ev_method, info)
+
+
+def decompose_gaps(family, x, amortized_guide, local_family="mean-field",
+                   **options) -> pd.DataFrame:
+    """One call: the per-point, total and mean approximation / amortization / inference gaps.
+
+    Returns a DataFrame with a row per data point (``scope == "point"``, ``index`` = row of x),
+    then a ``total`` row (sums) and a ``mean`` row (per datum); for every quantity in
+    :data:`QUANTITIES` a value column and ``<quantity>_se``; ``<quantity>_se_points`` on the mean
+    row (see the module docstring). ``DataFrame.attrs`` holds how it was computed.
+    Options are those of :func:`gap_terms`: ``log_evidence`` (per-point tensor, (values, se) or an
+    Evidence with ``details['pointwise']``; default ``family.log_evidence_pointwise``),
+    ``optimizer``, ``estimator``, ``settings`` (:class:`QStarSettings`), ``num_particles``,
+    ``particle_batch``, ``data_batch``, ``seed``, ``guide_options`` (for the local family).
+    """
+    return gap_terms(family, x, amortized_guide, local_family, **options).frame()
+
+
+def summary_row(df: pd.DataFrame, scope: str = "mean") -> dict:
+    """The ``total`` or ``mean`` row of a :func:`decompose_gaps` frame, as a dict."""
+    choice(scope, "scope", ("total", "mean"))
+    return df[df["scope"] == scope].iloc[0].to_dict()
+
+
+def _hypot(a, b):
+    return (a.pow(2) + b.pow(2)).sqrt()
+
+
+def _frame(terms: GapTerms) -> pd.DataFrame:
+    vals = {k: v.double().cpu().numpy() for k, v in terms.values.items()}
+    ses = {k: v.double().cpu().numpy() for k, v in terms.se.items()}
+    n = len(vals["log_evidence"])
+    cols = {"scope": ["point"] * n, "index": np.arange(n)}
+    for q in QUANTITIES:
+        cols[q], cols[f"{q}_se"] = vals[q], ses[q]
+    df = pd.DataFrame(cols)
+    total = {"scope": "total", "index": -1}
+    mean = {"scope": "mean", "index": -1}
+    for q in QUANTITIES:
+        var = float((ses[q] ** 2).sum())
+        total[q], total[f"{q}_se"] = float(vals[q].sum()), math.sqrt(var)
+        mean[q], mean[f"{q}_se"] = float(vals[q].mean()), math.sqrt(var) / n
+        mean[f"{q}_se_points"] = float(vals[q].std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    df = pd.concat([df, pd.DataFrame([total, mean])], ignore_index=True)
+    df.attrs.update({**terms.settings, "evidence_method": terms.evidence_method, "n": n})
+    return df
