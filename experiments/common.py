@@ -112,8 +112,9 @@ def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if r.trace:
-            ax.plot([v / r.n_data for v in r.trace], label=f"{r.engine}/{r.guide} ({r.bound})")
-    ax.set_xlabel("iteration")
+            ax.plot(range(1, len(r.trace) + 1), [v / r.n_data for v in r.trace], label=f"{r.engine}/{r.guide} ({r.bound})")
+    ax.set_xscale("log")
+    ax.set_xlabel("iteration (log scale)")
     ax.set_ylabel("objective per data point (nats)")
     ax.set_title(title)
     ax.legend(fontsize=7)
@@ -149,7 +150,8 @@ def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str
             if name == reference:
                 continue
             d = d.reshape(d.shape[0], -1).cpu()
-            if d.shape[0] > 1:
+            inside = ((d[:, j] >= bins[0]) & (d[:, j] <= bins[-1])).any()
+            if d.shape[0] > 1 and inside:
                 ax.hist(d[:, j].numpy(), bins=bins, density=True, histtype="step", label=name)
             else:
                 ax.axvline(float(d[0, j]), ls="--", lw=1, label=f"{name} (point)")

@@ -71,6 +71,7 @@ class Settings:
     jit: bool = False
     vectorize_particles: bool = True
     num_posterior_samples: int = 200
+    validate: bool = False  # Pyro's distribution checks; data are validated at the boundary
     progress: bool = False
 
     def __post_init__(self):
@@ -177,6 +178,12 @@ def run_svi(model, guide, args: tuple, settings: Settings, kwargs: dict | None =
         model = poutine.block(model, hide_types=["param"])
     svi = SVI(model, guide, optim, loss)
     run = SviRun()
+    with pyro.validation_enabled(settings.validate):
+        _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plate_nesting)
+    return run
+
+
+def _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plate_nesting):
     recent: deque[float] = deque(maxlen=2 * settings.window)
     snap, snap_step = None, 0
     best_val, best_snap, bad_evals = -math.inf, None, 0
