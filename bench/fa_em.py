@@ -12,6 +12,7 @@ log-likelihoods are recomputed exactly with ``FactorAnalysis.log_evidence`` and 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -29,8 +30,6 @@ def _best_time(fn, repeat: int):
 
 
 def main(argv=None) -> dict:
-    from sklearn.decomposition import FactorAnalysis as SkFA
-
     p = argparse.ArgumentParser(prog="python -m bench.fa_em", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--dim", type=int, default=50)
@@ -38,7 +37,20 @@ def main(argv=None) -> dict:
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", type=int, default=100000)
+    p.add_argument("--threads", type=int, default=0,
+                   help="limit torch and numpy/BLAS to this many threads (0: leave as is)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        with threadpool_limits(limits=args.threads):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> dict:
+    from sklearn.decomposition import FactorAnalysis as SkFA
 
     fam = FactorAnalysis(args.k, dim=args.dim)
     x, _ = fam.simulate(args.n, seed=args.seed, dtype=torch.float64)
@@ -57,8 +69,10 @@ def main(argv=None) -> dict:
         ll = fam.log_evidence(x, params).value
         rows.append((f"torch {method} on covariance", t, ll, len(trace)))
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"FA maximum likelihood, n={args.n} d={args.dim} k={args.k}, float64 CPU, "
-          f"best of {args.repeat}, torch threads {torch.get_num_threads()}")
+          f"best of {args.repeat}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} cores, load average {load:.1f}")
     print(f"{'method':28s} {'seconds':>10s} {'log-lik (nats)':>18s} {'iters':>7s} {'speed-up':>9s}")
     for name, t, ll, it in rows:
         print(f"{name:28s} {t:10.4f} {ll:18.4f} {it:7d} {t_sk / t:8.1f}x")

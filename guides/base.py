@@ -14,6 +14,8 @@ class GuideSpec:
     (an ``AutoGuide``, a ``PyroModule`` or a plain function using ``pyro.param``).
     ``collapsed``: the family's discrete sites are not in the guide but summed out exactly
     (the SVI engine then uses ``TraceEnum_ELBO``, and the bound is labelled ``elbo-collapsed``).
+    ``enumerated``: the guide's own discrete sites are marked for enumeration, so expectations
+    over them are exact (``TraceEnum_ELBO``); the bound is still the plain ``elbo``.
     ``amortized``: q(z_n | x_n) comes from an encoder shared across data points.
     """
 
@@ -22,3 +24,4 @@ class GuideSpec:
     collapsed: bool = False
     amortized: bool = False
     description: str = ""
+    enumerated: bool = False

@@ -35,6 +35,7 @@ def estimate_elbo(
     num_particles: int = 1000,
     batch_size: int = 100,
     collapsed: bool = False,
+    enumerate: bool | None = None,
     max_plate_nesting: int = 1,
     vectorize: bool = True,
     **kwargs,
@@ -42,12 +43,14 @@ def estimate_elbo(
     """Monte Carlo ELBO (total over the data) with its standard error.
 
     The guide's parameters are read from the active param store and not changed.
+    ``enumerate`` (default: ``collapsed``) uses ``TraceEnum_ELBO``, which also sums exactly over
+    discrete guide sites marked for enumeration; the bound is then still the plain ELBO.
     """
     integer(num_particles, "num_particles", minimum=2)
     batch_size = min(integer(batch_size, "batch_size", minimum=1), num_particles)
     n_batches = max(2, math.ceil(num_particles / batch_size))
     batch_size = max(1, num_particles // n_batches)
-    cls = TraceEnum_ELBO if collapsed else Trace_ELBO
+    cls = TraceEnum_ELBO if (collapsed if enumerate is None else enumerate) else Trace_ELBO
     elbo = cls(
         num_particles=batch_size,
         vectorize_particles=vectorize and batch_size > 1,

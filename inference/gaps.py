@@ -108,7 +108,7 @@ def closed_form_available(family, *guides_) -> bool:
 
 def exact_posterior_mvn(family, x) -> MultivariateNormal:
     mean, cov = family.exact_posterior(x)
-    return MultivariateNormal(mean, covariance_matrix=cov)
+    return MultivariateNormal(mean, covariance_matrix=cov, validate_args=False)
 
 
 def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> torch.Tensor:
@@ -117,7 +117,7 @@ def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> 
     post = posterior if posterior is not None else exact_posterior_mvn(family, x)
     lp = log_evidence if log_evidence is not None else family.log_evidence_pointwise(x)
     loc, tril = guide.moments(x)
-    return lp - kl_divergence(MultivariateNormal(loc, scale_tril=tril), post)
+    return lp - kl_divergence(_mvn(loc, tril), post)
 
 
 def gaussian_approximation_gap(cov: torch.Tensor, local_family: str) -> torch.Tensor:
@@ -210,7 +210,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
     def closure():
         opt.zero_grad()
         loc, tril = guide.moments(x)
-        loss = kl_divergence(MultivariateNormal(loc, scale_tril=tril), post).sum()
+        loss = kl_divergence(_mvn(loc, tril), post).sum()
         loss.backward()
         return loss
 
@@ -220,7 +220,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
         before, out.steps = out.steps, int(opt.state[params[0]].get("n_iter", out.steps))
         with torch.no_grad():
             loc, tril = guide.moments(x)
-            kl = float(kl_divergence(MultivariateNormal(loc, scale_tril=tril), post).sum())
+            kl = float(kl_divergence(_mvn(loc, tril), post).sum())
         out.trace.append(float(lp.sum()) - kl)
         if not math.isfinite(loss):
             out.message = "objective became non-finite"
@@ -232,6 +232,11 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
     out.message = (f"converged after {out.steps} L-BFGS iterations" if out.converged
                    else f"reached steps={settings.steps} without converging")
     return out
+
+
+def _mvn(loc, tril):
+    # no argument validation: the guides' parametrizations give valid Cholesky factors
+    return MultivariateNormal(loc, scale_tril=tril, validate_args=False)
 
 
 def _detached_posterior(family, x):

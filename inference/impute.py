@@ -114,35 +114,61 @@ def importance_impute(family, x, mask=None, *, proposal="prior", num_particles: 
         for start in range(0, n, db):
             idx = torch.arange(start, min(start + db, n), device=x.device)
             rows = None if db == n else idx
-            logw, cmeans, samplers = [], [], []
+            xb, mb = x.index_select(0, idx), mask.index_select(0, idx)
+            acc, logw, zs = _Moments(), [], []
             left = S
             while left > 0:
                 s = min(pb, left)
-                lw, obs_fn = _weights(family, filled, mask, rows, s, proposal, defensive, site,
-                                      obs_site, nest)
+                lw, obs_fn, z = _weights(family, filled, mask, rows, s, proposal, defensive,
+                                         site, obs_site, nest)
+                acc.add(lw, obs_fn.mean.expand(lw.shape + x.shape[1:]))
                 logw.append(lw)
-                cmeans.append(obs_fn.mean.expand(lw.shape + x.shape[1:]))
-                samplers.append(obs_fn)
+                zs.append(z)
                 left -= s
             lw = torch.cat(logw, 0)  # (S, b)
-            cm = torch.cat(cmeans, 0)  # (S, b, ...)
-            w = torch.softmax(lw, 0)
-            ev = (slice(None), slice(None)) + (None,) * (x.dim() - 1)
-            m = (w[ev] * cm).sum(0)
-            se = (w[ev].pow(2) * (cm - m).pow(2)).sum(0).sqrt()
-            xb, mb = x.index_select(0, idx), mask.index_select(0, idx)
+            m, se = acc.result()
             means.append(torch.where(mb, m, xb))
             ses.append(torch.where(mb, se, torch.zeros((), **_like(x))))
-            esss.append(1.0 / w.pow(2).sum(0))
+            esss.append(1.0 / torch.softmax(lw, 0).pow(2).sum(0))
             logzs.append(torch.logsumexp(lw, 0) - math.log(S))
             if M:
-                draws.append(_draws(samplers, w, xb, mb, M))
+                draws.append(_draws(family, filled, rows, lw, torch.cat(zs, 0), xb, mb, M,
+                                    site, obs_site, nest))
     return Imputation(
         mean=torch.cat(means), mean_se=torch.cat(ses),
         draws=torch.cat(draws, 1) if M else None, ess=torch.cat(esss),
         log_evidence_obs=torch.cat(logzs), num_particles=S,
         proposal="prior" if isinstance(proposal, str) else getattr(proposal, "kind", "guide"),
     )
+
+
+class _Moments:
+    """Streaming self-normalized sums over particle chunks (log-sum-exp rescaled):
+    m = sum_s w~_s h_s and se^2 = sum_s w~_s^2 (h_s - m)^2
+    = [sum e^(2l) h^2 - 2 m sum e^(2l) h + m^2 sum e^(2l)] / (sum e^l)^2."""
+
+    def __init__(self):
+        self.c = None
+
+    def add(self, lw, h):
+        c_new = lw.max(0).values if self.c is None else torch.maximum(self.c, lw.max(0).values)
+        e = (lw - c_new).exp()
+        ev = (slice(None), slice(None)) + (None,) * (h.dim() - 2)
+        e, e2 = e[ev], e.pow(2)[ev]
+        parts = (e.sum(0), (e * h).sum(0), e2.sum(0), (e2 * h).sum(0), (e2 * h * h).sum(0))
+        if self.c is None:
+            self.sums = list(parts)
+        else:
+            r = (self.c - c_new)[(slice(None),) + (None,) * (h.dim() - 2)]
+            scale = (r.exp(), r.exp(), (2 * r).exp(), (2 * r).exp(), (2 * r).exp())
+            self.sums = [s * f + p for s, f, p in zip(self.sums, scale, parts)]
+        self.c = c_new
+
+    def result(self):
+        z, zh, z2, z2h, z2hh = self.sums
+        m = zh / z
+        var = (z2hh - 2 * m * z2h + m * m * z2) / (z * z)
+        return m, var.clamp_min(0).sqrt()
 
 
 def _like(x):
@@ -159,7 +185,7 @@ def _fill(x, mask):
 def _entrywise(fn, event_ndim: int):
     """The elementwise distribution behind p(x | z) (batch ..., event dims as batch dims)."""
     base, r = fn, 0
-    while isinstance(base, Independent) or hasattr(base, "reinterpreted_batch_ndims"):
+    while isinstance(base, Independent):
         r += base.reinterpreted_batch_ndims
         base = base.base_dist
     if base.event_shape != () or r != event_ndim:
@@ -205,24 +231,31 @@ def _weights(family, filled, mask, rows, S, proposal, defensive, site, obs_site,
     xb = filled if rows is None else filled.index_select(0, rows)
     mb = mask if rows is None else mask.index_select(0, rows)
     base = _entrywise(fn, xb.dim() - 1)
-    lp = base.log_prob(xb)  # (S, b, ...)
+    # masked entries get a draw from p(x | z) so every value lies in the support; they are
+    # zeroed out of the sum right after
+    lp = base.log_prob(torch.where(mb, base.sample(), xb))  # (S, b, ...)
     lp = torch.where(mb, torch.zeros((), **_like(lp)), lp)
     logw = lp.reshape(lp.shape[0], lp.shape[1], -1).sum(-1)
     if log_w_z is not None:
         logw = logw + log_w_z
-    return logw, base
+    return logw, base, z
 
 
-def _draws(samplers, w, xb, mb, M):
-    """(3): M imputations per row from the resampled particles."""
-    S, b = w.shape
-    out = []
-    for _ in range(M):
-        pick = torch.multinomial(w.T, 1).squeeze(-1)  # (b,) particle per row
-        x_all = torch.cat([fn.sample() for fn in samplers], 0)  # (S, b, ...)
-        x_new = x_all[pick, torch.arange(b, device=xb.device)]
-        out.append(torch.where(mb, x_new, xb))
-    return torch.stack(out)
+def _draws(family, filled, rows, lw, z, xb, mb, M, site, obs_site, nest):
+    """(3): M imputations per row: resample z by the weights, then x ~ p(x | z) once."""
+    b = lw.shape[1]
+    pick = torch.multinomial(torch.softmax(lw, 0).T, M, replacement=True).T  # (M, b)
+    z_sel = z[pick, torch.arange(b, device=z.device)]  # (M, b, k)
+    if callable(getattr(family, "observation_dist", None)):
+        fn = family.observation_dist(z_sel)
+    else:
+        kw, data = {}, {site: z_sel}
+        if rows is not None:
+            kw["subsample_size"] = rows.shape[0]
+            data["data"] = rows
+        model = poutine.condition(_vectorized(family.model, M, nest), data=data)
+        fn = poutine.trace(model).get_trace(filled, **kw).nodes[obs_site]["fn"]
+    return torch.where(mb, fn.sample(), xb)
 
 
 __all__ = ["Imputation", "column_mean_impute", "importance_impute", "missing_mask", "rmse"]

@@ -106,7 +106,7 @@ class SviRun:
 
 
 def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
-    """The Pyro ELBO object for these settings."""
+    """The Pyro ELBO object for these settings (``collapsed``: any enumeration, model or guide)."""
     kw = dict(
         num_particles=settings.num_particles,
         vectorize_particles=settings.vectorize_particles and settings.num_particles > 1,
@@ -278,11 +278,13 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, guide=Non
     nest = getattr(family, "max_plate_nesting", 1)
     with isolated(seed), Timer(x.device) as timer:
         guide_fn = spec.build(family, x, **(guide_options or {}))
-        run = run_svi(family.model, guide_fn, (x,), settings, collapsed=spec.collapsed,
+        enum = spec.collapsed or spec.enumerated
+        run = run_svi(family.model, guide_fn, (x,), settings, collapsed=enum,
                       max_plate_nesting=nest)
         est = estimate_elbo(
             family.model, guide_fn, x, num_particles=settings.eval_particles,
-            batch_size=settings.eval_batch, collapsed=spec.collapsed, max_plate_nesting=nest,
+            batch_size=settings.eval_batch, collapsed=spec.collapsed, enumerate=enum,
+            max_plate_nesting=nest,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         guide_params = _guide_param_names(guide_fn, x)
@@ -320,18 +322,25 @@ def _guide_param_names(guide_fn, x) -> set[str]:
 
 def _posterior_draws(family, guide_fn, x, num_samples: int):
     """Draws from q, shaped (1 chain, draw, ...), and the pointwise log likelihood if the family
-    can compute it (for ArviZ)."""
+    can compute it (for ArviZ). Vectorized with an outer plate; shapes taken from one plain draw."""
     if num_samples <= 0:
         return {}, {}
-    draws: dict[str, list] = {}
+
+    def latent(tr):
+        return {name: site["value"] for name, site in tr.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+                and not site["infer"].get("is_auxiliary")}
+
+    nest = getattr(family, "max_plate_nesting", 1)
     with torch.no_grad():
-        for _ in range(num_samples):
-            tr = poutine.trace(guide_fn).get_trace(x)
-            for name, site in tr.nodes.items():
-                if (site["type"] == "sample" and not site["is_observed"]
-                        and not site["infer"].get("is_auxiliary")):
-                    draws.setdefault(name, []).append(site["value"])
-    samples = {k: torch.stack(v).unsqueeze(0) for k, v in draws.items()}
+        shapes = {k: v.shape for k, v in latent(poutine.trace(guide_fn).get_trace(x)).items()}
+        try:
+            with pyro.plate("_posterior_draws", num_samples, dim=-(nest + 1)):
+                vec = latent(poutine.trace(guide_fn).get_trace(x))
+            samples = {k: vec[k].reshape(num_samples, *shapes[k]).unsqueeze(0) for k in shapes}
+        except (RuntimeError, ValueError, KeyError):  # guides that cannot be vectorized
+            draws = [latent(poutine.trace(guide_fn).get_trace(x)) for _ in range(num_samples)]
+            samples = {k: torch.stack([d[k] for d in draws]).unsqueeze(0) for k in shapes}
     log_lik = {}
     if callable(getattr(family, "pointwise_log_likelihood", None)):
         try:

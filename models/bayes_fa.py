@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 
 from models.base import ModelFamily
-from models.fa import LOG_2PI, _mean_cov, _pca_init, gaussian_loglik
+from models.fa import LOG_2PI, _mean_cov, _pca_init, gaussian_loglik, one_thread
 from models.validate import as_data, integer, positive
 
 
@@ -151,7 +151,8 @@ class BayesianFactorAnalysis(ModelFamily):
         Wm, WS, a, b = state["Wm"], state["WS"], state["a"], state["b"]
         Et = a / b
         Om = WS + Wm.unsqueeze(-1) * Wm.unsqueeze(-2)  # E[w~ w~^T] (d, k+1, k+1)
-        P = torch.eye(k, device=x.device, dtype=x.dtype) + (Et[:, None, None] * Om[:, :k, :k]).sum(0)
+        eye = torch.eye(k, device=x.device, dtype=x.dtype)
+        P = eye + (Et[:, None, None] * Om[:, :k, :k]).sum(0)
         Sz = torch.linalg.inv(P)
         Sz = 0.5 * (Sz + Sz.T)
         rhs = (x * Et) @ Wm[:, :k] - (Et[:, None] * Om[:, :k, k]).sum(0)
@@ -169,6 +170,10 @@ class BayesianFactorAnalysis(ModelFamily):
         """One sweep q(Z) -> q(W~) -> q(tau), each the exact coordinate optimum (PRML 10.9):
         q(W~_i) = N(S_i E[tau_i] Z~^T x_i, S_i), S_i^-1 = D + E[tau_i] A, A = sum_n E[z~ z~^T];
         q(tau_i) = Gamma(a0 + n/2, b0 + R_i/2), R_i = sum_n E[(x_ni - w~_i^T z~_n)^2]."""
+        with one_thread(x):  # small batched k x k algebra: one CPU thread is faster
+            return self._sweep(x, state)
+
+    def _sweep(self, x, state):
         state = self._update_z(x, state)
         Zt, A = self._zstats(x, state)
         Et = state["a"] / state["b"]
@@ -194,7 +199,8 @@ class BayesianFactorAnalysis(ModelFamily):
         - sum_i KL(Gamma(a, b_i) || Gamma(a0, b0)),
         KL(Gamma(a,b) || Gamma(a0,b0)) = (a-a0) psi(a) - lgamma(a) + lgamma(a0)
                                           + a0 (log b - log b0) + a (b0 - b) / b."""
-        return float(self.elbo_terms(x, state)["elbo"])
+        with one_thread(x):
+            return float(self.elbo_terms(x, state)["elbo"])
 
     def elbo_terms(self, x: torch.Tensor, state: dict) -> dict:
         n, d = x.shape

@@ -12,6 +12,7 @@ so the evidence costs O(n d k) and one EM iteration on the sample covariance O(d
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +106,36 @@ class FAParams:
 # closed forms (batched over leading dims of W, mu, psi)
 
 
+@contextlib.contextmanager
+def one_thread(t: torch.Tensor):
+    """Run small CPU linear algebra on one thread (restored afterwards): torch's CPU Cholesky of a
+    k x k matrix spends milliseconds in OpenMP barriers when the cores are busy, microseconds
+    on one thread."""
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def cholesky(A: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.cholesky, on one CPU thread for small matrices (see :func:`one_thread`)."""
+    if A.shape[-1] > 64:
+        return torch.linalg.cholesky(A)
+    with one_thread(A):
+        return torch.linalg.cholesky(A)
+
+
 def _chol_L(W: torch.Tensor, psi: torch.Tensor):
     """W^T Psi^-1 (..., k, d) and the Cholesky factor of L = I + W^T Psi^-1 W."""
     WtPi = (W / psi.unsqueeze(-1)).transpose(-1, -2)
     k = W.shape[-1]
     L = torch.eye(k, dtype=W.dtype, device=W.device) + WtPi @ W
-    return WtPi, torch.linalg.cholesky(L)
+    return WtPi, cholesky(L)
 
 
 def gaussian_loglik(x: torch.Tensor, W: torch.Tensor, mu: torch.Tensor, psi: torch.Tensor):
@@ -262,6 +287,12 @@ def fit_em(
     else:
         init = init.to(x)
         W, psi = init.W, init.psi
+    with one_thread(x):
+        W, psi, trace = _iterate(S, W, psi, n, k, kind, method, max_iter, tol, target, min_var)
+    return FAParams(W, mean, psi), trace
+
+
+def _iterate(S, W, psi, n, k, kind, method, max_iter, tol, target, min_var):
     trace: list[float] = []
     for _ in range(max_iter):
         # ll is the log-likelihood of the current iterate (W, psi); for "svd" W is first replaced
@@ -286,7 +317,7 @@ def fit_em(
         else:
             ll = _loglik_from_cov(S, n, W, psi) / n
         trace.append(float(ll) * n)
-    return FAParams(W, mean, psi), trace
+    return W, psi, trace
 
 
 def _init_from_cov(S, k, kind, min_var, seed, generator=None, jitter=1e-2):
@@ -367,8 +398,21 @@ class FactorAnalysis(ModelFamily):
             "min_var": self.min_var,
         }
 
+    def current_params(self) -> FAParams | None:
+        """The fixed params, else the learned ``pyro.param`` values in the active param store
+        (so an exact-posterior guide follows parameters being learned by SVI), else None."""
+        if self.params is not None:
+            return self.params
+        store = pyro.get_param_store()
+        noise = "sigma2" if self.kind == "ppca" else "psi"
+        if not all(k in store for k in ("W", "mu", noise)):
+            return None
+        W, mu = pyro.param("W"), pyro.param("mu")
+        psi = pyro.param(noise)
+        return FAParams(W, mu, psi.expand(W.shape[0]) if self.kind == "ppca" else psi)
+
     def _params(self, x: torch.Tensor, params: FAParams | None) -> FAParams:
-        p = params if params is not None else self.params
+        p = params if params is not None else self.current_params()
         if p is None:
             raise ValueError("params: none given and the family holds none (fit first: fit_em)")
         if p.dim != x.shape[-1] or p.latent_dim != self.latent_dim:
@@ -509,7 +553,20 @@ class FactorAnalysis(ModelFamily):
         return float(_loglik_from_cov(state.S, state.n, p.W, p.psi))
 
     def em_posterior(self, x: torch.Tensor, state: EMState) -> dict:
-        return state.params.as_dict()
+        """W, mu, psi (PPCA also ``sigma2``, named like the Pyro param)."""
+        out = state.params.as_dict()
+        if self.kind == "ppca":
+            out["sigma2"] = out["psi"][0]
+        return out
+
+    # -- SVI guides -------------------------------------------------------------------------
+    default_guide = "mean-field"
+
+    def guides(self) -> dict:
+        """The per-data-point latent guides of :mod:`guides` (``exact`` included)."""
+        import guides
+
+        return guides.latent_guides(exact=True)
 
     # -- CAVI hooks with fixed params (inference.cavi.fit) -------------------------------------
     def _cavi_consts(self, x):
@@ -578,7 +635,7 @@ def _posterior_observed(x0: torch.Tensor, obs: torch.Tensor, W, mu, psi):
     k = W.shape[1]
     op = pats.to(W.dtype) / psi  # (P, d) observed precision
     Lp = torch.eye(k, dtype=W.dtype, device=W.device) + torch.einsum("pd,dj,dl->pjl", op, W, W)
-    chol = torch.linalg.cholesky(Lp)
+    chol = cholesky(Lp)
     Gp = torch.cholesky_inverse(chol)
     r = torch.where(obs, x0 - mu, torch.zeros((), dtype=x0.dtype, device=x0.device))
     b = (r / psi) @ W  # (n, k): W_o^T Psi_o^-1 r_o
@@ -710,6 +767,6 @@ def multiple_impute(x_nan, params: FAParams, num_draws: int, *, seed: int = 0) -
     g = torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
     e1 = torch.randn(num_draws, n, p.latent_dim, generator=g, dtype=torch.float64).to(x)
     e2 = torch.randn(num_draws, n, d, generator=g, dtype=torch.float64).to(x)
-    z = m + (torch.linalg.cholesky(G) @ e1.unsqueeze(-1)).squeeze(-1)
+    z = m + (cholesky(G) @ e1.unsqueeze(-1)).squeeze(-1)
     draws = z @ p.W.T + p.mu + e2 * p.psi.sqrt()
     return torch.where(obs, x, draws)

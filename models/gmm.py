@@ -44,6 +44,8 @@ LOG_2PI = math.log(2 * math.pi)
 MAX_ASSIGNMENTS = 2_000_000
 #: K*d at most for ``method="auto"`` to pick quadrature over importance sampling
 MAX_QUADRATURE_DIM = 4
+#: largest quadrature error indicator (nats) that ``method="auto"`` accepts
+QUADRATURE_TOL = 0.01
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -81,19 +83,40 @@ def pointwise_mixture_loglik(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(-0.5 * sq, dim=-1) - math.log(K) - 0.5 * d * LOG_2PI
 
 
-def log_joint(x: torch.Tensor, mu: torch.Tensor, prior_var: float) -> torch.Tensor:
-    """log p(x, mu) with c summed out (eq. 5), every constant kept; mu ``(..., K, d)``."""
+def log_prior(mu: torch.Tensor, prior_var: float) -> torch.Tensor:
+    """log N(mu; 0, s2 I) summed over the K*d coordinates of mu ``(..., K, d)`` (eq. 1)."""
     K, d = mu.shape[-2:]
-    log_prior = -0.5 * (mu**2).sum((-1, -2)) / prior_var - 0.5 * K * d * (
+    return -0.5 * (mu**2).sum((-1, -2)) / prior_var - 0.5 * K * d * (
         LOG_2PI + math.log(prior_var)
     )
-    return log_prior + pointwise_mixture_loglik(x, mu).sum(-1)
+
+
+def log_joint(x: torch.Tensor, mu: torch.Tensor, prior_var: float) -> torch.Tensor:
+    """log p(x, mu) with c summed out (eq. 5), every constant kept; mu ``(..., K, d)``."""
+    return log_prior(mu, prior_var) + pointwise_mixture_loglik(x, mu).sum(-1)
 
 
 def responsibilities(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """p(c_i = k | x_i, mu) with a uniform prior on c: softmax_k(-||x_i - mu_k||^2 / 2)."""
     sq = ((x.unsqueeze(-2) - mu.unsqueeze(-3)) ** 2).sum(-1)
-    return torch.softmax(-0.5 * sq, dim=-1)
+    return _softmax(-0.5 * sq, dim=-1)
+
+
+def _digit_stats(x: torch.Tensor, K: int):
+    """Counts ``(K^m, K)`` and sums ``(K^m, K, d)`` of the m points of x for all K^m assignments
+    (assignment j puts point i in cluster (j // K^i) % K)."""
+    m = x.shape[0]
+    idx = torch.arange(K**m, device=x.device)
+    c = (idx[:, None] // K ** torch.arange(m, device=x.device)) % K
+    onehot = torch.nn.functional.one_hot(c, K).to(x.dtype)  # (K^m, m, K)
+    return onehot.sum(1), torch.einsum("jmk,md->jkd", onehot, x)
+
+
+def _softmax(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Stable softmax from elementwise ops (torch.softmax spawns a thread pool per call on CPU,
+    which costs milliseconds per tiny call on a loaded machine)."""
+    e = torch.exp(a - a.amax(dim, keepdim=True))
+    return e / e.sum(dim, keepdim=True)
 
 
 def _chunked(fn, mu: torch.Tensor, n: int, budget: int = 4_000_000) -> torch.Tensor:
@@ -197,30 +220,40 @@ class BayesianGMM(ModelFamily):
         indicator, not a standard error), ``"importance"`` (importance sampling of eq. 5 with a
         proposal covering all K! label permutations; se is the delta-method standard error),
         or ``"auto"``: enumeration when K^(n-1) <= ``max_assignments``, else quadrature when
-        K*d <= 4, else importance sampling.
+        K*d <= 4 and its error indicator is <= 0.01 nats, else importance sampling.
         """
         x = self.check_data(x)
         method = choice(method, "method", ["auto", "enumeration", "quadrature", "importance"])
         n, d = x.shape
+        auto = None
         if method == "auto":
             if self.K ** (n - 1) <= max_assignments:
                 method = "enumeration"
             elif self.K * d <= MAX_QUADRATURE_DIM:
-                method = "quadrature"
+                auto = "quadrature"
             else:
                 method = "importance"
         x64 = x.to(torch.float64)
+        num_samples = integer(num_samples, "num_samples", minimum=2)
         if method == "enumeration":
             return self._evidence_enumeration(x64, max_assignments)
-        if method == "quadrature":
-            return self._evidence_quadrature(x64, nodes, seed)
-        return self._evidence_importance(x64, integer(num_samples, "num_samples", minimum=2), seed)
+        if method == "quadrature" or auto == "quadrature":
+            ev = self._evidence_quadrature(x64, nodes, seed)
+            if method == "quadrature" or ev.se <= QUADRATURE_TOL:
+                return ev
+            # auto: the quadrature's error indicator is too large -> importance sampling
+            fallback = self._evidence_importance(x64, num_samples, seed)
+            fallback.details["rejected_quadrature"] = {"value": ev.value, "error": ev.se}
+            return fallback
+        return self._evidence_importance(x64, num_samples, seed)
 
     def _assignment_log_weights(self, x: torch.Tensor, max_assignments: int):
         """log p(x | c) (eq. 4 summed over k) for every c with c_1 = 0, in chunks.
 
         Fixing c_1 = 0 is exact: the summand is symmetric under relabelling, so the sum over all
-        K^n assignments is K times the sum over those with c_1 = 0.
+        K^n assignments is K times the sum over those with c_1 = 0. Assignment number
+        ``j = sum_i c_{i+1} K^(i-1)`` (i = 1..n-1); the sufficient statistics (n_k, S_k) are
+        sums of those of the low and high digits, precomputed for each half.
         Yields ``(first_index, log_weights)``.
         """
         n, d = x.shape
@@ -232,17 +265,18 @@ class BayesianGMM(ModelFamily):
                 f"more than max_assignments={max_assignments}"
             )
         const = -0.5 * n * d * LOG_2PI - 0.5 * float((x**2).sum())
-        powers = K ** torch.arange(n - 1, device=x.device, dtype=torch.int64)
-        chunk = max(1, 2**21 // (n * K))
-        for start in range(0, total, chunk):
-            idx = torch.arange(start, min(total, start + chunk), device=x.device)
-            c = torch.cat([idx.new_zeros(len(idx), 1), (idx[:, None] // powers) % K], dim=1)
-            onehot = torch.nn.functional.one_hot(c, K).to(x.dtype)  # (chunk, n, K)
-            nk = onehot.sum(1)  # (chunk, K)
-            S2 = (torch.einsum("cnk,nd->ckd", onehot, x) ** 2).sum(-1)  # ||S_k||^2
+        a = (n - 1 + 1) // 2  # low digits: points 1..a; high digits: points a+1..n-1
+        lo_n, lo_S = _digit_stats(x[1 : a + 1], K)
+        lo_n[:, 0] += 1  # point 0 sits in cluster 0
+        lo_S[:, 0] += x[0]
+        hi_n, hi_S = _digit_stats(x[a + 1 :], K)
+        chunk = max(1, 2**21 // (lo_n.shape[0] * K * d))
+        for start in range(0, hi_n.shape[0], chunk):
+            nk = hi_n[start : start + chunk, None] + lo_n  # (chunk, K^a, K)
+            S2 = ((hi_S[start : start + chunk, None] + lo_S) ** 2).sum(-1)  # ||S_k||^2
             denom = 1 + nk * s2
             lw = (-0.5 * d * torch.log(denom) + 0.5 * s2 * S2 / denom).sum(-1)
-            yield start, lw + const
+            yield start * lo_n.shape[0], lw.reshape(-1) + const
 
     def _evidence_enumeration(self, x: torch.Tensor, max_assignments: int) -> Evidence:
         n = x.shape[0]
@@ -251,11 +285,11 @@ class BayesianGMM(ModelFamily):
         value = torch.logsumexp(torch.stack(parts), 0) + math.log(self.K) - n * math.log(self.K)
         return Evidence(float(value), 0.0, "enumeration", n, {"assignments": self.K**n})
 
-    def _laplace(self, x: torch.Tensor, seed: int, restarts: int = 10):
+    def _laplace(self, x: torch.Tensor, seed: int, restarts: int = 10, hessian: bool = True):
         """MAP of mu (eq. 5) by EM from ``restarts`` starts and the Laplace covariance there.
 
         Falls back to the diagonal precision 1/s2 + n_k when the Hessian is not negative definite.
-        Returns ``(mode (K, d), covariance (K d, K d))`` in float64.
+        Returns ``(mode (K, d), covariance (K d, K d) or None)`` in float64.
         """
         K, d = self.K, x.shape[1]
         gen = torch.Generator().manual_seed(seed)
@@ -266,12 +300,14 @@ class BayesianGMM(ModelFamily):
             for _ in range(1000):
                 state = self.em_step(x, state)
                 new = self.em_objective(x, state)
-                if new - val <= 1e-12 * x.shape[0]:
-                    val = new
-                    break
+                done = new - val <= 1e-12 * x.shape[0]
                 val = new
+                if done:
+                    break
             if val > best_val:
                 best, best_val = state["mu"], val
+        if not hessian:
+            return best, None
         hess = torch.autograd.functional.hessian(
             lambda v: log_joint(x, v.view(K, d), self.prior_var), best.reshape(-1)
         )
@@ -289,21 +325,24 @@ class BayesianGMM(ModelFamily):
     def _evidence_quadrature(self, x: torch.Tensor, nodes: int | None, seed: int) -> Evidence:
         """Gauss-Hermite on eq. 5 against the label-symmetrized Laplace approximation.
 
-        With g(mu) = (1/K!) sum_pi N(mu_pi; m, c Sigma) (pi permutes the K components) and f the
-        integrand of eq. 5, symmetry of f and g gives  int f = int N(mu; m, c Sigma) f/g dmu
-        exactly; f/g is smooth, so a tensor Gauss-Hermite grid for N(m, c Sigma) converges fast.
+        With g(mu) = (1/K!) sum_pi N(mu_pi; m, c Sigma) (pi permutes the K components, m the MAP,
+        Sigma the Laplace covariance) and f the integrand of eq. 5, the symmetry of f and g gives
+        int f = int N(mu; m, c Sigma) f/g dmu exactly; a tensor Gauss-Hermite grid for
+        N(m, c Sigma) integrates the smooth ratio f/g. Value: c = 1.5 with ``nodes`` per
+        dimension. ``se`` is an error indicator, not a standard error: the largest change when
+        the grid is coarsened (0.75 nodes) or widened (c = 3). It is large when the posterior
+        is far from Gaussian (overlapping clusters, small n).
         """
         n, d = x.shape
         D = self.K * d
-        if D > 6:
-            raise ValueError(f"method: quadrature needs K*d <= 6, got K*d = {D}")
-        m = nodes or min(40, int(2e5 ** (1 / D)))
-        m = integer(m, "nodes", minimum=3)
+        if D > 5:
+            raise ValueError(f"method: quadrature needs K*d <= 5, got K*d = {D}")
+        m = integer(nodes or min(40, int(2e5 ** (1 / D))), "nodes", minimum=3)
         mode, cov = self._laplace(x, seed)
-        L = torch.linalg.cholesky(1.5 * cov)  # inflated so f/g stays bounded in the tails
         perms = self._permutations(x.device)
 
-        def rule(m_):
+        def rule(m_, c):
+            L = torch.linalg.cholesky(c * cov)
             z, w = np.polynomial.hermite_e.hermegauss(m_)
             z = torch.as_tensor(z, dtype=x.dtype, device=x.device)
             lw = torch.as_tensor(np.log(w / math.sqrt(2 * math.pi)), dtype=x.dtype, device=x.device)
@@ -314,56 +353,89 @@ class BayesianGMM(ModelFamily):
             log_g = _chunked(lambda b: _log_sym_gauss(b, mode, L, perms), mu, len(perms))
             return float(torch.logsumexp(lwg + log_f - log_g, 0))
 
-        value = rule(m)
-        coarse = rule(max(3, round(0.75 * m)))
-        return Evidence(
-            value, abs(value - coarse), "quadrature", n, {"nodes": m, "coarse_value": coarse}
-        )
+        value = rule(m, 1.5)
+        coarse, wide = rule(max(3, round(0.75 * m)), 1.5), rule(m, 3.0)
+        err = max(abs(value - coarse), abs(value - wide))
+        details = {"nodes": m, "coarse_value": coarse, "wide_value": wide}
+        return Evidence(value, err, "quadrature", n, details)
+
+    def _gibbs_conditionals(self, x: torch.Tensor, seed: int, keep: int, chains: int = 8):
+        """Posterior-fitted proposal components: about ``keep`` conditionals
+        p(mu | c_j, x) = prod_k N(S_jk / lam_jk, I / lam_jk), lam_jk = 1/s2 + n_jk, at allocations
+        c_j drawn by Gibbs sampling on (c, mu) (Fruhwirth-Schnatter 2004). ``chains`` chains run
+        side by side: one from the MAP, the others from random data points (burn-in 50 sweeps,
+        then every 2nd sweep kept). Returns ``(means (J, K, d), lam (J, K))``."""
+        n, d = x.shape
+        K, s2 = self.K, self.prior_var
+        gen = torch.Generator().manual_seed(seed)
+        mode, _ = self._laplace(x, seed, hessian=False)
+        mu = torch.stack([mode] + [init_means(x, K, gen) for _ in range(chains - 1)])
+        means, lams = [], []
+        burn, thin, per_chain = 50, 2, -(-keep // chains)
+        for t in range(burn + thin * per_chain):
+            cdf = torch.cumsum(responsibilities(x, mu), -1)  # (C, n, K)
+            u = torch.rand(chains, n, 1, generator=gen, dtype=torch.float64).to(x)
+            c = (cdf < u).sum(-1).clamp(max=K - 1)
+            onehot = torch.nn.functional.one_hot(c, K).to(x.dtype)  # (C, n, K)
+            lam = 1.0 / s2 + onehot.sum(1)  # (C, K)
+            mean = (onehot.transpose(1, 2) @ x) / lam[..., None]
+            z = torch.randn(chains, K, d, generator=gen, dtype=torch.float64).to(x)
+            mu = mean + z / lam[..., None].sqrt()
+            if t >= burn and (t - burn) % thin == 0:
+                means.append(mean)
+                lams.append(lam)
+        return torch.cat(means), torch.cat(lams)
 
     def _evidence_importance(self, x: torch.Tensor, num_samples: int, seed: int) -> Evidence:
-        """Importance sampling of eq. 5 with a multivariate-t (df 5) proposal at the MAP.
+        """Importance sampling of eq. 5; the proposal covers all K! relabellings.
 
-        K <= 6: the proposal is the mixture of the t over all K! relabellings (weights f/g).
-        K > 6: the t at the MAP sorted by first coordinate, restricted to that ordering, weights
-        K! f/g 1{sorted} (exact too: the sorted region is one of K! images of the same mass).
+        g = eps p(mu) + (1-eps) (1/J) sum_j (1/K!) sum_pi prod_k N(mu_pi(k); S_jk/lam_jk, I/lam_jk)
+        with J Gibbs allocations (see :meth:`_gibbs_conditionals`) and a defensive prior share
+        eps = 0.05, so the weights f/g are bounded (by max likelihood / eps). For K > 4 the sum
+        over relabellings is replaced by restriction to means sorted by first coordinate, with
+        weights K! f/g 1{sorted} (exact: that region holds 1/K! of the mass of f).
+        log p(x) = log mean(w); se = sd(w) / (sqrt(S) mean(w)) (delta method).
         """
         n, d = x.shape
-        K, D, df = self.K, self.K * d, 5.0
-        mode, cov = self._laplace(x, seed)
-        gen = torch.Generator().manual_seed(seed)
-        symmetric = K <= 6
+        K, eps = self.K, 0.05
+        symmetric = K <= 4
+        ident = torch.arange(K, device=x.device)[None]
+        perms = self._permutations(x.device) if symmetric else ident
+        keep = max(8, 400 // len(perms))
+        means, lams = self._gibbs_conditionals(x, seed, keep)
+        if not symmetric:  # relabel each component by its first coordinate
+            order = means[..., 0].argsort(-1)
+            means = torch.gather(means, 1, order[..., None].expand(means.shape))
+            lams = torch.gather(lams, 1, order)
+        gen = torch.Generator().manual_seed(seed + 1)
+        J = means.shape[0]
+        j = torch.randint(J, (num_samples,), generator=gen).to(x.device)
+        z = torch.randn(num_samples, K, d, generator=gen, dtype=torch.float64).to(x)
+        mu = means[j] + z / lams[j].sqrt()[..., None]
+        pick = torch.randint(len(perms), (num_samples,), generator=gen).to(x.device)
+        mu = torch.gather(mu, 1, perms[pick][..., None].expand(mu.shape))
+        from_prior = torch.rand(num_samples, generator=gen, dtype=torch.float64).to(x.device) < eps
+        prior_draw = torch.randn(num_samples, K, d, generator=gen, dtype=torch.float64).to(x)
+        mu = torch.where(from_prior[:, None, None], prior_draw * math.sqrt(self.prior_var), mu)
+
+        def log_g(b):
+            mix = _log_conditionals_mix(b, means, lams, perms)
+            prior = log_prior(b, self.prior_var)
+            return torch.logaddexp(math.log1p(-eps) + mix, math.log(eps) + prior)
+
+        log_f = _chunked(lambda b: log_joint(x, b, self.prior_var), mu, n)
+        log_w = log_f - _chunked(log_g, mu, len(perms) * J)
         if not symmetric:
-            order = mode[:, 0].argsort()
-            mode = mode[order]
-            block = (order[:, None] * d + torch.arange(d, device=x.device)).reshape(-1)
-            cov = cov[block][:, block]
-        L = torch.linalg.cholesky(1.2 * cov)
-        z = torch.randn(num_samples, D, generator=gen, dtype=torch.float64).to(x)
-        # chi-square with df = 5 degrees of freedom as a sum of 5 squared normals (seeded)
-        u = (torch.randn(num_samples, int(df), generator=gen, dtype=torch.float64) ** 2).sum(-1)
-        y = (mode.reshape(-1) + (z @ L.T) / torch.sqrt(u.to(x) / df)[:, None]).view(-1, K, d)
-        if symmetric:
-            perms = self._permutations(x.device)
-            pick = torch.randint(len(perms), (num_samples,), generator=gen).to(x.device)
-            mu = torch.gather(y, 1, perms[pick].unsqueeze(-1).expand(y.shape))
-            log_g = _chunked(lambda b: _log_sym_t(b, mode, L, perms, df), mu, len(perms))
-            log_w = _chunked(lambda b: log_joint(x, b, self.prior_var), mu, n) - log_g
-        else:
-            mu = y
-            ident = torch.arange(K, device=x.device)[None]
-            log_g = _log_sym_t(mu, mode, L, ident, df)
             ok = (mu[:, 1:, 0] > mu[:, :-1, 0]).all(-1)
-            log_f = _chunked(lambda b: log_joint(x, b, self.prior_var), mu, n)
-            log_w = torch.where(ok, log_f - log_g + math.lgamma(K + 1), -math.inf)
+            log_w = torch.where(ok, log_w + math.lgamma(K + 1), -math.inf)
         top = log_w.max()
         w = torch.exp(log_w - top)
         mean = w.mean()
         value = float(torch.log(mean) + top)
         se = float(w.std() / (math.sqrt(num_samples) * mean))
         ess = float(w.sum() ** 2 / (w**2).sum())
-        return Evidence(
-            value, se, "importance", n, {"num_samples": num_samples, "ess": ess, "df": df}
-        )
+        details = {"num_samples": num_samples, "ess": ess, "components": J * len(perms)}
+        return Evidence(value, se, "importance", n, details)
 
     # ------------------------------------------------------------------ exact posterior
 
@@ -390,7 +462,7 @@ class BayesianGMM(ModelFamily):
         n, d = x.shape
         K, s2 = self.K, self.prior_var
         lw = torch.cat([w for _, w in self._assignment_log_weights(x64, max_assignments)])
-        cdf = torch.cumsum(torch.softmax(lw, 0), 0)
+        cdf = torch.cumsum(_softmax(lw, 0), 0)
         u = torch.rand(S, generator=gen, dtype=torch.float64).to(x.device) * cdf[-1]
         idx = torch.searchsorted(cdf, u).clamp(max=len(cdf) - 1)
         powers = K ** torch.arange(n - 1, device=x.device, dtype=torch.int64)
@@ -444,7 +516,7 @@ class BayesianGMM(ModelFamily):
     def _cavi_phi(self, x, m, s2):
         """phi_ik ∝ exp(E[mu_k]^T x_i - E[mu_k^T mu_k] / 2)   (paper eq. 6, isotropic q(mu_k))."""
         d = x.shape[1]
-        return torch.softmax(x @ m.T - 0.5 * ((m**2).sum(-1) + d * s2), dim=-1)
+        return _softmax(x @ m.T - 0.5 * ((m**2).sum(-1) + d * s2), dim=-1)
 
     def cavi_step(self, x: torch.Tensor, state: dict) -> dict:
         """One sweep: every phi_i (eq. 6), then every q(mu_k) (eqs. 7-8):
@@ -528,19 +600,13 @@ def _log_sym_gauss(mu, mode, L, perms):
     return torch.logsumexp(log_n, -1) - math.log(len(perms))
 
 
-def _log_sym_t(mu, mode, L, perms, df):
-    """As :func:`_log_sym_gauss` for the multivariate t with ``df`` degrees of freedom."""
-    maha = _maha(mu, mode, L, perms)
-    D = L.shape[0]
-    logdet = torch.log(torch.diagonal(L)).sum()
-    log_t = (
-        math.lgamma((df + D) / 2)
-        - math.lgamma(df / 2)
-        - 0.5 * D * math.log(df * math.pi)
-        - logdet
-        - 0.5 * (df + D) * torch.log1p(maha / df)
-    )
-    return torch.logsumexp(log_t, -1) - math.log(len(perms))
+def _log_conditionals_mix(mu, means, lams, perms):
+    """log (1/(J P)) sum_j sum_pi prod_k N(mu_pi(k); means_jk, I / lams_jk) for mu (B, K, d)."""
+    d = mu.shape[-1]
+    mp = mu[:, perms]  # (B, P, K, d)
+    sq = ((mp[:, :, None] - means[None, None]) ** 2).sum(-1)  # (B, P, J, K)
+    log_n = (0.5 * d * (torch.log(lams) - LOG_2PI) - 0.5 * lams * sq).sum(-1)
+    return torch.logsumexp(log_n.flatten(1), -1) - math.log(log_n[0].numel())
 
 
 def _maha(mu, mode, L, perms):

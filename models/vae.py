@@ -66,7 +66,7 @@ class Decoder(nn.Module):
                  variance: str, activation: str):
         super().__init__()
         self.likelihood, self.variance = likelihood, variance
-        self.body = mlp([latent_dim, *hidden], activation) if hidden else nn.Identity()
+        self.body = mlp([latent_dim, *hidden], activation) if hidden else nn.Sequential()
         self.act = ACTIVATIONS[activation]() if hidden else nn.Identity()
         width = hidden[-1] if hidden else latent_dim
         self.out = nn.Linear(width, data_dim)
@@ -77,12 +77,24 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.var_head.weight)
             nn.init.zeros_(self.var_head.bias)
 
-    def forward(self, z: torch.Tensor):
-        h = self.act(self.body(z))
-        out = self.out(h)
+    def forward(self, z: torch.Tensor, weights: dict | None = None):
+        """``weights``: tensors replacing the parameters by name (e.g. detached copies)."""
+        names = {id(p): k for k, p in self.named_parameters()}
+
+        def w(t):
+            return t if weights is None else weights[names[id(t)]]
+
+        def linear(layer, h):
+            return F.linear(h, w(layer.weight), w(layer.bias))
+
+        h = z
+        for layer in self.body:
+            h = linear(layer, h) if isinstance(layer, nn.Linear) else layer(h)
+        h = self.act(h)
+        out = linear(self.out, h)
         if self.likelihood == "bernoulli":
             return out, None
-        raw = self.raw_var if self.variance == "feature" else self.var_head(h)
+        raw = w(self.raw_var) if self.variance == "feature" else linear(self.var_head, h)
         return out, raw
 
 
@@ -144,16 +156,27 @@ class VAE(ModelFamily):
         return self
 
     # ------------------------------------------------------------------ the model
-    def decode(self, z: torch.Tensor):
-        """(logits, None) or (mean, variance) for latents ``z`` (..., k)."""
-        out, raw = self.decoder(z)
+    def frozen_weights(self) -> dict:
+        """Detached copies of the decoder's weights, cached until a weight changes (in place or
+        replaced), so that NUTS's JIT-compiled potential sees constants."""
+        key = tuple((id(p), p._version, p.device, p.dtype) for p in self.decoder.parameters())
+        if getattr(self, "_frozen_key", None) != key:
+            with torch.no_grad():
+                self._frozen = {k: p.detach().clone() for k, p in self.decoder.named_parameters()}
+            self._frozen_key = key
+        return self._frozen
+
+    def decode(self, z: torch.Tensor, detach: bool = False):
+        """(logits, None) or (mean, variance) for latents ``z`` (..., k); ``detach``: with
+        constant copies of the weights (:meth:`frozen_weights`)."""
+        out, raw = self.decoder(z, self.frozen_weights() if detach else None)
         if raw is None:
             return out, None
         return out, self.var_floor + F.softplus(raw)
 
-    def observation_dist(self, z: torch.Tensor) -> dist.Distribution:
+    def observation_dist(self, z: torch.Tensor, detach: bool = False) -> dist.Distribution:
         """p(x | z): batch shape ``z.shape[:-1]``, event shape (D,)."""
-        out, var = self.decode(z)
+        out, var = self.decode(z, detach)
         if self.likelihood == "bernoulli":
             base = dist.Bernoulli(logits=out, validate_args=False)
         else:
@@ -176,7 +199,15 @@ class VAE(ModelFamily):
             z = pyro.sample("z", self.prior(xb.shape[0], x))
             pyro.sample("x", self.observation_dist(z), obs=xb)
 
-    mcmc_model = model
+    def mcmc_model(self, x: torch.Tensor, subsample_size: int | None = None):
+        """The same model with the decoder's weights as constants (detached, not registered):
+        NUTS over z for a fixed decoder, and JIT-traceable."""
+        self.to(x)
+        n = x.shape[0]
+        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
+            xb = x if subsample_size is None else x.index_select(0, idx)
+            z = pyro.sample("z", self.prior(xb.shape[0], x))
+            pyro.sample("x", self.observation_dist(z, detach=True), obs=xb)
 
     # ------------------------------------------------------------------ densities
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None):
@@ -347,20 +378,27 @@ def train_vae(family: VAE, x, *, guide="mlp", guide_options: dict | None = None,
 
 
 def pseudo_gibbs_impute(family: VAE, encoder, x, mask=None, *, steps: int = 50,
-                        burn_in: int = 10, seed: int = 0):
-    """Pseudo-Gibbs imputation (Rezende, Mohamed & Wierstra 2014, sec. 5.3): start from column
-    means, then repeat z ~ q(z | x~), x~_mis ~ p(x_mis | z) (observed entries kept); the result
-    averages E[x_mis | z] over the ``steps - burn_in`` last sweeps. ``encoder``: an amortized
-    guide with ``distribution(x)`` (e.g. ``guides.make("mlp", ...)`` after training). Returns x
-    with the missing entries (NaN, or ``mask`` True) filled.
+                        burn_in: int = 10, fill=None, seed: int = 0):
+    """Pseudo-Gibbs imputation (Rezende, Mohamed & Wierstra 2014, sec. 5.3): start from ``fill``
+    (a (D,) or (n, D) tensor; default: the observed column means, 0.5 where a column has none),
+    then repeat z ~ q(z | x~), x~_mis ~ p(x_mis | z) (observed entries kept); the result averages
+    E[x_mis | z] over the ``steps - burn_in`` last sweeps. ``encoder``: an amortized guide with
+    ``distribution(x)`` (e.g. ``guides.make("mlp", ...)`` after training). Returns x with the
+    missing entries (NaN, or ``mask`` True) filled.
     """
     from inference.evidence import seeded
-    from inference.impute import column_mean_impute, missing_mask
+    from inference.impute import missing_mask
 
     x, mask = missing_mask(x, mask)
     steps = integer(steps, "steps", minimum=1)
     burn_in = integer(burn_in, "burn_in", minimum=0, maximum=steps - 1)
-    filled = column_mean_impute(x, mask)
+    if fill is None:
+        obs = (~mask).to(x.dtype)
+        zero = torch.zeros((), device=x.device, dtype=x.dtype)
+        total = torch.where(mask, zero, x).sum(0)
+        fill = torch.where(obs.sum(0) > 0, total / obs.sum(0).clamp_min(1), zero + 0.5)
+    fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).expand_as(x)
+    filled = torch.where(mask, fill, x)
     acc = torch.zeros_like(filled)
     with seeded(seed, x.device), torch.no_grad():
         for t in range(steps):

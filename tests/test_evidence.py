@@ -276,7 +276,7 @@ def test_schedules():
 
 
 def test_hmc_kernel_leaves_the_posterior_invariant(easy):
-    # start 4000 chains at exact posterior draws, apply 10 HMC moves at beta = 1, check the mean
+    # start 4000 chains at exact posterior draws, apply 25 HMC moves at beta = 1, check the mean
     # and variance of every coordinate: se of a mean over 4000 independent chains is sd / 63
     n = 3
     x = easy.x()[:n]
@@ -289,7 +289,7 @@ def test_hmc_kernel_leaves_the_posterior_invariant(easy):
         state = target(z)
         eps = torch.full((n,), 0.4, dtype=torch.float64)
         minv = torch.ones_like(z)
-        for _ in range(10):
+        for _ in range(25):
             state, acc = _hmc(state, 1.0, eps, minv, 5, target)
     assert 0.3 < float(acc.mean()) <= 1.0
     zf = state[0].numpy()

@@ -1,0 +1,362 @@
+"""Factor analysis / PPCA: engines, swappable guides and the exact decomposition of the gaps.
+
+    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --steps 1000 --quick]
+
+Rows of summary.csv (every ELBO in nats summed over the data, with the exact log evidence at the
+row's own parameters): exact EM (bound "log-likelihood"), CAVI over a mean-field q with the
+parameters fixed at the EM fit, SVI with each guide with the parameters fixed at the EM fit
+(``params = fixed-em``) and learning parameters and guide jointly (``params = learned``).
+gaps.csv: per guide trained with fixed parameters, the Cremer et al. (2018) decomposition against
+its matching local family (diagonal guides -> mean-field, full-covariance -> full-rank), per data
+point, measured by Monte Carlo (with SEs) and in closed form, next to the analytic approximation
+gap 1/2 (sum_j log L_jj - log det L) (mean-field) or 0 (full-rank).
+imputation.csv: RMSE on held-out entries of a test split: exact conditional Gaussian, importance
+resampling (generic route, prior and encoder proposals), EM on data with gaps, column means.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import guides  # noqa: E402
+import inference  # noqa: E402
+from experiments import common  # noqa: E402
+from inference import em, gaps, svi  # noqa: E402
+from inference.impute import column_mean_impute, importance_impute, rmse  # noqa: E402
+from models.data import load_array  # noqa: E402
+from models.fa import FactorAnalysis, FAParams, em_missing, impute  # noqa: E402
+
+DEFAULT_GUIDES = "exact,mean-field,full-rank,linear-diag,linear-full,mlp"
+GAP_COLUMNS = [
+    "guide", "amortized", "local_family", "n", "log_evidence", "log_evidence_se",
+    "elbo_q_star", "elbo_q_star_se", "elbo_amortized", "elbo_amortized_se",
+    "approximation_gap", "approximation_gap_se", "amortization_gap", "amortization_gap_se",
+    "inference_gap", "inference_gap_se", "closed_form_approximation_gap",
+    "approximation_gap_exact", "amortization_gap_exact", "inference_gap_exact",
+    "q_star_optimizer", "q_star_converged", "num_particles", "unit",
+]
+
+
+def parse(argv):
+    p = common.base_parser("fa_gaps", __doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=300, help="simulated data points (default 300)")
+    p.add_argument("--dim", type=int, default=8, help="data dimension d (default 8)")
+    p.add_argument("--latent-dim", type=int, default=2, help="latent dimension k (default 2)")
+    p.add_argument("--model", choices=["fa", "ppca"], default="fa")
+    p.add_argument("--missing-frac", type=float, default=0.2,
+                   help="fraction of test entries hidden for the imputation study (default 0.2)")
+    p.add_argument("--test-frac", type=float, default=0.2, help="held-out rows (default 0.2)")
+    p.add_argument("--guides", default=DEFAULT_GUIDES, help=f"comma list of {guides.names()}")
+    p.add_argument("--joint-guides", default="mean-field,linear-full,mlp",
+                   help="guides also trained jointly with the parameters ('' for none)")
+    p.add_argument("--steps", type=int, default=1000, help="SVI steps per fit (default 1000)")
+    p.add_argument("--lr", type=float, default=0.05, help="SVI learning rate (default 0.05)")
+    p.add_argument("--hidden", default="32", help="MLP encoder hidden sizes, comma list")
+    p.add_argument("--eval-particles", type=int, default=500, help="particles per ELBO estimate")
+    p.add_argument("--is-particles", type=int, default=2000,
+                   help="particles for importance-resampling imputation (default 2000)")
+    p.add_argument("--em-iter", type=int, default=2000, help="max EM / CAVI iterations")
+    p.add_argument("--qstar-optimizer", choices=["auto", "svi"], default="auto",
+                   help="how q* is optimized: auto = L-BFGS on the closed form (FA), svi = generic")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.dim = min(args.n, 60), min(args.dim, 5)
+        args.steps, args.eval_particles, args.is_particles = min(args.steps, 40), 50, 300
+        args.em_iter = min(args.em_iter, 300)
+    checks = (("--n", args.n, 10), ("--dim", args.dim, 2), ("--steps", args.steps, 1),
+              ("--latent-dim", args.latent_dim, 1), ("--eval-particles", args.eval_particles, 2),
+              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1))
+    for name, v, lo in checks:
+        if v < lo:
+            raise SystemExit(f"{name}: must be >= {lo}, got {v}")
+    for name, v in (("--missing-frac", args.missing_frac), ("--test-frac", args.test_frac)):
+        if not 0 < v < 1:
+            raise SystemExit(f"{name}: must lie in (0, 1), got {v}")
+    try:
+        args.guide_list = guides.parse_names(args.guides)
+        args.joint_list = guides.parse_names(args.joint_guides) if args.joint_guides.strip() else []
+        args.hidden_sizes = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from exc
+    if args.latent_dim >= args.dim and args.data is None:
+        raise SystemExit(f"--latent-dim: must be < --dim ({args.dim}), got {args.latent_dim}")
+    return args
+
+
+def load_data(args, device, dtype):
+    """(x, truth or None, info). User data: rows with NaN are dropped (reported)."""
+    if args.data is None:
+        fam = FactorAnalysis(args.latent_dim, kind=args.model, dim=args.dim)
+        x, truth = fam.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
+        return x, truth, {"simulated": True}
+    arr = torch.as_tensor(load_array(args.data), dtype=dtype, device=device)
+    if arr.dim() != 2:
+        raise SystemExit(f"--data: expected a 2-D array (n, d), got shape {tuple(arr.shape)}")
+    keep = ~torch.isnan(arr).any(1)
+    x = arr[keep]
+    if x.shape[0] < 10:
+        raise SystemExit(f"--data: only {x.shape[0]} complete rows")
+    return x, None, {"data_file": str(args.data), "rows_with_nan_dropped": int((~keep).sum())}
+
+
+def split(x, frac, seed):
+    g = torch.Generator().manual_seed(seed + 101)
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    n_test = max(2, int(round(frac * x.shape[0])))
+    return x[perm[n_test:]], x[perm[:n_test]]
+
+
+def params_of(result, kind, d) -> FAParams:
+    p = result.state["params"] if result.engine == "svi" else result.posterior
+    psi = p["sigma2"].reshape(1).expand(d) if kind == "ppca" else p["psi"]
+    return FAParams(p["W"].detach(), p["mu"].detach(), psi.detach().clone())
+
+
+def mean_field_gap(p: FAParams) -> float:
+    """1/2 (sum_j log L_jj - log det L), L = I + W^T Psi^-1 W (nats per data point)."""
+    L = torch.eye(p.latent_dim, dtype=torch.float64) + p.W.double().cpu().T @ (
+        p.W.double().cpu() / p.psi.double().cpu()[:, None])
+    return float(0.5 * (L.diagonal().log().sum() - torch.logdet(L)))
+
+
+def run_engines(args, x, kind, progress):
+    k, d = args.latent_dim, x.shape[1]
+    results, evidences, params = [], [], {}
+    em_res = inference.fit("em", FactorAnalysis(k, kind=kind), x,
+                           em.Settings(max_iter=args.em_iter, tol=1e-10), seed=args.seed)
+    p_em = params_of(em_res, kind, d)
+    fixed = FactorAnalysis(k, kind=kind, params=p_em)
+    ev_em = fixed.log_evidence(x)
+    results.append(em_res)
+    evidences.append(ev_em)
+    params["em"] = p_em
+    cavi_res = inference.fit("cavi", fixed, x, em.Settings(max_iter=args.em_iter, tol=1e-12),
+                             seed=args.seed)
+    results.append(cavi_res)
+    evidences.append(ev_em)
+    trained = {}
+    for mode, names in (("fixed-em", args.guide_list), ("learned", args.joint_list)):
+        for name in names:
+            if mode == "learned" and name == "exact":
+                continue  # the exact posterior needs fixed parameters
+            family = fixed if mode == "fixed-em" else FactorAnalysis(k, kind=kind)
+            opts = {"hidden": args.hidden_sizes} if name == "mlp" else {}
+            steps = 1 if (mode == "fixed-em" and name == "exact") else args.steps
+            s = svi.Settings(num_steps=steps, lr=args.lr, lr_decay=0.05, num_particles=4,
+                             eval_particles=args.eval_particles, eval_batch=100,
+                             learn_model_params=mode == "learned", num_posterior_samples=0,
+                             progress=progress)
+            r = svi.fit(family, x, s, seed=args.seed, guide=guides.spec(name), guide_options=opts)
+            r.settings["params"] = mode
+            if mode == "learned":
+                p = params_of(r, kind, d)
+                params[f"svi_{name}"] = p
+                evidences.append(FactorAnalysis(k, kind=kind, params=p).log_evidence(x))
+            else:
+                trained[name] = r.state["guide"]
+                evidences.append(ev_em)
+            results.append(r)
+    return results, evidences, params, fixed, trained
+
+
+def summary_table(results, evidences, ev_em):
+    rows = []
+    for r, ev in zip(results, evidences):
+        row = r.to_row(ev)
+        row["params"] = r.settings.get("params", "fixed-em" if r.engine == "cavi" else "em")
+        row["log_lik_below_em"] = ev_em.value - ev.value
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    cols = [c for c in common.SUMMARY_COLUMNS if c in df.columns]
+    return df[cols + [c for c in df.columns if c not in cols]]
+
+
+def gap_table(args, fixed, x, trained):
+    rows, points = [], []
+    p = fixed.params
+    cf_gap = {"mean-field": mean_field_gap(p), "full-rank": 0.0}
+    qs = gaps.QStarSettings(steps=2000 if args.qstar_optimizer == "auto" else max(args.steps, 200))
+    for name, guide in trained.items():
+        local = "mean-field" if guide.diagonal else "full-rank"
+        common_kw = dict(optimizer=args.qstar_optimizer, settings=qs, seed=args.seed)
+        mc = gaps.decompose_gaps(fixed, x, guide, local, estimator="mc",
+                                 num_particles=args.eval_particles, particle_batch=250, **common_kw)
+        exact = gaps.decompose_gaps(fixed, x, guide, local, estimator="closed-form", **common_kw)
+        m, e = gaps.summary_row(mc), gaps.summary_row(exact)
+        row = {"guide": name, "amortized": guide.amortized, "local_family": local,
+               "n": x.shape[0], "unit": "nats per data point",
+               "closed_form_approximation_gap": cf_gap[local],
+               "q_star_optimizer": mc.attrs["optimizer"],
+               "q_star_converged": mc.attrs["q_star_converged"],
+               "num_particles": args.eval_particles}
+        for q in gaps.QUANTITIES:
+            row[q], row[f"{q}_se"] = m[q], m[f"{q}_se"]
+        for q in ("approximation_gap", "amortization_gap", "inference_gap"):
+            row[f"{q}_exact"] = e[q]
+        rows.append(row)
+        pts = mc[mc.scope == "point"].assign(guide=name, local_family=local)
+        points.append(pts)
+    return pd.DataFrame(rows, columns=GAP_COLUMNS), pd.concat(points, ignore_index=True)
+
+
+def imputation_table(args, x_train, x_test, kind, p_em, truth, trained):
+    g = torch.Generator().manual_seed(args.seed + 202)
+    mask = (torch.rand(x_test.shape, generator=g, dtype=torch.float64) < args.missing_frac)
+    mask = mask.to(x_test.device)
+    if not mask.any():
+        mask[0, 0] = True
+    x_nan = x_test.masked_fill(mask, float("nan"))
+    fixed = FactorAnalysis(args.latent_dim, kind=kind, params=p_em)
+    out, filled = [], {}
+
+    def add(method, values, seconds, **extra):
+        filled[method] = values
+        out.append({"method": method, "rmse": rmse(values, x_test, mask),
+                    "n_missing": int(mask.sum()), "seconds": seconds, **extra})
+
+    t = time.perf_counter()
+    add("exact-conditional", impute(x_nan, p_em)[0], time.perf_counter() - t,
+        params="em (complete training rows)")
+    t = time.perf_counter()
+    imp = importance_impute(fixed, x_nan, num_particles=args.is_particles, seed=args.seed)
+    add("importance-prior", imp.mean, time.perf_counter() - t, params="em",
+        mean_ess=float(imp.ess.mean()), min_ess=float(imp.ess.min()))
+    enc = next((trained[n] for n in ("linear-full", "linear-diag", "mlp") if n in trained), None)
+    if enc is not None:
+        t = time.perf_counter()
+        imp_g = importance_impute(fixed, x_nan, proposal=enc, num_particles=args.is_particles,
+                                  seed=args.seed)
+        add(f"importance-{enc.kind}", imp_g.mean, time.perf_counter() - t, params="em",
+            mean_ess=float(imp_g.ess.mean()), min_ess=float(imp_g.ess.min()))
+    g2 = torch.Generator().manual_seed(args.seed + 303)
+    train_mask = (torch.rand(x_train.shape, generator=g2, dtype=torch.float64)
+                  < args.missing_frac).to(x_train.device)
+    t = time.perf_counter()
+    p_gaps, _ = em_missing(x_train.masked_fill(train_mask, float("nan")), args.latent_dim,
+                          kind=kind, seed=args.seed, max_iter=args.em_iter, tol=1e-8)
+    add("em-missing+exact", impute(x_nan, p_gaps)[0], time.perf_counter() - t,
+        params=f"em on training rows with {args.missing_frac:.0%} entries hidden")
+    if truth is not None:
+        add("exact-conditional-truth", impute(x_nan, truth)[0], 0.0, params="true (oracle)")
+    t = time.perf_counter()
+    add("column-mean", column_mean_impute(x_nan), time.perf_counter() - t, params="none")
+    return pd.DataFrame(out), mask, filled, p_gaps
+
+
+def plot_gaps(table, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = np.arange(len(table))
+    a, b = table["approximation_gap"].to_numpy(), table["amortization_gap"].to_numpy()
+    ax.bar(xs, a, 0.6, yerr=table["approximation_gap_se"], label="approximation gap")
+    ax.bar(xs, b, 0.6, bottom=a, yerr=table["amortization_gap_se"], label="amortization gap")
+    ax.scatter(xs, table["closed_form_approximation_gap"], color="k", marker="_", s=400, zorder=3,
+               label="closed-form approximation gap")
+    ax.set_xticks(xs, [f"{g}\n(F = {f})" for g, f in zip(table.guide, table.local_family)],
+                  fontsize=7)
+    ax.set_ylabel("nats per data point")
+    ax.set_title("inference gap = approximation + amortization (Monte Carlo, ±1 SE)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_imputation(x_test, mask, filled, path):
+    methods = [m for m in ("exact-conditional", "importance-prior", "column-mean") if m in filled]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
+    truth = x_test[mask].double().cpu().numpy()
+    lo, hi = truth.min(), truth.max()
+    for ax, m in zip(axes[0], methods):
+        ax.scatter(truth, filled[m][mask].double().cpu().numpy(), s=8, alpha=0.6)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("held-out truth")
+    axes[0][0].set_ylabel("imputed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_params(path, params: dict, truth, trained):
+    """Flat dict of tensors (torch.load(path, weights_only=True)): '<fit>.W', '<fit>.mu',
+    '<fit>.psi' for fit in em, em_missing, truth, svi_<guide>; 'guide.<name>.<param>' for the
+    guides trained with fixed parameters (their state_dicts)."""
+    flat = {}
+    for key, p in {**params, **({"truth": truth} if truth is not None else {})}.items():
+        for k, v in p.as_dict().items():
+            flat[f"{key}.{k}"] = v.detach().cpu().clone()
+    for name, g in trained.items():
+        for k, v in g.state_dict().items():
+            flat[f"guide.{name}.{k}"] = v.detach().cpu().clone()
+    torch.save(flat, path)
+    return sorted(flat)
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    out, device, dtype = common.setup(args, "fa_gaps")
+    progress = not (args.no_progress or args.quick)
+    x_all, truth, data_info = load_data(args, device, dtype)
+    x, x_test = split(x_all, args.test_frac, args.seed)
+    kind = args.model
+    print(f"{kind.upper()}: n={x.shape[0]} train + {x_test.shape[0]} test, d={x.shape[1]}, "
+          f"k={args.latent_dim}, device={device}, dtype={dtype}")
+
+    results, evidences, params, fixed, trained = run_engines(args, x, kind, progress)
+    summary = summary_table(results, evidences, evidences[0])
+    summary.to_csv(out / "summary.csv", index=False)
+
+    gap_df, gap_points = gap_table(args, fixed, x, trained)
+    gap_df.to_csv(out / "gaps.csv", index=False)
+    gap_points.to_csv(out / "gaps_points.csv", index=False)
+
+    imp_df, mask, filled, p_gaps = imputation_table(args, x, x_test, kind, params["em"], truth,
+                                                    trained)
+    imp_df.to_csv(out / "imputation.csv", index=False)
+    params["em_missing"] = p_gaps
+    keys = save_params(out / "params.pt", params, truth, trained)
+
+    common.plot_traces(results, out / "elbo_traces.png", f"{kind.upper()}: objective per datum")
+    plot_gaps(gap_df, out / "gaps.png")
+    plot_imputation(x_test, mask, filled, out / "imputation_scatter.png")
+    common.write_run_json(out, args, device, {
+        "data": data_info, "n_train": x.shape[0], "n_test": x_test.shape[0],
+        "log_evidence_em": vars(evidences[0]) | {"details": {}},
+        "closed_form_mean_field_gap_per_datum": mean_field_gap(params["em"]),
+        "params_file": {"path": "params.pt", "keys": keys,
+                        "load": "torch.load(path, weights_only=True)"},
+        "messages": {f"{r.engine}/{r.guide}/{r.settings.get('params', '')}": r.message
+                     for r in results},
+        "seconds": time.perf_counter() - t0,
+    })
+
+    common.print_table(summary, ["engine", "guide", "params", "bound", "elbo_per_datum", "elbo_se",
+                                 "log_evidence", "gap_per_datum", "seconds", "converged"],
+                       title=f"{kind.upper()} engines (nats; gap = log p(x) - ELBO, row's params)")
+    common.print_table(gap_df, ["guide", "local_family", "approximation_gap",
+                                "approximation_gap_se", "closed_form_approximation_gap",
+                                "amortization_gap", "amortization_gap_se", "inference_gap"],
+                       title="gap decomposition (nats per data point, Monte Carlo ± SE)")
+    common.print_table(imp_df, ["method", "rmse", "n_missing", "seconds"],
+                       title="imputation of held-out entries (RMSE)")
+    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/ "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return {"summary": summary, "gaps": gap_df, "imputation": imp_df, "out": out}
+
+
+def main(argv=None) -> int:
+    run(parse(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
