@@ -35,6 +35,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="CSV (header row) or .npy/.npz file")
     p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (small models run faster on one)")
     return p
 
 
@@ -42,6 +44,10 @@ def setup(args, name: str) -> tuple[Path, torch.device, torch.dtype]:
     """Check the common flags, create the output folder; return (out, device, dtype)."""
     if args.seed < 0:
         raise SystemExit("--seed: must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads: must be >= 1")
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out is not None else Path("runs") / name
     out.mkdir(parents=True, exist_ok=True)
     try:

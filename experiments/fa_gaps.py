@@ -65,6 +65,9 @@ def parse(argv):
     p.add_argument("--is-particles", type=int, default=2000,
                    help="particles for importance-resampling imputation (default 2000)")
     p.add_argument("--em-iter", type=int, default=2000, help="max EM / CAVI iterations")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tensors are tiny, threads only add "
+                        "synchronization cost; restored afterwards)")
     p.add_argument("--qstar-optimizer", choices=["auto", "svi"], default="auto",
                    help="how q* is optimized: auto = L-BFGS on the closed form (FA), svi = generic")
     args = p.parse_args(argv)
@@ -74,7 +77,8 @@ def parse(argv):
         args.em_iter = min(args.em_iter, 300)
     checks = (("--n", args.n, 10), ("--dim", args.dim, 2), ("--steps", args.steps, 1),
               ("--latent-dim", args.latent_dim, 1), ("--eval-particles", args.eval_particles, 2),
-              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1))
+              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1),
+              ("--threads", args.threads, 1))
     for name, v, lo in checks:
         if v < lo:
             raise SystemExit(f"{name}: must be >= {lo}, got {v}")
@@ -354,7 +358,13 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    run(parse(sys.argv[1:] if argv is None else argv))
+    args = parse(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -43,6 +43,7 @@ def parse(argv):
     p.add_argument("--nuts-warmup", type=int, default=200)
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--eval-particles", type=int, default=2000, help="particles per ELBO estimate")
+    p.set_defaults(threads=1)
     args = p.parse_args(argv)
     if args.quick:
         args.n = min(args.n, 30)

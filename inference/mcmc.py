@@ -17,7 +17,7 @@ import torch
 from pyro.infer import MCMC, NUTS, config_enumerate
 
 from inference.result import FitResult
-from inference.runtime import Timer, isolated, seed_everything
+from inference.runtime import Timer, isolated, one_thread, seed_everything
 from models.validate import integer, probability
 
 
@@ -106,7 +106,7 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
     settings = settings or Settings()
     x = family.check_data(x)
     model = getattr(family, "mcmc_model", None) or family.model
-    with isolated(seed), Timer(x.device) as timer:
+    with isolated(seed), one_thread(x), Timer(x.device) as timer:
         run = run_nuts(model, (x,), settings, seed,
                        max_plate_nesting=getattr(family, "max_plate_nesting", None),
                        enumerate_discrete=bool(getattr(family, "discrete_sites", ())))

@@ -74,6 +74,24 @@ class Timer:
         return False
 
 
+@contextlib.contextmanager
+def one_thread(t: torch.Tensor | None = None):
+    """Run small CPU work on one torch thread (restored afterwards).
+
+    Tiny ops (a k x k Cholesky, a NUTS step of a small model) spend milliseconds in OpenMP
+    barriers when the cores are busy and microseconds on one thread. No-op for CUDA tensors.
+    """
+    n = torch.get_num_threads()
+    if (t is not None and t.device.type != "cpu") or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def like(x: torch.Tensor) -> dict:
     """``dict(device=..., dtype=...)`` of ``x``, for creating tensors that follow the data."""
     return {"device": x.device, "dtype": x.dtype}

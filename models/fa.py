@@ -12,7 +12,6 @@ so the evidence costs O(n d k) and one EM iteration on the sample covariance O(d
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
+from inference.runtime import one_thread
 from models.base import Evidence, ModelFamily
 from models.validate import as_data, choice, integer, non_negative, positive
 
@@ -104,22 +104,6 @@ class FAParams:
 
 # --------------------------------------------------------------------------------------------
 # closed forms (batched over leading dims of W, mu, psi)
-
-
-@contextlib.contextmanager
-def one_thread(t: torch.Tensor):
-    """Run small CPU linear algebra on one thread (restored afterwards): torch's CPU Cholesky of a
-    k x k matrix spends milliseconds in OpenMP barriers when the cores are busy, microseconds
-    on one thread."""
-    n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def cholesky(A: torch.Tensor) -> torch.Tensor:

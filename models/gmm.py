@@ -602,10 +602,13 @@ def _log_sym_gauss(mu, mode, L, perms):
 
 def _log_conditionals_mix(mu, means, lams, perms):
     """log (1/(J P)) sum_j sum_pi prod_k N(mu_pi(k); means_jk, I / lams_jk) for mu (B, K, d)."""
-    d = mu.shape[-1]
+    B, K, d = mu.shape
     mp = mu[:, perms]  # (B, P, K, d)
-    sq = ((mp[:, :, None] - means[None, None]) ** 2).sum(-1)  # (B, P, J, K)
-    log_n = (0.5 * d * (torch.log(lams) - LOG_2PI) - 0.5 * lams * sq).sum(-1)
+    # sum_k lam_jk ||mu_pi(k) - m_jk||^2 expanded into matrix products, shape (B, P, J)
+    quad = (mp**2).sum(-1) @ lams.T
+    cross = mp.reshape(B, len(perms), K * d) @ (lams[..., None] * means).reshape(-1, K * d).T
+    const = (lams * (means**2).sum(-1)).sum(-1) - d * (torch.log(lams) - LOG_2PI).sum(-1)
+    log_n = -0.5 * (quad - 2 * cross + const)
     return torch.logsumexp(log_n.flatten(1), -1) - math.log(log_n[0].numel())
 
 

@@ -3,6 +3,11 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # The suite's models are small: one torch thread avoids OpenMP overhead on 2 busy cores.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

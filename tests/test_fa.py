@@ -247,3 +247,31 @@ def test_em_engine_ppca_reports_sigma2(data):
     r = em.fit(FactorAnalysis(2, kind="ppca"), x, em.Settings(max_iter=50), seed=0)
     assert r.posterior["sigma2"] == r.posterior["psi"][0]
     assert r.diagnostics["max_decrease"] <= 1e-9 * abs(r.elbo)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    from models.fa import em_missing, impute
+
+    fam = FactorAnalysis(2, dim=6)
+    x, truth = fam.simulate(300, seed=0)
+    xc, tc = x.cuda(), truth.to(torch.device("cuda"), torch.float64)
+    f_cpu, f_gpu = FactorAnalysis(2, params=truth), FactorAnalysis(2, params=tc)
+    ev = f_gpu.log_evidence_pointwise(xc)
+    assert ev.device.type == "cuda" and ev.dtype == torch.float64
+    assert torch.allclose(ev.cpu(), f_cpu.log_evidence_pointwise(x), rtol=1e-10)
+    m, c = f_gpu.exact_posterior(xc)
+    assert m.device.type == "cuda"
+    p, tr = fit_em(xc, 2, max_iter=200)
+    q, tr2 = fit_em(x, 2, max_iter=200)
+    assert p.W.device.type == "cuda" and tr[-1] == pytest.approx(tr2[-1], rel=1e-9)
+    xm = xc.clone()
+    xm[::3, 1] = float("nan")
+    filled, covs = impute(xm, tc)
+    assert filled.device.type == "cuda" and covs[0].cov.device.type == "cuda"
+    pm, _ = em_missing(xm, 2, max_iter=20)
+    assert pm.W.device.type == "cuda"
+    with isolated(0):
+        pyro.poutine.trace(FactorAnalysis(2).model).get_trace(xc, subsample_size=10)
+        assert pyro.get_param_store()["W"].device.type == "cuda"
