@@ -15,7 +15,9 @@ EXPERIMENTS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: elbolab list | elbolab run NAME [flags]   (elbolab run NAME --help for flags)")
+        print(
+            "usage: elbolab list | elbolab run NAME [flags]   (elbolab run NAME --help for flags)"
+        )
         return 0
     if argv[0] == "list":
         for name, text in EXPERIMENTS.items():
@@ -24,7 +26,10 @@ def main(argv=None) -> int:
     if argv[0] == "run" and len(argv) >= 2:
         name = argv[1]
         if name not in EXPERIMENTS:
-            print(f"elbolab: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}", file=sys.stderr)
+            print(
+                f"elbolab: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}",
+                file=sys.stderr,
+            )
             return 2
         module = importlib.import_module(f"experiments.{name}")
         return module.main(argv[2:]) or 0

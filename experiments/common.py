@@ -20,9 +20,24 @@ import torch  # noqa: E402
 from inference.runtime import resolve_device  # noqa: E402
 
 SUMMARY_COLUMNS = [
-    "model", "engine", "guide", "bound", "n", "elbo", "elbo_se", "elbo_per_datum",
-    "log_evidence", "log_evidence_se", "log_evidence_method", "gap", "gap_per_datum",
-    "seconds", "device", "dtype", "seed", "converged",
+    "model",
+    "engine",
+    "guide",
+    "bound",
+    "n",
+    "elbo",
+    "elbo_se",
+    "elbo_per_datum",
+    "log_evidence",
+    "log_evidence_se",
+    "log_evidence_method",
+    "gap",
+    "gap_per_datum",
+    "seconds",
+    "device",
+    "dtype",
+    "seed",
+    "converged",
 ]
 
 
@@ -35,8 +50,12 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="CSV (header row) or .npy/.npz file")
     p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (small models run faster on one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (small models run faster on one)",
+    )
     return p
 
 
@@ -106,8 +125,14 @@ def summary_frame(results, log_evidence=None) -> pd.DataFrame:
 
 
 def print_table(df: pd.DataFrame, columns=None, title: str | None = None) -> None:
-    cols = columns or [c for c in df.columns if c in SUMMARY_COLUMNS and c not in ("model", "device", "dtype", "seed", "n")]
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+    cols = columns or [
+        c
+        for c in df.columns
+        if c in SUMMARY_COLUMNS and c not in ("model", "device", "dtype", "seed", "n")
+    ]
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format
+    ):
         if title:
             print(f"\n{title}")
         print(df[cols].to_string(index=False))
@@ -118,7 +143,11 @@ def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if r.trace:
-            ax.plot(range(1, len(r.trace) + 1), [v / r.n_data for v in r.trace], label=f"{r.engine}/{r.guide} ({r.bound})")
+            ax.plot(
+                range(1, len(r.trace) + 1),
+                [v / r.n_data for v in r.trace],
+                label=f"{r.engine}/{r.guide} ({r.bound})",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("iteration (log scale)")
     ax.set_ylabel("objective per data point (nats)")
@@ -130,15 +159,25 @@ def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
     return path
 
 
-def posterior_summary(draws: dict[str, "torch.Tensor"], engine: str) -> pd.DataFrame:
+def posterior_summary(draws: dict[str, torch.Tensor], engine: str) -> pd.DataFrame:
     """Mean and sd of each scalar component of ``draws`` (name -> (..., *shape) with the
     draw dims leading and already flattened to one), one row per component."""
     rows = []
     for name, d in draws.items():
         flat = d.reshape(d.shape[0], -1).double().cpu()
-        mean, sd = flat.mean(0), flat.std(0) if flat.shape[0] > 1 else torch.full_like(flat[0], math.nan)
+        mean, sd = (
+            flat.mean(0),
+            flat.std(0) if flat.shape[0] > 1 else torch.full_like(flat[0], math.nan),
+        )
         for j in range(flat.shape[1]):
-            rows.append({"engine": engine, "quantity": f"{name}[{j}]", "mean": float(mean[j]), "sd": float(sd[j])})
+            rows.append(
+                {
+                    "engine": engine,
+                    "quantity": f"{name}[{j}]",
+                    "mean": float(mean[j]),
+                    "sd": float(sd[j]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -151,7 +190,13 @@ def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str
         lo, hi = float(ref[:, j].min()), float(ref[:, j].max())
         pad = 0.25 * (hi - lo + 1e-9)
         bins = torch.linspace(lo - pad, hi + pad, 40).numpy()
-        ax.hist(ref[:, j].numpy(), bins=bins, density=True, color="0.8", label=f"{reference} (reference)")
+        ax.hist(
+            ref[:, j].numpy(),
+            bins=bins,
+            density=True,
+            color="0.8",
+            label=f"{reference} (reference)",
+        )
         for name, d in draws_by_engine.items():
             if name == reference:
                 continue

@@ -21,7 +21,7 @@ import torch
 import inference
 from experiments import common
 from guides.gmm import mean_field_guide_from
-from inference import cavi, em, mcmc, svi
+from inference import em, mcmc, svi
 from inference.elbo import estimate_elbo
 from inference.runtime import isolated
 from models.data import load_array
@@ -55,7 +55,9 @@ def parse(argv):
 def load_data(args, family, device, dtype):
     if args.data is None:
         x, truth = family.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
-        return x, {"true_means": sorted_means(truth["mu"]).tolist()} if isinstance(truth, dict) else {}
+        return x, {"true_means": sorted_means(truth["mu"]).tolist()} if isinstance(
+            truth, dict
+        ) else {}
     arr = load_array(args.data)
     x = torch.as_tensor(arr, dtype=dtype, device=device)
     return family.check_data(x), {"data_file": str(args.data)}
@@ -64,7 +66,9 @@ def load_data(args, family, device, dtype):
 def run(args) -> dict:
     out, device, dtype = common.setup(args, "gmm_engines")
     try:
-        family = BayesianGMM(K=args.K, prior_var=args.prior_var, dim=args.dim if args.data is None else None)
+        family = BayesianGMM(
+            K=args.K, prior_var=args.prior_var, dim=args.dim if args.data is None else None
+        )
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"gmm_engines: {exc}") from exc
     x, data_info = load_data(args, family, device, dtype)
@@ -73,25 +77,45 @@ def run(args) -> dict:
     print(f"Bayesian GMM: n={n}, d={x.shape[1]}, K={args.K}, s2={args.prior_var}, device={device}")
 
     evidence = family.log_evidence(x)
-    print(f"log p(x) = {evidence.value:.4f} nats ({evidence.per_datum:.5f}/datum) by {evidence.method}"
-          + (f" ± {evidence.se:.4f}" if evidence.se else ""))
+    print(
+        f"log p(x) = {evidence.value:.4f} nats ({evidence.per_datum:.5f}/datum) by {evidence.method}"
+        + (f" ± {evidence.se:.4f}" if evidence.se else "")
+    )
 
     ascent = em.Settings(max_iter=1000, tol=1e-10, n_init=args.restarts, progress=False)
-    results = [inference.fit("em", family, x, ascent, seed=args.seed),
-               inference.fit("cavi", family, x, ascent, seed=args.seed)]
+    results = [
+        inference.fit("em", family, x, ascent, seed=args.seed),
+        inference.fit("cavi", family, x, ascent, seed=args.seed),
+    ]
     cavi_res = results[-1]
     with isolated(args.seed):
-        check = estimate_elbo(family.model, mean_field_guide_from(cavi_res.state), x,
-                              num_particles=args.eval_particles, batch_size=200)
+        check = estimate_elbo(
+            family.model,
+            mean_field_guide_from(cavi_res.state),
+            x,
+            num_particles=args.eval_particles,
+            batch_size=200,
+        )
     cavi_res.diagnostics["elbo_mc"] = check.value
     cavi_res.diagnostics["elbo_mc_se"] = check.se
 
-    s = svi.Settings(num_steps=args.svi_steps, lr=args.svi_lr, lr_decay=0.05, num_particles=4,
-                     eval_particles=args.eval_particles, eval_batch=200, progress=progress)
+    s = svi.Settings(
+        num_steps=args.svi_steps,
+        lr=args.svi_lr,
+        lr_decay=0.05,
+        num_particles=4,
+        eval_particles=args.eval_particles,
+        eval_batch=200,
+        progress=progress,
+    )
     for name in SVI_GUIDES:
         results.append(inference.fit("svi", family, x, s, seed=args.seed, guide=name))
-    m = mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
-                      num_chains=args.chains, progress=progress)
+    m = mcmc.Settings(
+        num_samples=args.nuts_samples,
+        warmup=args.nuts_warmup,
+        num_chains=args.chains,
+        progress=progress,
+    )
     nuts = inference.fit("mcmc", family, x, m, seed=args.seed)
     results.append(nuts)
 
@@ -103,22 +127,49 @@ def run(args) -> dict:
     posterior.to_csv(out / "posterior.csv", index=False)
     nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
     common.plot_traces(results, out / "elbo_traces.png", "GMM: objective per data point")
-    common.plot_marginals(draws, "mcmc/nuts", out / "posterior_marginals.png",
-                          "posterior of the sorted means")
-    common.write_run_json(out, args, device, {
-        "log_evidence": vars(evidence), "data": data_info, "n": n,
-        "cavi_elbo_closed_form": cavi_res.elbo, "cavi_elbo_mc": [check.value, check.se],
-        "diagnostics": {f"{r.engine}/{r.guide}": r.diagnostics for r in results},
-        "messages": {f"{r.engine}/{r.guide}": r.message for r in results},
-    })
+    common.plot_marginals(
+        draws, "mcmc/nuts", out / "posterior_marginals.png", "posterior of the sorted means"
+    )
+    common.write_run_json(
+        out,
+        args,
+        device,
+        {
+            "log_evidence": vars(evidence),
+            "data": data_info,
+            "n": n,
+            "cavi_elbo_closed_form": cavi_res.elbo,
+            "cavi_elbo_mc": [check.value, check.se],
+            "diagnostics": {f"{r.engine}/{r.guide}": r.diagnostics for r in results},
+            "messages": {f"{r.engine}/{r.guide}": r.message for r in results},
+        },
+    )
 
-    common.print_table(summary, ["engine", "guide", "bound", "elbo", "elbo_se", "elbo_per_datum",
-                                 "log_evidence", "gap", "log_K_factorial", "seconds", "converged"],
-                       title="GMM engines (nats; gap = log p(x) - ELBO)")
-    print(f"\nCAVI closed-form ELBO {cavi_res.elbo:.4f} vs Monte Carlo {check.value:.4f} ± {check.se:.4f}")
-    print(f"NUTS: R-hat max {nuts.diagnostics.get('r_hat_max', math.nan):.3f}, "
-          f"ESS bulk min {nuts.diagnostics.get('ess_bulk_min', math.nan):.0f}, "
-          f"divergences {nuts.diagnostics['divergences']} (on sorted means and log likelihood)")
+    common.print_table(
+        summary,
+        [
+            "engine",
+            "guide",
+            "bound",
+            "elbo",
+            "elbo_se",
+            "elbo_per_datum",
+            "log_evidence",
+            "gap",
+            "log_K_factorial",
+            "seconds",
+            "converged",
+        ],
+        title="GMM engines (nats; gap = log p(x) - ELBO)",
+    )
+    print(
+        f"\nCAVI closed-form ELBO {cavi_res.elbo:.4f} vs Monte Carlo {check.value:.4f} ± {check.se:.4f}"
+    )
+    print(
+        f"NUTS: R-hat max {nuts.diagnostics.get('r_hat_max', math.nan):.3f}, "
+        f"ESS bulk min {nuts.diagnostics.get('ess_bulk_min', math.nan):.0f}, "
+        f"divergences {nuts.diagnostics['divergences']} (on sorted means and log likelihood)"
+    )
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
     return {"summary": summary, "posterior": posterior, "out": out, "results": results}
 
@@ -133,7 +184,9 @@ def posterior_table(family, x, results, args):
         elif r.engine == "cavi":
             g = torch.Generator().manual_seed(args.seed)
             eps = torch.randn((1000, *r.posterior["m"].shape), generator=g, dtype=torch.float64)
-            d = sorted_means(r.posterior["m"] + eps.to(r.posterior["m"]) * r.posterior["s2"].sqrt()[:, None])
+            d = sorted_means(
+                r.posterior["m"] + eps.to(r.posterior["m"]) * r.posterior["s2"].sqrt()[:, None]
+            )
         elif "mu_sorted" in r.samples:
             d = r.samples["mu_sorted"].flatten(0, 1)
         elif "mu" in r.samples:
@@ -145,13 +198,21 @@ def posterior_table(family, x, results, args):
     n = x.shape[0]
     if args.K ** max(n - 1, 0) <= MAX_ASSIGNMENTS:
         exact = family.exact_posterior_sorted_moments(x, seed=args.seed)
-        ref = pd.DataFrame({"engine": "exact", "quantity": [f"mu_sorted[{j}]" for j in range(exact["mean"].numel())],
-                            "mean": exact["mean"].flatten().tolist(), "sd": exact["sd"].flatten().tolist()})
+        ref = pd.DataFrame(
+            {
+                "engine": "exact",
+                "quantity": [f"mu_sorted[{j}]" for j in range(exact["mean"].numel())],
+                "mean": exact["mean"].flatten().tolist(),
+                "sd": exact["sd"].flatten().tolist(),
+            }
+        )
         ref_name = "exact"
     else:
         ref = frames[-1].copy()
         ref_name = "mcmc/nuts"
-    table = pd.concat([ref.assign(engine=ref_name) if ref_name == "exact" else pd.DataFrame(), *frames])
+    table = pd.concat(
+        [ref.assign(engine=ref_name) if ref_name == "exact" else pd.DataFrame(), *frames]
+    )
     refmap = ref.set_index("quantity")
     table["reference"] = ref_name
     table["ref_mean"] = table["quantity"].map(refmap["mean"])

@@ -62,5 +62,6 @@ def estimate_elbo(
             means.append(-elbo.loss(model, guide, *args, **kwargs))
     t = torch.tensor(means, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(len(means)))
-    return ElboEstimate(float(t.mean()), se, batch_size * n_batches, "elbo-collapsed" if collapsed else "elbo")
-
+    return ElboEstimate(
+        float(t.mean()), se, batch_size * n_batches, "elbo-collapsed" if collapsed else "elbo"
+    )

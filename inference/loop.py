@@ -83,7 +83,9 @@ def _one_run(state, step, objective, n, settings, label) -> AscentRun:
         new_state = step(state)
         new_value = float(objective(new_state))
         if not math.isfinite(new_value):
-            run.message = f"stopped at iteration {it + 1}: objective became {new_value}; kept last good state"
+            run.message = (
+                f"stopped at iteration {it + 1}: objective became {new_value}; kept last good state"
+            )
             return run
         run.max_decrease = max(run.max_decrease, value - new_value)
         run.trace.append(new_value)
@@ -111,9 +113,9 @@ def fit_closed_form(engine: str, prefix: str, what: str, family, x, settings, se
     Optional hooks: ``{prefix}_posterior(x, state) -> dict`` for the reported posterior and
     ``{prefix}_bound`` (attribute) naming the objective (default ``elbo``).
     """
-    from models.base import require
     from inference.result import FitResult
     from inference.runtime import Timer, isolated
+    from models.base import require
 
     hooks = tuple(f"{prefix}_{h}" for h in ("init", "step", "objective"))
     require(family, engine, hooks, what)

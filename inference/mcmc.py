@@ -49,9 +49,16 @@ class NutsRun:
     diverging: torch.Tensor | None = None  # (chain, draw) bool
 
 
-def run_nuts(model, args: tuple, settings: Settings, seed: int, kwargs: dict | None = None,
-             init_params: dict | None = None, max_plate_nesting: int | None = None,
-             enumerate_discrete: bool = False) -> NutsRun:
+def run_nuts(
+    model,
+    args: tuple,
+    settings: Settings,
+    seed: int,
+    kwargs: dict | None = None,
+    init_params: dict | None = None,
+    max_plate_nesting: int | None = None,
+    enumerate_discrete: bool = False,
+) -> NutsRun:
     """Run ``settings.num_chains`` NUTS chains of any Pyro model; stack draws as (chain, draw, ...)."""
     kwargs = kwargs or {}
     if enumerate_discrete:
@@ -67,9 +74,14 @@ def run_nuts(model, args: tuple, settings: Settings, seed: int, kwargs: dict | N
             ignore_jit_warnings=True,
             max_plate_nesting=max_plate_nesting,
         )
-        mcmc = MCMC(kernel, num_samples=settings.num_samples, warmup_steps=settings.warmup,
-                    num_chains=1, initial_params=init_params,
-                    disable_progbar=not settings.progress)
+        mcmc = MCMC(
+            kernel,
+            num_samples=settings.num_samples,
+            warmup_steps=settings.warmup,
+            num_chains=1,
+            initial_params=init_params,
+            disable_progbar=not settings.progress,
+        )
         mcmc.run(*args, **kwargs)
         per_chain.append(mcmc.get_samples())
         idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
@@ -89,9 +101,11 @@ def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, floa
         return {}
     ds = az.convert_to_dataset({k: _np(v) for k, v in invariants.items()})
     out = {}
-    for name, fn in (("r_hat_max", lambda d: az.rhat(d)),
-                     ("ess_bulk_min", lambda d: az.ess(d, method="bulk")),
-                     ("ess_tail_min", lambda d: az.ess(d, method="tail"))):
+    for name, fn in (
+        ("r_hat_max", lambda d: az.rhat(d)),
+        ("ess_bulk_min", lambda d: az.ess(d, method="bulk")),
+        ("ess_tail_min", lambda d: az.ess(d, method="tail")),
+    ):
         vals = np.concatenate([np.ravel(v.values) for v in fn(ds).data_vars.values()])
         vals = vals[np.isfinite(vals)]
         if vals.size:
@@ -107,14 +121,25 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
     x = family.check_data(x)
     model = getattr(family, "mcmc_model", None) or family.model
     with isolated(seed), one_thread(x), Timer(x.device) as timer:
-        run = run_nuts(model, (x,), settings, seed,
-                       max_plate_nesting=getattr(family, "max_plate_nesting", None),
-                       enumerate_discrete=bool(getattr(family, "discrete_sites", ())))
+        run = run_nuts(
+            model,
+            (x,),
+            settings,
+            seed,
+            max_plate_nesting=getattr(family, "max_plate_nesting", None),
+            enumerate_discrete=bool(getattr(family, "discrete_sites", ())),
+        )
     samples = dict(run.samples)
-    invariants = (family.mcmc_invariants(samples, x)
-                  if callable(getattr(family, "mcmc_invariants", None)) else {})
-    log_lik = ({"x": family.pointwise_log_likelihood(samples, x)}
-               if callable(getattr(family, "pointwise_log_likelihood", None)) else {})
+    invariants = (
+        family.mcmc_invariants(samples, x)
+        if callable(getattr(family, "mcmc_invariants", None))
+        else {}
+    )
+    log_lik = (
+        {"x": family.pointwise_log_likelihood(samples, x)}
+        if callable(getattr(family, "pointwise_log_likelihood", None))
+        else {}
+    )
     diag = invariant_diagnostics(invariants)
     diag["divergences"] = int(sum(run.divergences))
     min_ess = settings.ess_per_chain * settings.num_chains
@@ -130,8 +155,14 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
         bound="none",
         n_data=x.shape[0],
         posterior={k: v.mean(dim=(0, 1)) for k, v in samples.items()},
-        samples={**samples, **{("log_lik_total" if k == "log_likelihood" else k): v
-                               for k, v in invariants.items() if k not in samples}},
+        samples={
+            **samples,
+            **{
+                ("log_lik_total" if k == "log_likelihood" else k): v
+                for k, v in invariants.items()
+                if k not in samples
+            },
+        },
         log_likelihood=log_lik,
         sample_stats={"diverging": run.diverging},
         seconds=timer.seconds,
@@ -139,8 +170,10 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
         dtype=str(x.dtype).replace("torch.", ""),
         seed=seed,
         converged=converged,
-        message=(f"{settings.num_chains} chains x {settings.num_samples} draws; "
-                 f"{diag['divergences']} divergences"),
+        message=(
+            f"{settings.num_chains} chains x {settings.num_samples} draws; "
+            f"{diag['divergences']} divergences"
+        ),
         settings={**family.settings(), **vars(settings)},
         diagnostics=diag,
         state=run,

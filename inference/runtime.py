@@ -32,7 +32,7 @@ def seed_everything(seed: int) -> torch.Generator:
         raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
     seed = int(seed)
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeding the legacy global generator is the point
     pyro.set_rng_seed(seed)
     return torch.Generator().manual_seed(seed)
 

@@ -137,7 +137,11 @@ def save_checkpoint(path: Path | str, step: int, trace: list[float]) -> Path:
     """Save the param store's unconstrained tensors (a plain state dict, no pickled objects)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"params": snapshot_params(), "step": torch.tensor(step), "trace": torch.tensor(trace)}
+    payload = {
+        "params": snapshot_params(),
+        "step": torch.tensor(step),
+        "trace": torch.tensor(trace),
+    }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -161,8 +165,17 @@ def load_checkpoint(path: Path | str, model, guide, *args, **kwargs) -> dict:
     return payload
 
 
-def run_svi(model, guide, args: tuple, settings: Settings, kwargs: dict | None = None,
-            *, collapsed: bool = False, max_plate_nesting: int = 1, n: int | None = None) -> SviRun:
+def run_svi(
+    model,
+    guide,
+    args: tuple,
+    settings: Settings,
+    kwargs: dict | None = None,
+    *,
+    collapsed: bool = False,
+    max_plate_nesting: int = 1,
+    n: int | None = None,
+) -> SviRun:
     """Optimize inside the current param store. Stops with the reason on a non-finite loss and
     restores the last good snapshot; never seeds or clears anything."""
     kwargs = dict(kwargs or {})
@@ -212,14 +225,29 @@ def _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plat
         recent.append(value / n)
         if settings.progress and step % 50 == 0:
             bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}")
-        if settings.checkpoint and settings.checkpoint_every and run.steps % settings.checkpoint_every == 0:
+        if (
+            settings.checkpoint
+            and settings.checkpoint_every
+            and run.steps % settings.checkpoint_every == 0
+        ):
             save_checkpoint(settings.checkpoint, run.steps, run.trace)
-        if settings.eval_every and settings.val_data is not None and run.steps % settings.eval_every == 0:
-            val = estimate_elbo(
-                model, guide, settings.val_data, num_particles=max(2, settings.val_particles),
-                batch_size=settings.val_particles, collapsed=collapsed,
-                max_plate_nesting=max_plate_nesting,
-            ).value / settings.val_data.shape[0]
+        if (
+            settings.eval_every
+            and settings.val_data is not None
+            and run.steps % settings.eval_every == 0
+        ):
+            val = (
+                estimate_elbo(
+                    model,
+                    guide,
+                    settings.val_data,
+                    num_particles=max(2, settings.val_particles),
+                    batch_size=settings.val_particles,
+                    collapsed=collapsed,
+                    max_plate_nesting=max_plate_nesting,
+                ).value
+                / settings.val_data.shape[0]
+            )
             run.val_trace.append((run.steps, val))
             if val > best_val:
                 best_val, best_snap, bad_evals = val, snapshot_params(), 0
@@ -228,8 +256,10 @@ def _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plat
                 if settings.patience and bad_evals >= settings.patience:
                     restore_params(best_snap)
                     run.stopped_early, run.converged = True, True
-                    run.message = (f"early stop at step {run.steps}: held-out ELBO did not improve for "
-                                   f"{bad_evals} evaluations; restored best ({best_val:.4f}/datum)")
+                    run.message = (
+                        f"early stop at step {run.steps}: held-out ELBO did not improve for "
+                        f"{bad_evals} evaluations; restored best ({best_val:.4f}/datum)"
+                    )
                     return run
         if settings.tol and len(recent) == recent.maxlen:
             w = settings.window
@@ -263,12 +293,22 @@ def resolve_guide(family, guide) -> GuideSpec:
     specs = family.guides()
     name = guide or getattr(family, "default_guide", None) or next(iter(specs))
     if name not in specs:
-        raise ValueError(f"guide: the {family.name} family has guides {sorted(specs)}, got {name!r}")
+        raise ValueError(
+            f"guide: the {family.name} family has guides {sorted(specs)}, got {name!r}"
+        )
     return specs[name]
 
 
-def fit(family, x, settings: Settings | None = None, *, seed: int = 0, guide=None,
-        guide_options: dict | None = None, **_) -> FitResult:
+def fit(
+    family,
+    x,
+    settings: Settings | None = None,
+    *,
+    seed: int = 0,
+    guide=None,
+    guide_options: dict | None = None,
+    **_,
+) -> FitResult:
     """Fit ``guide`` (name, GuideSpec or callable) to ``family.model`` on data ``x``."""
     settings = settings or Settings()
     x = family.check_data(x)
@@ -279,11 +319,17 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, guide=Non
     with isolated(seed), Timer(x.device) as timer:
         guide_fn = spec.build(family, x, **(guide_options or {}))
         enum = spec.collapsed or spec.enumerated
-        run = run_svi(family.model, guide_fn, (x,), settings, collapsed=enum,
-                      max_plate_nesting=nest)
+        run = run_svi(
+            family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest
+        )
         est = estimate_elbo(
-            family.model, guide_fn, x, num_particles=settings.eval_particles,
-            batch_size=settings.eval_batch, collapsed=spec.collapsed, enumerate=enum,
+            family.model,
+            guide_fn,
+            x,
+            num_particles=settings.eval_particles,
+            batch_size=settings.eval_batch,
+            collapsed=spec.collapsed,
+            enumerate=enum,
             max_plate_nesting=nest,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
@@ -307,7 +353,10 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, guide=Non
         seed=seed,
         converged=run.converged,
         message=run.message,
-        settings={**family.settings(), **{k: v for k, v in vars(settings).items() if k != "val_data"}},
+        settings={
+            **family.settings(),
+            **{k: v for k, v in vars(settings).items() if k != "val_data"},
+        },
         diagnostics={"steps": run.steps, "eval_particles": est.num_particles},
         state={"guide": guide_fn, "params": params, "spec": spec, "run": run},
     )
@@ -327,9 +376,13 @@ def _posterior_draws(family, guide_fn, x, num_samples: int):
         return {}, {}
 
     def latent(tr):
-        return {name: site["value"] for name, site in tr.nodes.items()
-                if site["type"] == "sample" and not site["is_observed"]
-                and not site["infer"].get("is_auxiliary")}
+        return {
+            name: site["value"]
+            for name, site in tr.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and not site["infer"].get("is_auxiliary")
+        }
 
     nest = getattr(family, "max_plate_nesting", 1)
     with torch.no_grad():

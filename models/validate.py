@@ -49,7 +49,9 @@ def as_data(
             f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}"
         )
     if t.dim() >= 1 and t.shape[0] < min_rows:
-        raise ValueError(f"{name}: expected at least {min_rows} row(s), got {t.shape[0]} (empty data)")
+        raise ValueError(
+            f"{name}: expected at least {min_rows} row(s), got {t.shape[0]} (empty data)"
+        )
     if t.numel() == 0:
         raise ValueError(f"{name}: is empty (shape {tuple(t.shape)})")
     if not allow_nan and torch.isnan(t).any():
@@ -93,7 +95,9 @@ def probability(value, name: str, *, open_left: bool = False, open_right: bool =
     lo_ok = v > 0 if open_left else v >= 0
     hi_ok = v < 1 if open_right else v <= 1
     if not (lo_ok and hi_ok):
-        raise ValueError(f"{name}: must lie in {'(' if open_left else '['}0, 1{')' if open_right else ']'}, got {value!r}")
+        raise ValueError(
+            f"{name}: must lie in {'(' if open_left else '['}0, 1{')' if open_right else ']'}, got {value!r}"
+        )
     return v
 
 

@@ -31,7 +31,12 @@ def test_exact_guide_elbo_is_log_evidence_with_zero_variance(data):
 
 def test_svi_recovers_posterior_and_evidence(data):
     fam = NormalMean()
-    res = svi.fit(fam, data, svi.Settings(num_steps=1500, lr=0.05, lr_decay=0.01, num_particles=4, eval_particles=2000), seed=0)
+    res = svi.fit(
+        fam,
+        data,
+        svi.Settings(num_steps=1500, lr=0.05, lr_decay=0.01, num_particles=4, eval_particles=2000),
+        seed=0,
+    )
     m, v = fam.posterior(data)
     assert res.posterior["loc"].item() == pytest.approx(m.item(), abs=0.03)
     assert res.posterior["scale"].item() == pytest.approx(math.sqrt(v), rel=0.1)
@@ -114,7 +119,9 @@ def test_mcmc_matches_exact_posterior(data):
 
 
 def test_missing_capability_names_engine_and_family(data):
-    with pytest.raises(MissingCapability, match="EM needs closed-form EM updates; the normal-mean family"):
+    with pytest.raises(
+        MissingCapability, match="EM needs closed-form EM updates; the normal-mean family"
+    ):
         inference.fit("em", NormalMean(), data)
     with pytest.raises(MissingCapability, match="CAVI needs closed-form updates"):
         inference.fit("cavi", NormalMean(), data)
@@ -133,7 +140,9 @@ def test_settings_validation_names_field():
 
 def test_result_row_and_inference_data(data):
     fam = NormalMean()
-    res = svi.fit(fam, data, svi.Settings(num_steps=20, eval_particles=10, num_posterior_samples=7), seed=0)
+    res = svi.fit(
+        fam, data, svi.Settings(num_steps=20, eval_particles=10, num_posterior_samples=7), seed=0
+    )
     row = res.to_row(fam.log_evidence(data))
     assert row["gap"] == pytest.approx(row["log_evidence"] - row["elbo"])
     assert row["elbo_per_datum"] == pytest.approx(row["elbo"] / 30)

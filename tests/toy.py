@@ -38,7 +38,8 @@ class NormalMean(ModelFamily):
         n = x.shape[0]
         cov = torch.eye(n, dtype=torch.float64) + self.prior_var
         value = dist.MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov).log_prob(
-            x.double().cpu())
+            x.double().cpu()
+        )
         return Evidence(float(value), 0.0, "exact", n)
 
     def pointwise_log_likelihood(self, samples, x):
@@ -53,6 +54,7 @@ class NormalMean(ModelFamily):
                 loc = pyro.param("loc", x.new_tensor(0.0))
                 scale = pyro.param("scale", x.new_tensor(1.0), constraint=constraints.positive)
                 pyro.sample("theta", dist.Normal(loc, scale))
+
             return guide
 
         def exact(family, x, **_):
@@ -60,6 +62,7 @@ class NormalMean(ModelFamily):
 
             def guide(x, subsample_size=None):
                 pyro.sample("theta", dist.Normal(m, math.sqrt(v)))
+
             return guide
 
         return {"normal": GuideSpec("normal", normal), "exact": GuideSpec("exact", exact)}
