@@ -1,6 +1,6 @@
 """Factor analysis / PPCA: engines, swappable guides and the exact decomposition of the gaps.
 
-    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --steps 1000 --quick]
+    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --steps 2000 --quick]
 
 Rows of summary.csv (every ELBO in nats summed over the data, with the exact log evidence at the
 row's own parameters): exact EM (bound "log-likelihood"), CAVI over a mean-field q with the
@@ -58,16 +58,13 @@ def parse(argv):
     p.add_argument("--guides", default=DEFAULT_GUIDES, help=f"comma list of {guides.names()}")
     p.add_argument("--joint-guides", default="mean-field,linear-full,mlp",
                    help="guides also trained jointly with the parameters ('' for none)")
-    p.add_argument("--steps", type=int, default=1000, help="SVI steps per fit (default 1000)")
-    p.add_argument("--lr", type=float, default=0.05, help="SVI learning rate (default 0.05)")
+    p.add_argument("--steps", type=int, default=2000, help="SVI steps per fit (default 2000)")
+    p.add_argument("--lr", type=float, default=0.02, help="SVI learning rate (default 0.02)")
     p.add_argument("--hidden", default="32", help="MLP encoder hidden sizes, comma list")
     p.add_argument("--eval-particles", type=int, default=500, help="particles per ELBO estimate")
     p.add_argument("--is-particles", type=int, default=2000,
                    help="particles for importance-resampling imputation (default 2000)")
     p.add_argument("--em-iter", type=int, default=2000, help="max EM / CAVI iterations")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tensors are tiny, threads only add "
-                        "synchronization cost; restored afterwards)")
     p.add_argument("--qstar-optimizer", choices=["auto", "svi"], default="auto",
                    help="how q* is optimized: auto = L-BFGS on the closed form (FA), svi = generic")
     args = p.parse_args(argv)
@@ -77,20 +74,23 @@ def parse(argv):
         args.em_iter = min(args.em_iter, 300)
     checks = (("--n", args.n, 10), ("--dim", args.dim, 2), ("--steps", args.steps, 1),
               ("--latent-dim", args.latent_dim, 1), ("--eval-particles", args.eval_particles, 2),
-              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1),
-              ("--threads", args.threads, 1))
+              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1))
     for name, v, lo in checks:
         if v < lo:
             raise SystemExit(f"{name}: must be >= {lo}, got {v}")
     for name, v in (("--missing-frac", args.missing_frac), ("--test-frac", args.test_frac)):
         if not 0 < v < 1:
             raise SystemExit(f"{name}: must lie in (0, 1), got {v}")
+    for flag, text in (("--guides", args.guides), ("--joint-guides", args.joint_guides)):
+        try:
+            names = guides.parse_names(text) if text.strip() or flag == "--guides" else []
+        except ValueError as exc:
+            raise SystemExit(f"{flag}: {str(exc).split(': ', 1)[-1]}") from exc
+        setattr(args, "guide_list" if flag == "--guides" else "joint_list", names)
     try:
-        args.guide_list = guides.parse_names(args.guides)
-        args.joint_list = guides.parse_names(args.joint_guides) if args.joint_guides.strip() else []
         args.hidden_sizes = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     except ValueError as exc:
-        raise SystemExit(f"--{exc}") from exc
+        raise SystemExit(f"--hidden: expected a comma list of integers, got {args.hidden!r}") from exc
     if args.latent_dim >= args.dim and args.data is None:
         raise SystemExit(f"--latent-dim: must be < --dim ({args.dim}), got {args.latent_dim}")
     return args
@@ -312,6 +312,10 @@ def run(args) -> dict:
     x_all, truth, data_info = load_data(args, device, dtype)
     x, x_test = split(x_all, args.test_frac, args.seed)
     kind = args.model
+    try:
+        FactorAnalysis(args.latent_dim, kind=kind).check_data(x)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"fa_gaps: {exc}") from exc
     print(f"{kind.upper()}: n={x.shape[0]} train + {x_test.shape[0]} test, d={x.shape[1]}, "
           f"k={args.latent_dim}, device={device}, dtype={dtype}")
 
@@ -360,7 +364,8 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    if args.threads is None:
+        args.threads = 1  # tiny tensors: one thread avoids OpenMP barriers (restored afterwards)
     try:
         run(args)
     finally:

@@ -93,21 +93,20 @@ def parse(argv):
     p.add_argument("--capacities", default=None,
                    help="encoder widths of the capacity sweep (default 16,64,256)")
     p.add_argument("--capacity-epochs", type=int, default=None, help="(default 50)")
-    p.add_argument("--sa-steps", default=None, help="semi-amortized K values (0,5,20,50)")
+    p.add_argument("--sa-steps", default=None, help="semi-amortized K values (0,5,20,100)")
     p.add_argument("--mcmc-points", type=int, default=None, help="test images for NUTS (3)")
     p.add_argument("--mcmc-samples", type=int, default=None, help="NUTS warmup = draws (150)")
     p.add_argument("--mcmc-chains", type=int, default=None, help="NUTS chains (2)")
     p.add_argument("--impute-points", type=int, default=None, help="test images (default 200)")
     p.add_argument("--impute-particles", type=int, default=None, help="(default 1000)")
     p.add_argument("--gibbs-steps", type=int, default=None, help="pseudo-Gibbs sweeps (50)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--validate", action="store_true", help="keep Pyro's validation on")
     return p.parse_args(argv)
 
 
 DEFAULTS = dict(epochs=100, hidden="256", gap_points=50, qstar_steps=1000, ais_steps=300,
                 ais_chains=8, iwae_samples=5000, elbo_samples=1000, capacities="16,64,256",
-                capacity_epochs=50, sa_steps="0,5,20,50", mcmc_points=3, mcmc_samples=150,
+                capacity_epochs=50, sa_steps="0,5,20,100", mcmc_points=3, mcmc_samples=150,
                 mcmc_chains=2, impute_points=200, impute_particles=1000, gibbs_steps=50,
                 num_flows=2)
 
@@ -186,8 +185,6 @@ def main(argv=None) -> int:
     args = parse(argv)
     out, device, dtype = common.setup(args, "vae_gaps")
     cfg = resolve(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     validation = is_validation_enabled()
     pyro.enable_validation(bool(args.validate))
     try:
@@ -427,7 +424,8 @@ def masks(x, image_shape, seed):
 
 def imputation(model, data, x_fit, args, cfg, seed):
     """RMSE on the missing pixels of test images, against the truth."""
-    from models.fa import fit_em, impute as fa_impute
+    from models.fa import fit_em
+    from models.fa import impute as fa_impute
 
     vae, enc = model
     x = data.x_test[: cfg["impute_points"]]

@@ -162,7 +162,8 @@ class FlowEncoderGuide(EncoderGuide):
 class PointwiseCoupling(torch.distributions.Transform):
     """Affine coupling with separate network weights per data point.
 
-    y_a = z_a,  y_b = z_b * exp(s) + t,  (s, t) = g_n(z_a),  g_n(u) = W2_n tanh(W1_n u + b1_n) + b2_n;
+    y_a = z_a,  y_b = z_b * exp(s) + t,  (s, t) = g_n(z_a),
+    g_n(u) = W2_n tanh(W1_n u + b1_n) + b2_n;
     s is soft-clamped to (-clamp, clamp). log |det| = sum s. Weights: W1 (b, |a|, H),
     b1 (b, H), W2 (b, H, 2|b|), b2 (b, 2|b|) for the b points of the batch; z (..., b, k).
     """
@@ -230,7 +231,8 @@ class LocalFlowGuide(LocalGuide):
         for i in range(self.num_layers):
             cond, out = (first, second) if i % 2 == 0 else (second, first)
             a, b = len(cond), len(out)
-            w1 = torch.randn(self.n, a, self.width, generator=gen, dtype=torch.float64) / math.sqrt(a)
+            w1 = torch.randn(self.n, a, self.width, generator=gen, dtype=torch.float64)
+            w1 = w1 / math.sqrt(a)
             self.W1.append(nn.Parameter(w1.to(**kw)))
             self.b1.append(nn.Parameter(torch.zeros(self.n, self.width, **kw)))
             # zero output layer: every coupling starts as the identity

@@ -108,7 +108,8 @@ def load_images(path: str | Path, *, binarize: bool = False, threshold: float = 
     if arr.ndim < 2:
         raise ValueError(f"data: expected an array of shape (n, ...), got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"data: {str(path)!r} holds {int((~np.isfinite(arr)).sum())} NaN/inf entries")
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"data: {str(path)!r} holds {bad} NaN/inf entries")
     n = arr.shape[0]
     if arr.ndim >= 3:
         image_shape = arr.shape[1:]

@@ -337,7 +337,7 @@ class BayesianGMM(ModelFamily):
         D = self.K * d
         if D > 5:
             raise ValueError(f"method: quadrature needs K*d <= 5, got K*d = {D}")
-        m = integer(nodes or min(40, int(2e5 ** (1 / D))), "nodes", minimum=3)
+        m = integer(nodes or min(40, int(5e4 ** (1 / D))), "nodes", minimum=3)
         mode, cov = self._laplace(x, seed)
         perms = self._permutations(x.device)
 

@@ -1,4 +1,4 @@
-"""The variational autoencoder's generative model: a non-linear factor model (Kingma & Welling 2014).
+"""The VAE's generative model: a non-linear factor model (Kingma & Welling 2014).
 
     z_n ~ N(0, I_k),    x_n | z_n ~ p(x_n | f_theta(z_n)),    f_theta an MLP decoder.
 
@@ -189,7 +189,7 @@ class VAE(ModelFamily):
         return dist.Normal(zeros, 1.0).to_event(1)
 
     def model(self, x: torch.Tensor, subsample_size: int | None = None):
-        """z_n ~ N(0, I), x_n ~ p(x | f(z_n)) in plate "data" (dim -1); minibatches scaled by N/B."""
+        """z_n ~ N(0, I), x_n ~ p(x | f(z_n)) in plate "data" (dim -1); minibatches scale by N/B."""
         self.to(x)
         # the module computes with its own weights; in a fresh store they ARE the store's
         pyro.module(self.module_name, self.decoder)
@@ -267,8 +267,8 @@ class VAE(ModelFamily):
     # ------------------------------------------------------------------ factor analysis
     def _check_fa(self) -> None:
         if not (self.linear and self.likelihood == "gaussian" and self.variance == "feature"):
-            raise ValueError("decoder: only a linear decoder (hidden=()) with a gaussian likelihood "
-                             "and per-feature variance is a factor analysis model")
+            raise ValueError("decoder: only a linear decoder (hidden=()) with a gaussian "
+                             "likelihood and per-feature variance is a factor analysis model")
 
     def as_factor_analysis(self):
         """FAParams(W (D, k), mu (D,), psi (D,)) of the linear-Gaussian decoder: same model."""
@@ -286,7 +286,8 @@ class VAE(ModelFamily):
         self._check_fa()
         W, mu, psi = (torch.as_tensor(t) for t in (params.W, params.mu, params.psi))
         if W.shape != (self.data_dim, self.latent_dim):
-            raise ValueError(f"W: expected shape {(self.data_dim, self.latent_dim)}, got {tuple(W.shape)}")
+            want = (self.data_dim, self.latent_dim)
+            raise ValueError(f"W: expected shape {want}, got {tuple(W.shape)}")
         if mu.shape != (self.data_dim,) or psi.shape != (self.data_dim,):
             raise ValueError(f"mu: mu and psi need shape ({self.data_dim},)")
         if not (psi > self.var_floor).all():
@@ -336,9 +337,9 @@ def vae_guides() -> dict:
 
     specs = latent_guides(exact=False)
     specs["flow"] = GuideSpec("flow", build_flow, amortized=True,
-                              description="MLP diagonal Gaussian + normalizing flow (IAF/coupling/spline)")
+                              description="MLP diagonal Gaussian + flow (IAF/coupling/spline)")
     specs["local-flow"] = GuideSpec("local-flow", build_local_flow,
-                                    description="per-data-point Gaussian + per-point affine couplings")
+                                    description="per-point Gaussian + per-point affine couplings")
     specs["semi-amortized"] = GuideSpec("semi-amortized", build_semi_amortized, amortized=True,
                                         description="encoder refined by K SVI steps per point")
     return specs

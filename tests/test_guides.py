@@ -16,15 +16,6 @@ from inference.runtime import isolated
 from models.fa import FactorAnalysis
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread synchronization on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def fa_data(n=40, d=6, k=2, seed=0, dtype=torch.float64):
     x, truth = FactorAnalysis(k, dim=d).simulate(n, seed=seed, dtype=dtype)
     return FactorAnalysis(k, params=truth), x, truth

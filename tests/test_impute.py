@@ -19,15 +19,6 @@ from inference.runtime import isolated
 from models.fa import FactorAnalysis, impute
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread synchronization on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def fa_missing(n=60, d=6, k=2, frac=0.3, seed=1):
     x, truth = FactorAnalysis(k, dim=d).simulate(n, seed=seed)
     g = torch.Generator().manual_seed(seed)

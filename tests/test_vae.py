@@ -424,3 +424,21 @@ def test_semi_amortized_encoder_gradient_modes():
     assert not torch.allclose(grads["full"], grads["straight-through"])
     with pytest.raises(ValueError, match="^encoder_grad:"):
         build_semi_amortized(vae, x, encoder=enc, encoder_grad="sometimes")
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_family_guides_and_training_follow_cuda_data():
+    dev = torch.device("cuda")
+    truth = VAE(12, 2, hidden=(8,), seed=1)
+    x = truth.simulate(64, seed=0, device=dev, dtype=torch.float32)
+    assert x.is_cuda
+    vae = VAE(12, 2, hidden=(8,))
+    res = train_vae(vae, x, guide="flow", guide_options={"hidden": (8,)}, epochs=2,
+                    batch_size=16, eval_particles=10)
+    assert res.device.startswith("cuda") and next(vae.decoder.parameters()).is_cuda
+    assert vae.log_joint(x, torch.randn(3, 64, 2, device=dev)).is_cuda
+    local = LocalFlowGuide(64, 2, like=x)
+    assert local.distribution(x).rsample().is_cuda
+    sa = build_semi_amortized(vae, x, encoder=res.state["guide"], steps=2)
+    assert sa.moments(x)[0].is_cuda
