@@ -196,6 +196,12 @@ def main(argv=None) -> int:
 def _run(args, cfg, out, device, dtype) -> int:
     seed = args.seed
     t_start = time.perf_counter()
+    stages, clock = {}, [t_start]
+
+    def lap(name):
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 2)
+        clock[0] = now
     data = load(args, device, dtype, seed)
     # a validation split for early stopping, carved from the training images
     fit_idx, val_idx = digits.split(data.x_train.shape[0], 0.1, seed)
@@ -215,6 +221,7 @@ def _run(args, cfg, out, device, dtype) -> int:
         torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()},
                    out / f"encoder_{kind}.pt")
 
+    lap("training")
     # -- gap subsets
     g = torch.Generator().manual_seed(seed)
     subsets = {}
@@ -241,6 +248,7 @@ def _run(args, cfg, out, device, dtype) -> int:
                 gap_rows.append(_gap_row(kind, fam_kind, split, terms, a, w))
             print(f"gaps {kind}-trained / {split}: log p(x) {a.per_datum:.3f} (AIS), "
                   f"IWAE {w.per_datum:.3f}")
+    lap("evidence_and_gaps")
     gap_df = pd.DataFrame(gap_rows)[GAP_COLUMNS]
     gap_df.to_csv(out / "gaps.csv", index=False)
     common.print_table(gap_df, ["train_encoder", "eval_family", "split", "log_evidence",
@@ -266,6 +274,7 @@ def _run(args, cfg, out, device, dtype) -> int:
         row = r.to_row()
         row.update(train_encoder=f"capacity-{h}", evidence_note="decoder fixed (ffg)")
         summary.append(row)
+    lap("summary_iwae_and_capacity")
     summary_df = pd.DataFrame(summary)
     cols = [c for c in common.SUMMARY_COLUMNS if c in summary_df.columns]
     summary_df = summary_df[cols + [c for c in summary_df.columns if c not in cols]]
@@ -275,24 +284,28 @@ def _run(args, cfg, out, device, dtype) -> int:
 
     sa_df = semi_amortized(models["ffg"], subsets, qstars, elbo_q, cfg, seed)
     sa_df.to_csv(out / "semi_amortized.csv", index=False)
+    lap("semi_amortized")
     common.print_table(sa_df, ["split", "steps", "elbo", "gap_recovered_fraction"],
                        "semi-amortized refinement (ffg model)")
 
     mc_df = mcmc_reference(models["ffg"], subsets["test"], qstars, args, cfg, seed)
     mc_df.to_csv(out / "mcmc.csv", index=False)
+    lap("mcmc")
 
     imp_df = imputation(models["ffg"], data, x_fit, args, cfg, seed)
     imp_df.to_csv(out / "imputation.csv", index=False)
+    lap("imputation")
     common.print_table(imp_df, ["mask", "method", "rmse", "n_missing"], "imputation (test)")
 
     figures(models, results, data, gap_df, out, seed)
+    lap("figures")
     common.write_run_json(out, args, device, {
         "resolved": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "data": data.info, "image_shape": list(data.image_shape),
         "likelihood": args.likelihood, "variance_floor": args.var_floor,
         "bounds": {"log_evidence": "AIS (stochastic lower bound)", "iwae": "IWAE lower bound",
                    "elbo": "ELBO (Monte Carlo)"},
-        "seconds": time.perf_counter() - t_start,
+        "seconds": time.perf_counter() - t_start, "stage_seconds": stages,
     })
     print(f"wrote {out} in {time.perf_counter() - t_start:.1f}s")
     return 0

@@ -1,7 +1,7 @@
 """Variational families for the Bayesian GMM (models/gmm.py), swappable by name.
 
 * ``mean-field``: q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i) - the CAVI family of
-  Blei et al. (2017, eqs. 6-8); bound "elbo". c is marked for enumeration in the guide, so
+  Blei et al. (2017; updates in models/gmm.py eqs. 6-8); bound "elbo". c is marked for enumeration in the guide, so
   TraceEnum_ELBO sums over q(c) exactly (still the mean-field ELBO, not the collapsed bound).
 * ``collapsed``: q(mu_k) = N(m_k, s_k^2 I) only; c is summed out by TraceEnum_ELBO
   ("elbo-collapsed", tighter: it is log p(x) - KL(q(mu) || p(mu | x))).
@@ -55,6 +55,9 @@ def _mean_field(m, s, phi, *, fixed: bool, enumerate_c: bool):
     """The mean-field guide q(mu) q(c) with initial (or, if ``fixed``, constant) values."""
     K, n = m.shape[0], phi.shape[0]
     infer = {"enumerate": "parallel"} if enumerate_c else {}
+    if not fixed:  # exact zeros map to -inf on the unconstrained scale: keep a floor
+        phi = phi.clamp_min(1e-10)
+        phi = phi / phi.sum(-1, keepdim=True)
 
     def guide(x, subsample_size=None):
         if fixed:
@@ -150,7 +153,11 @@ def guide_specs() -> dict[str, GuideSpec]:
     """Name -> GuideSpec for the GMM family (``BayesianGMM.guides()``)."""
     return {
         "mean-field": GuideSpec(
-            "mean-field", build_mean_field, False, False, "q(mu_k)=N(m_k,s_k^2 I) q(c_i)=Cat(phi_i)"
+            "mean-field",
+            build_mean_field,
+            collapsed=False,
+            description="q(mu_k)=N(m_k,s_k^2 I) q(c_i)=Cat(phi_i); sum over q(c) exact",
+            enumerated=True,
         ),
         "collapsed": GuideSpec(
             "collapsed", build_collapsed, True, False, "q(mu_k)=N(m_k,s_k^2 I); c summed out"

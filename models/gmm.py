@@ -10,8 +10,8 @@ What is tractable and implemented here:
   conjugate Gaussian marginals (eq. 4 below); (b) the K*d-dimensional integral over mu with c
   summed out (eq. 5), by Gauss-Hermite quadrature or importance sampling;
 * exact posterior moments of the sorted means for small n (from the enumeration);
-* EM for the MAP of mu with c marginalized, and CAVI with the paper's updates (eqs. 6-8) and
-  closed-form ELBO (eq. 9).
+* EM for the MAP of mu with c marginalized, and CAVI with the paper's updates (eqs. 6-8 below)
+  and closed-form ELBO (eq. 9, in :meth:`BayesianGMM.cavi_objective`).
 
 Conjugate marginal of the points assigned to one cluster (n_k points, sum S_k, sum of squares Q_k),
 integrating mu_k ~ N(0, s2 I) out:
@@ -22,6 +22,14 @@ integrating mu_k ~ N(0, s2 I) out:
 Marginal of x with c summed out, as a function of mu:
 
     log p(x, mu) = log N(mu; 0, s2 I) + sum_i log sum_k (1/K) N(x_i; mu_k, I)  (eq. 5)
+
+CAVI for q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i) (the paper's updates, isotropic in d):
+
+    phi_ik ∝ exp(m_k^T x_i - (||m_k||^2 + d s_k^2) / 2)                        (eq. 6)
+    m_k    = sum_i phi_ik x_i / (1/s2 + sum_i phi_ik)                           (eq. 7)
+    s_k^2  = 1 / (1/s2 + sum_i phi_ik)                                          (eq. 8)
+
+Numbering is local to this module.
 """
 
 from __future__ import annotations
@@ -216,15 +224,17 @@ class BayesianGMM(ModelFamily):
         """log p(x) in nats (float64, summed over the data), with its method and error.
 
         ``method``: ``"enumeration"`` (exact, eq. 4 summed over K^n assignments, se = 0),
-        ``"quadrature"`` (Gauss-Hermite on eq. 5; se = |difference to a coarser grid|, an error
-        indicator, not a standard error), ``"importance"`` (importance sampling of eq. 5 with a
-        proposal covering all K! label permutations; se is the delta-method standard error),
+        ``"quadrature"`` (Gauss-Hermite on eq. 5, K*d <= 5; se is an error indicator from
+        coarser and wider grids, not a standard error), ``"importance"`` (importance sampling of
+        eq. 5 with a proposal covering all K! label permutations; se is the delta-method
+        standard error; ``details["ess"]`` the effective sample size),
         or ``"auto"``: enumeration when K^(n-1) <= ``max_assignments``, else quadrature when
         K*d <= 4 and its error indicator is <= 0.01 nats, else importance sampling.
         """
         x = self.check_data(x)
         method = choice(method, "method", ["auto", "enumeration", "quadrature", "importance"])
         n, d = x.shape
+        max_assignments = integer(max_assignments, "max_assignments", minimum=1)
         auto = None
         if method == "auto":
             if self.K ** (n - 1) <= max_assignments:
@@ -235,6 +245,7 @@ class BayesianGMM(ModelFamily):
                 method = "importance"
         x64 = x.to(torch.float64)
         num_samples = integer(num_samples, "num_samples", minimum=2)
+        seed = integer(seed, "seed", minimum=0)
         if method == "enumeration":
             return self._evidence_enumeration(x64, max_assignments)
         if method == "quadrature" or auto == "quadrature":
@@ -265,7 +276,7 @@ class BayesianGMM(ModelFamily):
                 f"more than max_assignments={max_assignments}"
             )
         const = -0.5 * n * d * LOG_2PI - 0.5 * float((x**2).sum())
-        a = (n - 1 + 1) // 2  # low digits: points 1..a; high digits: points a+1..n-1
+        a = n // 2  # low digits: points 1..a; high digits: points a+1..n-1
         lo_n, lo_S = _digit_stats(x[1 : a + 1], K)
         lo_n[:, 0] += 1  # point 0 sits in cluster 0
         lo_S[:, 0] += x[0]
@@ -514,7 +525,7 @@ class BayesianGMM(ModelFamily):
         return {"m": m, "s2": s2, "phi": self._cavi_phi(x, m, s2)}
 
     def _cavi_phi(self, x, m, s2):
-        """phi_ik ∝ exp(E[mu_k]^T x_i - E[mu_k^T mu_k] / 2)   (paper eq. 6, isotropic q(mu_k))."""
+        """phi_ik ∝ exp(E[mu_k]^T x_i - E[mu_k^T mu_k] / 2)   (eq. 6)."""
         d = x.shape[1]
         return _softmax(x @ m.T - 0.5 * ((m**2).sum(-1) + d * s2), dim=-1)
 
@@ -526,7 +537,7 @@ class BayesianGMM(ModelFamily):
         return {"m": (phi.T @ x) / lam[:, None], "s2": 1.0 / lam, "phi": phi}
 
     def cavi_objective(self, x: torch.Tensor, state: dict) -> float:
-        """Closed-form ELBO (paper eq. 9 written out, nats, every constant kept):
+        """Closed-form ELBO (eq. 9; nats, summed over the data, every constant kept):
 
         E log p(mu)     = sum_k [-d/2 log(2 pi s2) - (||m_k||^2 + d s_k^2) / (2 s2)]
         E log p(c)      = -n log K
@@ -561,6 +572,21 @@ class BayesianGMM(ModelFamily):
         from guides.gmm import guide_specs
 
         return guide_specs()
+
+    def mcmc_model(self, x: torch.Tensor, subsample_size: int | None = None):
+        """The model with c summed out in closed form (eq. 5, a MixtureSameFamily likelihood):
+        the same density over mu as :meth:`model` with c enumerated, without the enumeration
+        machinery in every gradient evaluation (NUTS is several times faster)."""
+        if x.dim() == 1:
+            x = x.unsqueeze(-1)
+        n, d = x.shape
+        scale = x.new_full((d,), math.sqrt(self.prior_var))
+        with pyro.plate("components", self.K, dim=-1):
+            mu = pyro.sample("mu", dist.Normal(x.new_zeros(d), scale).to_event(1))
+        mix = dist.Categorical(logits=x.new_zeros(self.K))
+        comp = dist.Normal(mu.unsqueeze(-3), x.new_ones(())).to_event(1)  # batch (..., 1, K)
+        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
+            pyro.sample("obs", dist.MixtureSameFamily(mix, comp), obs=x[idx])
 
     def _as_mu(self, samples: dict, x: torch.Tensor) -> torch.Tensor:
         mu = samples["mu"]

@@ -189,7 +189,9 @@ def test_cavi_monotone_and_below_exact_evidence():
     assert all(b >= a - 1e-9 * abs(a) for a, b in zip(r.trace, r.trace[1:]))
     assert all(v.dtype == torch.float64 for v in r.posterior.values())
     exact = fam.log_evidence(x, "enumeration").value
-    assert r.elbo <= exact
+    assert isinstance(exact, float) and r.elbo <= exact
+    r32 = cavi.fit(fam, x.float(), AscentSettings(max_iter=50), seed=0)
+    assert r32.dtype == "float32" and all(v.dtype == torch.float32 for v in r32.posterior.values())
     assert label_symmetry_term(3) == pytest.approx(math.log(6))
 
 
@@ -278,7 +280,11 @@ def test_model_density_matches_scipy():
     assert tr.nodes["c"]["value"].shape == (3, 1) and tr.nodes["mu"]["value"].shape == (3, 2)
     joint = tr.nodes["c"]["log_prob"] + tr.nodes["obs"]["log_prob"]  # (3 values of c, 30 points)
     value = tr.nodes["mu"]["log_prob"].sum() + torch.logsumexp(joint, 0).sum()
-    assert float(value) == pytest.approx(np_log_joint(x.numpy(), mu0.numpy(), 10.0), abs=1e-9)
+    ref = np_log_joint(x.numpy(), mu0.numpy(), 10.0)
+    assert float(value) == pytest.approx(ref, abs=1e-9)
+    # mcmc_model sums c out in closed form: the same density
+    tr = poutine.trace(poutine.condition(fam.mcmc_model, data={"mu": mu0})).get_trace(x)
+    assert float(tr.log_prob_sum()) == pytest.approx(ref, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", ["mean-field", "collapsed", "auto-normal", "auto-mvn"])
@@ -371,3 +377,27 @@ def test_one_dimensional_input_and_bad_method():
         fam.log_evidence(np.arange(5.0), "magic")
     with pytest.raises(ValueError, match="^max_assignments"):
         fam.log_evidence(np.arange(30.0), "enumeration")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_everything_runs_on_cuda():
+    x = data(3, 1, 10, seed=15).cuda()
+    fam = BayesianGMM(3, 10.0)
+    cpu = fam.log_evidence(x.cpu(), "enumeration").value
+    assert fam.log_evidence(x, "enumeration").value == pytest.approx(cpu, abs=1e-9)
+    for method in ("quadrature", "importance"):
+        assert math.isfinite(fam.log_evidence(x, method, num_samples=2000).value)
+    assert fam.exact_posterior_sorted_moments(x, num_samples=1000)["mean"].is_cuda
+    for engine in (em, cavi):
+        r = engine.fit(fam, x, AscentSettings(max_iter=20), seed=0)
+        assert r.device.startswith("cuda") and all(v.is_cuda for v in r.posterior.values())
+    for name, spec in fam.guides().items():
+        with isolated(0), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guide = spec.build(fam, x, seed=0)
+            est = estimate_elbo(fam.model, guide, x, num_particles=20, batch_size=10,
+                                collapsed=spec.collapsed)
+        assert math.isfinite(est.value), name
+    mu = torch.randn(2, 3, 3, 1, dtype=x.dtype, device=x.device)
+    assert fam.pointwise_log_likelihood({"mu": mu}, x).is_cuda
