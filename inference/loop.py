@@ -113,7 +113,7 @@ def fit_closed_form(engine: str, prefix: str, what: str, family, x, settings, se
     Optional hooks: ``{prefix}_posterior(x, state) -> dict`` for the reported posterior and
     ``{prefix}_bound`` (attribute) naming the objective (default ``elbo``).
     """
-    from inference.result import FitResult
+    from inference.result import FitResult, data_fields
     from inference.runtime import Timer, isolated
     from models.base import require
 
@@ -136,19 +136,15 @@ def fit_closed_form(engine: str, prefix: str, what: str, family, x, settings, se
     post_hook = getattr(family, f"{prefix}_posterior", None)
     posterior = post_hook(x, run.state) if callable(post_hook) else _as_dict(run.state)
     return FitResult(
-        model=family.name,
+        **data_fields(family, x, seed),
         engine=engine.lower(),
         guide=getattr(family, f"{prefix}_guide_name", "closed-form"),
         bound=getattr(family, f"{prefix}_bound", "elbo"),
-        n_data=x.shape[0],
         elbo=run.trace[-1],
         elbo_se=0.0,
         trace=run.trace,
         posterior=posterior,
         seconds=timer.seconds,
-        device=str(x.device),
-        dtype=str(x.dtype).replace("torch.", ""),
-        seed=seed,
         converged=run.converged,
         message=run.message,
         settings={**family.settings(), **vars(settings)},

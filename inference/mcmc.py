@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pyro.infer import MCMC, NUTS, config_enumerate
 
-from inference.result import FitResult
+from inference.result import FitResult, data_fields
 from inference.runtime import Timer, isolated, one_thread, seed_everything
 from models.validate import integer, probability
 
@@ -149,11 +149,10 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
         and diag.get("ess_tail_min", 0) >= min_ess
     )
     return FitResult(
-        model=family.name,
+        **data_fields(family, x, seed),
         engine="mcmc",
         guide="nuts",
         bound="none",
-        n_data=x.shape[0],
         posterior={k: v.mean(dim=(0, 1)) for k, v in samples.items()},
         samples={
             **samples,
@@ -166,9 +165,6 @@ def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> F
         log_likelihood=log_lik,
         sample_stats={"diverging": run.diverging},
         seconds=timer.seconds,
-        device=str(x.device),
-        dtype=str(x.dtype).replace("torch.", ""),
-        seed=seed,
         converged=converged,
         message=(
             f"{settings.num_chains} chains x {settings.num_samples} draws; "

@@ -131,3 +131,14 @@ class FitResult:
         return az.from_dict(
             posterior=posterior, log_likelihood=log_lik, sample_stats=stats, attrs=attrs
         )
+
+
+def data_fields(family, x: torch.Tensor, seed: int) -> dict:
+    """The FitResult fields every engine fills the same way from the family and the data."""
+    return {
+        "model": family.name,
+        "n_data": x.shape[0],
+        "device": str(x.device),
+        "dtype": str(x.dtype).replace("torch.", ""),
+        "seed": seed,
+    }

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from guides.base import GuideSpec
 from inference.elbo import estimate_elbo
-from inference.result import FitResult
+from inference.result import FitResult, data_fields
 from inference.runtime import Timer, isolated
 from models.base import MissingCapability
 from models.validate import integer, non_negative, positive
@@ -336,11 +336,10 @@ def fit(
         guide_params = _guide_param_names(guide_fn, x)
         samples, log_lik = _posterior_draws(family, guide_fn, x, settings.num_posterior_samples)
     return FitResult(
-        model=family.name,
+        **data_fields(family, x, seed),
         engine="svi",
         guide=spec.name,
         bound=est.bound,
-        n_data=x.shape[0],
         elbo=est.value,
         elbo_se=est.se,
         trace=run.trace,
@@ -348,9 +347,6 @@ def fit(
         samples=samples,
         log_likelihood=log_lik,
         seconds=timer.seconds,
-        device=str(x.device),
-        dtype=str(x.dtype).replace("torch.", ""),
-        seed=seed,
         converged=run.converged,
         message=run.message,
         settings={
