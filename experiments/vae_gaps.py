@@ -66,7 +66,7 @@ QUICK = dict(epochs=2, hidden=16, gap_points=6, qstar_steps=30, ais_steps=10, ai
 
 def parse(argv):
     p = common.base_parser("vae_gaps", __doc__.splitlines()[0])
-    p.set_defaults(dtype="float32")
+    p.set_defaults(dtype="float32", threads=1)  # small networks: one thread is fastest
     p.add_argument("--latent-dim", type=int, default=8, help="latent dimension (default 8)")
     p.add_argument("--hidden", default=None,
                    help="hidden sizes of decoder and encoders, comma list (default 256)")
