@@ -115,17 +115,26 @@ def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, floa
     return out
 
 
-def fit(family, x, settings: Settings | None = None, *, seed: int = 0, **_) -> FitResult:
-    """NUTS on ``family.mcmc_model`` (or ``family.model``); see the module docstring."""
+def fit(
+    family, x, settings: Settings | None = None, *, seed: int = 0, init_params=None, **_
+) -> FitResult:
+    """NUTS on ``family.mcmc_model`` (or ``family.model``); see the module docstring.
+
+    ``init_params`` (site -> unconstrained value) starts every chain there, e.g. at a VB fit;
+    without it a family hook ``mcmc_init(x)`` is used when present, else Pyro's default.
+    """
     settings = settings or Settings()
     x = family.check_data(x)
     model = getattr(family, "mcmc_model", None) or family.model
+    if init_params is None and callable(getattr(family, "mcmc_init", None)):
+        init_params = family.mcmc_init(x)
     with isolated(seed), one_thread(x), Timer(x.device) as timer:
         run = run_nuts(
             model,
             (x,),
             settings,
             seed,
+            init_params=init_params,
             max_plate_nesting=getattr(family, "max_plate_nesting", None),
             enumerate_discrete=bool(getattr(family, "discrete_sites", ())),
         )
