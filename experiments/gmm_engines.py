@@ -55,7 +55,7 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.quick:  # a smoke run: every engine and file, seconds not minutes, rough numbers
         args.n = min(args.n, 30)
-        args.svi_steps, args.nuts_samples, args.nuts_warmup = 100, 50, 50
+        args.svi_steps, args.nuts_samples, args.nuts_warmup = 60, 40, 40
         args.chains, args.eval_particles, args.restarts = 2, 200, 2
         args.no_jit = True  # compiling the potential costs more than 100 tiny NUTS steps
     return args

@@ -315,7 +315,7 @@ def _gap_row(kind, fam_kind, split, terms, a, w):
     v, s = terms.values, terms.se
     n = v["log_evidence"].shape[0]
     row = {"train_encoder": kind, "eval_family": fam_kind, "split": split, "n": n,
-           "log_evidence_method": f"ais({a.details['num_steps']} steps, {a.num_samples} chains)",
+           "log_evidence_method": f"ais: {a.details['num_steps']} steps x {a.num_samples} chains",
            "iwae": w.per_datum, "iwae_se": w.total_se / n,
            "q_star_converged": terms.run.converged, "q_star_steps": terms.run.steps,
            "unit": "nats per image"}
@@ -481,7 +481,7 @@ def _grid(images, shape, ncol):
         images.detach().cpu().reshape(-1, 1, shape[-1])
     n, h, w = images.shape
     nrow = math.ceil(n / ncol)
-    canvas = np.ones((nrow * (h + 1) + 1, ncol * (w + 1) + 1))
+    canvas = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1), 0.25)  # grey separators
     for i in range(n):
         r, c = divmod(i, ncol)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = \
