@@ -5,9 +5,11 @@
 The same VAE (digits binarized, z = 8, encoder 64-256-8 and decoder 8-256-64 MLPs, Bernoulli
 likelihood, batch 128, Adam lr 1e-3, float32, CPU) is trained for ``--steps`` steps by
 
-* elbolab: :func:`inference.svi.run_svi` (the engine's loop: Pyro ``SVI`` with ClippedAdam, plate
-  subsampling with N/B scaling, NaN checks, snapshots) with Pyro's Trace_ELBO, validation on and
-  off, JitTrace_ELBO, and TraceMeanField_ELBO (analytic KL; jitted or not);
+* elbolab: :func:`inference.svi.run_svi` (the engine's loop: ClippedAdam, minibatches with N/B
+  scaling, NaN checks, snapshots every 50 steps) with Pyro's Trace_ELBO, validation on and off,
+  JitTrace_ELBO, TraceMeanField_ELBO (analytic KL; jitted or not: the jitted one recompiles under
+  plate subsampling and is very slow, avoid it), and the engine's torch-native step
+  (``Settings(direct=True)``, :func:`inference.svi.direct_step`: the same estimator, no tracing);
 * plain PyTorch: the same encoder and decoder modules, ``torch.optim.Adam``, and the same
   single-sample minibatch ELBO estimate
   (N/B) sum_b [log p(x_b | z_b) + log p(z_b) - log q(z_b | x_b)],
@@ -45,17 +47,18 @@ def _pair(seed, x):
     return vae, enc
 
 
-def run_elbolab(x, steps, seed, *, validate=True, jit=False, mean_field_kl=False):
+def run_elbolab(x, steps, seed, *, validate=True, jit=False, mean_field_kl=False, direct=False):
     vae, enc = _pair(seed, x)
     s = svi.Settings(num_steps=steps, lr=1e-3, subsample_size=BATCH, jit=jit,
-                     mean_field_kl=mean_field_kl, snapshot_every=max(50, steps))
+                     mean_field_kl=mean_field_kl, snapshot_every=50, direct=direct)
     old = pyro.infer.util.is_validation_enabled()
     pyro.enable_validation(validate)
     try:
         with isolated(seed):
-            svi.run_svi(vae.model, enc, (x,), s)  # warm-up (JIT compile, allocator)
+            step = svi.direct_step(vae, enc, x, s) if direct else None
+            svi.run_svi(vae.model, enc, (x,), s, step_fn=step)  # warm-up (JIT, allocator)
             t0 = time.perf_counter()
-            run = svi.run_svi(vae.model, enc, (x,), s)
+            run = svi.run_svi(vae.model, enc, (x,), s, step_fn=step)
             seconds = time.perf_counter() - t0
     finally:
         pyro.enable_validation(old)
@@ -102,50 +105,6 @@ def run_plain(x, steps, seed, *, analytic_kl=False):
     return time.perf_counter() - t0, last
 
 
-def run_direct(x, steps, seed, *, analytic_kl=False):
-    """PROTOTYPE of a torch-native path for the SVI engine (not in inference.svi yet): the same
-    minibatch ELBO estimate as Trace_ELBO, computed from ``family.log_joint`` and the guide's
-    ``distribution(x, idx)`` without Pyro tracing, with the engine's bookkeeping (ClippedAdam with
-    clip_norm 10, non-finite check, ELBO trace, snapshots every 50 steps)."""
-    from pyro.optim.clipped_adam import ClippedAdam
-
-    vae, enc = _pair(seed, x)
-    vae.to(x)
-    params = list(vae.decoder.parameters()) + list(enc.parameters())
-    opt = ClippedAdam(params, lr=1e-3, clip_norm=10.0)
-    n = x.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-
-    def loop(k):
-        trace = []
-        for step in range(k):
-            idx = torch.randperm(n, generator=gen)[:BATCH]
-            xb = x[idx]
-            q = enc.distribution(x, idx)
-            z = q.rsample()
-            if analytic_kl:
-                kl = torch.distributions.kl_divergence(q, vae.prior(BATCH, x))
-                elbo = vae.log_likelihood(xb, z) - kl
-            else:
-                elbo = vae.log_joint(xb, z) - q.log_prob(z)
-            loss = -elbo.sum() * (n / BATCH)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value}")
-            trace.append(-value)
-            if step % 50 == 0:
-                _snap = [p.detach().clone() for p in params]  # noqa: F841
-        return trace[-1] / n
-
-    loop(steps)
-    t0 = time.perf_counter()
-    last = loop(steps)
-    return time.perf_counter() - t0, last
-
-
 def iwae_rate(x, seed, samples, repeat):
     vae, enc = _pair(seed, x)
     vae.to(x)
@@ -168,9 +127,8 @@ CONFIGS = {
                                      pair="plain (analytic KL)"),
     "pyro JitTraceMeanField_ELBO": dict(kind="svi", validate=False, jit=True,
                                         mean_field_kl=True, pair="plain (analytic KL)"),
-    "direct prototype (MC KL)": dict(kind="direct", pair="plain (MC KL)"),
-    "direct prototype (analytic KL)": dict(kind="direct", analytic_kl=True,
-                                           pair="plain (analytic KL)"),
+    "elbolab direct (Settings.direct)": dict(kind="svi", validate=False, direct=True,
+                                             pair="plain (MC KL)"),
     "plain (MC KL)": dict(kind="plain"),
     "plain (analytic KL)": dict(kind="plain", analytic_kl=True),
 }
@@ -184,7 +142,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = leave)")
     p.add_argument("--iwae-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None, help="comma list of configuration names to run")
+    p.add_argument("--only", default=None, help="semicolon-separated configuration names to run")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeat < 1:
         raise SystemExit("--steps: --steps and --repeat must be >= 1")
@@ -192,7 +150,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     data = load_digits(binarize=True, seed=args.seed)
     x = data.x_train  # float32, CPU
-    names = list(CONFIGS) if not args.only else [s.strip() for s in args.only.split(",")]
+    names = list(CONFIGS) if not args.only else [s.strip() for s in args.only.split(";")]
     best = {k: math.inf for k in names}
     elbo = {}
     for _ in range(args.repeat):
@@ -200,7 +158,7 @@ def main(argv=None) -> dict:
             c = dict(CONFIGS[name])
             kind = c.pop("kind")
             c.pop("pair", None)
-            fn = {"svi": run_elbolab, "plain": run_plain, "direct": run_direct}[kind]
+            fn = {"svi": run_elbolab, "plain": run_plain}[kind]
             sec, e = fn(x, args.steps, args.seed, **c)
             best[name] = min(best[name], sec)
             elbo[name] = e

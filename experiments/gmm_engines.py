@@ -46,8 +46,8 @@ def parse(argv):
         help="total decay of the learning rate over the run (0.2 -> 0.001 by default)",
     )
     p.add_argument("--svi-particles", type=int, default=4, help="particles per SVI gradient")
-    p.add_argument("--nuts-samples", type=int, default=250, help="NUTS draws per chain")
-    p.add_argument("--nuts-warmup", type=int, default=200)
+    p.add_argument("--nuts-samples", type=int, default=500, help="NUTS draws per chain")
+    p.add_argument("--nuts-warmup", type=int, default=300)
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--no-jit", action="store_true", help="NUTS without the compiled potential")
     p.add_argument("--eval-particles", type=int, default=2000, help="particles per ELBO estimate")

@@ -24,6 +24,7 @@ from guides.amortized import (
 )
 from guides.base import GuideSpec
 from guides.exact import ExactPosteriorGuide, build_exact
+from guides.flow import FlowEncoderGuide, LocalFlowGuide, build_flow, build_local_flow
 from guides.local import (
     FullRankGuide,
     LatentGuide,
@@ -48,7 +49,22 @@ LATENT_GUIDES: dict[str, GuideSpec] = {
         description="linear encoder, full-covariance Gaussian"),
     "mlp": GuideSpec(
         "mlp", build_mlp, amortized=True, description="MLP encoder, diagonal Gaussian"),
+    "flow": GuideSpec(
+        "flow", build_flow, amortized=True,
+        description="MLP diagonal Gaussian + normalizing flow (IAF/coupling/spline)"),
+    "local-flow": GuideSpec(
+        "local-flow", build_local_flow,
+        description="per-point Gaussian + per-point affine couplings"),
+    "semi-amortized": GuideSpec(
+        "semi-amortized", lambda *a, **k: _semi(*a, **k), amortized=True,
+        description="encoder output refined by K SVI steps per point (Kim et al. 2018)"),
 }
+
+
+def _semi(*args, **kwargs):
+    from guides.semi_amortized import build_semi_amortized
+
+    return build_semi_amortized(*args, **kwargs)
 
 
 def names(*, amortized: bool | None = None) -> list[str]:

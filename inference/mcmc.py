@@ -10,6 +10,7 @@ rotations, so their R-hat says nothing.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,25 +65,22 @@ def run_nuts(
     if enumerate_discrete:
         model = config_enumerate(model, default="parallel")
     per_chain, divergences, diverging = [], [], []
+    jit = settings.jit
     for chain in range(settings.num_chains):
-        seed_everything(seed + chain)
-        kernel = NUTS(
-            model,
-            target_accept_prob=settings.target_accept,
-            max_tree_depth=settings.max_tree_depth,
-            jit_compile=settings.jit,
-            ignore_jit_warnings=True,
-            max_plate_nesting=max_plate_nesting,
-        )
-        mcmc = MCMC(
-            kernel,
-            num_samples=settings.num_samples,
-            warmup_steps=settings.warmup,
-            num_chains=1,
-            initial_params=init_params,
-            disable_progbar=not settings.progress,
-        )
-        mcmc.run(*args, **kwargs)
+        try:
+            mcmc = _one_chain(model, args, kwargs, settings, seed + chain, init_params,
+                              max_plate_nesting, jit)
+        except RuntimeError as exc:
+            # the JIT cannot trace some models (e.g. a network's weights read through
+            # pyro.module): run those uncompiled; a model that fails without JIT still raises.
+            if not jit:
+                raise
+            reason = str(exc).splitlines()[0][:200]
+            warnings.warn(f"NUTS: JIT compilation failed ({reason}); running without JIT",
+                          stacklevel=2)
+            jit = False
+            mcmc = _one_chain(model, args, kwargs, settings, seed + chain, init_params,
+                              max_plate_nesting, jit)
         per_chain.append(mcmc.get_samples())
         idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
         divergences.append(len(idx))
@@ -91,6 +89,28 @@ def run_nuts(
         diverging.append(flags)
     samples = {k: torch.stack([c[k] for c in per_chain]) for k in per_chain[0]}
     return NutsRun(samples, divergences, torch.stack(diverging))
+
+
+def _one_chain(model, args, kwargs, settings, seed, init_params, max_plate_nesting, jit) -> MCMC:
+    seed_everything(seed)
+    kernel = NUTS(
+        model,
+        target_accept_prob=settings.target_accept,
+        max_tree_depth=settings.max_tree_depth,
+        jit_compile=jit,
+        ignore_jit_warnings=True,
+        max_plate_nesting=max_plate_nesting,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=settings.num_samples,
+        warmup_steps=settings.warmup,
+        num_chains=1,
+        initial_params=init_params,
+        disable_progbar=not settings.progress,
+    )
+    mcmc.run(*args, **kwargs)
+    return mcmc
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -71,6 +71,7 @@ class Settings:
     jit: bool = False
     vectorize_particles: bool = True
     num_posterior_samples: int = 200
+    direct: bool = False  # torch-native step (see direct_step); needs family.log_joint
     validate: bool = False  # Pyro's distribution checks; data are validated at the boundary
     progress: bool = False
 
@@ -175,35 +176,86 @@ def run_svi(
     collapsed: bool = False,
     max_plate_nesting: int = 1,
     n: int | None = None,
+    step_fn=None,
 ) -> SviRun:
     """Optimize inside the current param store. Stops with the reason on a non-finite loss and
-    restores the last good snapshot; never seeds or clears anything."""
+    restores the last good snapshot; never seeds or clears anything.
+
+    ``step_fn`` (optional) replaces Pyro's ``SVI.step``: a callable taking one gradient step and
+    returning the loss (used by the direct path, :func:`direct_step`)."""
     kwargs = dict(kwargs or {})
     if settings.subsample_size is not None:
         kwargs["subsample_size"] = settings.subsample_size
     n = n or (args[0].shape[0] if args and hasattr(args[0], "shape") else 1)
-    gamma = settings.lr_decay ** (1.0 / settings.num_steps)
-    optim = pyro.optim.ClippedAdam(
-        {"lr": settings.lr, "clip_norm": settings.clip_norm or math.inf, "lrd": gamma}
-    )
-    loss = make_loss(settings, collapsed, max_plate_nesting)
     if not settings.learn_model_params:
         model = poutine.block(model, hide_types=["param"])
-    svi = SVI(model, guide, optim, loss)
+    if step_fn is None:
+        loss = make_loss(settings, collapsed, max_plate_nesting)
+        svi = SVI(model, guide, pyro.optim.ClippedAdam(_adam_args(settings)), loss)
+
+        def step_fn():
+            return svi.step(*args, **kwargs)
+
     run = SviRun()
     with pyro.validation_enabled(settings.validate):
-        _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plate_nesting)
+        _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting)
     return run
 
 
-def _loop(svi, run, args, kwargs, settings, n, model, guide, collapsed, max_plate_nesting):
+def _adam_args(settings: Settings) -> dict:
+    gamma = settings.lr_decay ** (1.0 / settings.num_steps)
+    return {"lr": settings.lr, "clip_norm": settings.clip_norm or math.inf, "lrd": gamma}
+
+
+def direct_step(family, guide, x: torch.Tensor, settings: Settings):
+    """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
+    Pyro's tracing (for speed on small networks).
+
+    Needs ``family.log_joint(x, z) -> (..., n)`` and ``guide.distribution(x, idx)`` (a
+    reparameterizable q(z_n | x_n) with batch shape (B,)). Per step: idx ~ a uniform minibatch of
+    size B, z_p ~ q (P particles), loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)],
+    the unbiased estimate of -ELBO that Trace_ELBO with plate subsampling computes.
+    The optimized tensors are the param store's (guide's, and the model's unless
+    ``learn_model_params=False``), so checkpoints, snapshots and the evaluator see them.
+    """
+    from pyro.optim.clipped_adam import ClippedAdam
+
+    if not callable(getattr(family, "log_joint", None)):
+        raise ValueError(f"direct: the {family.name} family has no log_joint(x, z)")
+    if not callable(getattr(guide, "distribution", None)):
+        raise ValueError("direct: the guide has no distribution(x, idx)")
+    with torch.no_grad():
+        gtr = poutine.trace(guide).get_trace(x)
+        mtr = poutine.trace(family.model).get_trace(x)
+    names = {m["name"] for m in gtr.nodes.values() if m["type"] == "param"}
+    if settings.learn_model_params:
+        names |= {m["name"] for m in mtr.nodes.values() if m["type"] == "param"}
+    params = [p for k, p in pyro.get_param_store().named_parameters() if k in names]
+    opt = ClippedAdam(params, **_adam_args(settings))
+    n, batch, particles = x.shape[0], settings.subsample_size, settings.num_particles
+
+    def step():
+        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
+        xb = x if idx is None else x[idx]
+        q = guide.distribution(x, idx)
+        z = q.rsample((particles,))
+        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
+        opt.zero_grad()
+        (-elbo).backward()
+        opt.step()
+        return float(-elbo.detach())
+
+    return step
+
+
+def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting):
     recent: deque[float] = deque(maxlen=2 * settings.window)
     snap, snap_step = None, 0
     best_val, best_snap, bad_evals = -math.inf, None, 0
     bar = tqdm(range(settings.num_steps), desc="svi", disable=not settings.progress, leave=False)
     for step in bar:
         try:
-            value = svi.step(*args, **kwargs)
+            value = step_fn()
         except (ValueError, RuntimeError) as exc:  # distribution validation on NaN parameters
             if step == 0 or not _mentions_nonfinite(str(exc)):
                 raise
@@ -319,8 +371,14 @@ def fit(
     with isolated(seed), Timer(x.device) as timer:
         guide_fn = spec.build(family, x, **(guide_options or {}))
         enum = spec.collapsed or spec.enumerated
+        step_fn = None
+        if settings.direct:
+            if enum:
+                raise ValueError(f"direct: guide {spec.name!r} needs enumeration (use Pyro's ELBO)")
+            step_fn = direct_step(family, guide_fn, x, settings)
         run = run_svi(
-            family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest
+            family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest,
+            step_fn=step_fn,
         )
         est = estimate_elbo(
             family.model,

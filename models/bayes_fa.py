@@ -17,10 +17,150 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions.transforms import Transform
 
 from models.base import ModelFamily
 from models.fa import LOG_2PI, _mean_cov, _pca_init, gaussian_loglik, one_thread
 from models.validate import as_data, integer, positive
+
+# -- the identified loadings -----------------------------------------------------------------
+
+
+def _tril_layout(d: int, k: int):
+    """(row, col) of the d k - k (k - 1) / 2 entries on or below the diagonal of a d x k matrix
+    (row by row, as torch.tril_indices) and the positions of the diagonal ones among them."""
+    rows, cols = torch.tril_indices(d, k)
+    return rows, cols, (rows == cols).nonzero().squeeze(-1)
+
+
+class LowerTrapezoidal(constraints.Constraint):
+    """d x k matrices (k <= d): zero above the diagonal, positive on it."""
+
+    event_dim = 2
+
+    def __init__(self, d: int, k: int):
+        self.d, self.k = d, k
+        super().__init__()
+
+    def check(self, value):
+        upper_zero = (torch.triu(value, 1) == 0).all(-1).all(-1)
+        return upper_zero & (torch.diagonal(value, dim1=-2, dim2=-1) > 0).all(-1)
+
+
+class FreeToLoadings(Transform):
+    """R^m -> :class:`LowerTrapezoidal`, m = d k - k (k - 1) / 2: the entries fill the lower
+    triangle row by row, the k diagonal ones through exp; log |dL/du| = sum of those k inputs."""
+
+    domain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, d: int, k: int, cache_size: int = 0):
+        super().__init__(cache_size=cache_size)
+        self.d, self.k = d, k
+        self.rows, self.cols, self.diag = _tril_layout(d, k)
+        self.codomain = LowerTrapezoidal(d, k)
+
+    def __eq__(self, other):
+        return isinstance(other, FreeToLoadings) and (self.d, self.k) == (other.d, other.k)
+
+    def _call(self, u):
+        diag = self.diag.to(u.device)
+        vals = u.clone()
+        vals[..., diag] = u[..., diag].exp()
+        L = u.new_zeros(u.shape[:-1] + (self.d, self.k))
+        L[..., self.rows.to(u.device), self.cols.to(u.device)] = vals
+        return L
+
+    def _inverse(self, L):
+        diag = self.diag.to(L.device)
+        u = L[..., self.rows.to(L.device), self.cols.to(L.device)]
+        u[..., diag] = u[..., diag].log()
+        return u
+
+    def log_abs_det_jacobian(self, u, L):
+        return u[..., self.diag.to(u.device)].sum(-1)
+
+    def forward_shape(self, shape):
+        return torch.Size(shape[:-1]) + (self.d, self.k)
+
+    def inverse_shape(self, shape):
+        return torch.Size(shape[:-2]) + (len(self.rows),)
+
+
+@biject_to.register(LowerTrapezoidal)
+@transform_to.register(LowerTrapezoidal)
+def _free_to_loadings(constraint):
+    return FreeToLoadings(constraint.d, constraint.k)
+
+
+class IdentifiedLoadings(TorchDistribution):
+    """The law of L, the identified representative of the rotation orbit {W Q : Q orthogonal},
+    when W (d x k) has iid N(0, s^2) entries.
+
+    L = W Q is the unique member of the orbit whose top k x k block is lower triangular with a
+    positive diagonal (Geweke & Zhou 1996; Lopes & West 2004); it exists and is unique whenever
+    that block is nonsingular (probability 1): L_1 = W_1 Q is the LQ factor of the top block W_1,
+    L_2 = W_2 Q the other rows. Its law is exact (Bartlett decomposition of W_1 W_1^T ~
+    Wishart_k(s^2 I, k), and W_2 Q ~ W_2 because W_2 is isotropic and independent of Q):
+        L_ij ~ N(0, s^2) for i > j,   L_jj / s ~ Chi(k - j) (j = 0 .. k-1),   all independent,
+    density  prod_{i>j} N(L_ij; 0, s^2) prod_j chi_{k-j}(L_jj / s) / s,
+    chi_nu(r) = r^(nu-1) exp(-r^2/2) / (2^(nu/2-1) Gamma(nu/2)).
+    Since L L^T = W W^T, L L^T has exactly the law of W W^T.
+    """
+
+    arg_constraints = {"scale": constraints.positive}
+    has_rsample = False
+
+    def __init__(self, d: int, k: int, scale: torch.Tensor, validate_args=None):
+        if not 1 <= k <= d:
+            raise ValueError(f"latent_dim: must lie in [1, {d}], got {k}")
+        self.d, self.k, self.scale = d, k, scale
+        rows, cols, _ = _tril_layout(d, k)
+        off = rows != cols
+        self._off = (rows[off].to(scale.device), cols[off].to(scale.device))
+        self._nu = k - torch.arange(k, device=scale.device, dtype=scale.dtype)
+        super().__init__(torch.Size(), torch.Size((d, k)), validate_args=validate_args)
+
+    @property
+    def support(self):
+        return LowerTrapezoidal(self.d, self.k)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        s, nu = self.scale, self._nu
+        off = value[..., self._off[0], self._off[1]] / s
+        r = torch.diagonal(value, dim1=-2, dim2=-1) / s
+        lp_off = (-0.5 * off * off - 0.5 * LOG_2PI).sum(-1)
+        lp_diag = ((nu - 1) * torch.log(r) - 0.5 * r * r - (0.5 * nu - 1) * math.log(2.0)
+                   - torch.lgamma(0.5 * nu)).sum(-1)
+        m = off.shape[-1] + self.k
+        return lp_off + lp_diag - m * torch.log(s)
+
+    def sample(self, sample_shape=()):
+        shape = torch.Size(sample_shape)
+        with torch.no_grad():
+            s = self.scale
+            z = torch.randn(shape + (self.d, self.k), dtype=s.dtype, device=s.device)
+            chi = dist.Gamma(0.5 * self._nu, 0.5).sample(shape).sqrt()  # chi^2_nu = Gamma(nu/2, 1/2)
+            L = torch.tril(z)
+            j = torch.arange(self.k, device=s.device)
+            L[..., j, j] = chi
+            return L * s
+
+
+def identify_loadings(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, Q) with L = W Q the identified representative of W's orbit (see
+    :class:`IdentifiedLoadings`): QR of the top block's transpose, W_1^T = Q R, so W_1 Q = R^T is
+    lower triangular; column signs are then flipped to make its diagonal positive. Batched."""
+    k = W.shape[-1]
+    Q, R = torch.linalg.qr(W[..., :k, :].transpose(-1, -2))
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    Q = Q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
+    L = W @ Q
+    return L.tril(), Q
 
 
 class BayesianFactorAnalysis(ModelFamily):
@@ -30,6 +170,8 @@ class BayesianFactorAnalysis(ModelFamily):
     max_plate_nesting = 1
     cavi_bound = "elbo"
     cavi_guide_name = "vb-mean-field"
+    #: CAVI sweeps behind :meth:`mcmc_init`
+    init_sweeps = 200
 
     def __init__(
         self,
@@ -41,6 +183,7 @@ class BayesianFactorAnalysis(ModelFamily):
         mu_scale: float = 10.0,
         dim: int | None = None,
         collapse_z: bool = True,
+        identify: bool = True,
     ):
         self.latent_dim = integer(latent_dim, "latent_dim", minimum=1)
         self.alpha = positive(alpha, "alpha")
@@ -53,6 +196,7 @@ class BayesianFactorAnalysis(ModelFamily):
                 raise ValueError(f"latent_dim: must be < dim ({dim}), got {self.latent_dim}")
         self.dim = dim
         self.collapse_z = bool(collapse_z)
+        self.identify = bool(identify)
 
     def check_data(self, x) -> torch.Tensor:
         x = as_data(x, "x")
@@ -64,22 +208,26 @@ class BayesianFactorAnalysis(ModelFamily):
         return x
 
     def settings(self) -> dict:
-        keys = ("latent_dim", "alpha", "a0", "b0", "mu_scale", "dim", "collapse_z")
+        keys = ("latent_dim", "alpha", "a0", "b0", "mu_scale", "dim", "collapse_z", "identify")
         return {k: getattr(self, k) for k in keys}
 
     # -- Pyro models ------------------------------------------------------------------------
-    def _globals(self, x: torch.Tensor):
+    def _globals(self, x: torch.Tensor, identified: bool = False):
         d, k = x.shape[1], self.latent_dim
         zero = torch.zeros((), device=x.device, dtype=x.dtype)
-        W = pyro.sample("W", dist.Normal(zero, self.alpha**-0.5).expand([d, k]).to_event(2))
+        if identified:
+            W = pyro.sample("W", IdentifiedLoadings(d, k, zero + self.alpha**-0.5))
+        else:
+            W = pyro.sample("W", dist.Normal(zero, self.alpha**-0.5).expand([d, k]).to_event(2))
         mu = pyro.sample("mu", dist.Normal(zero, self.mu_scale).expand([d]).to_event(1))
         tau = pyro.sample("tau", dist.Gamma(zero + self.a0, zero + self.b0).expand([d]).to_event(1))
         return W, mu, tau
 
-    def model(self, x: torch.Tensor, subsample_size: int | None = None):
-        """Priors on W, mu, tau; local z_n (site ``z``) in the data plate; obs site ``x``."""
+    def model(self, x: torch.Tensor, subsample_size: int | None = None, *, identified=False):
+        """Priors on W, mu, tau; local z_n (site ``z``) in the data plate; obs site ``x``.
+        ``identified``: W is the identified representative (:class:`IdentifiedLoadings`)."""
         n = x.shape[0]
-        W, mu, tau = self._globals(x)
+        W, mu, tau = self._globals(x, identified)
         zeros = torch.zeros(self.latent_dim, device=x.device, dtype=x.dtype)
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
             xb = x if subsample_size is None else x.index_select(0, idx)
@@ -87,18 +235,43 @@ class BayesianFactorAnalysis(ModelFamily):
             loc = z @ W.transpose(-1, -2) + mu.unsqueeze(-2)
             pyro.sample("x", dist.Normal(loc, tau.rsqrt().unsqueeze(-2)).to_event(1), obs=xb)
 
-    def collapsed_model(self, x: torch.Tensor, subsample_size: int | None = None):
+    def collapsed_model(self, x: torch.Tensor, subsample_size: int | None = None, *,
+                        identified=False):
         """The same model with z integrated out: x_n ~ N(mu, W W^T + diag(1/tau)) (exact)."""
         n = x.shape[0]
-        W, mu, tau = self._globals(x)
+        W, mu, tau = self._globals(x, identified)
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
             xb = x if subsample_size is None else x.index_select(0, idx)
             pyro.sample("x", dist.LowRankMultivariateNormal(mu, W, 1.0 / tau), obs=xb)
 
     def mcmc_model(self, x: torch.Tensor, subsample_size: int | None = None):
-        """NUTS target: the collapsed model unless ``collapse_z=False``."""
+        """NUTS target: the collapsed model unless ``collapse_z=False``; W identified (site
+        ``W`` holds L, see :class:`IdentifiedLoadings`) unless ``identify=False``. The
+        likelihood depends on W only through W W^T = L L^T and L L^T has the prior law of
+        W W^T, so every function of (W W^T, mu, tau) has exactly the unidentified posterior."""
         fn = self.collapsed_model if self.collapse_z else self.model
-        return fn(x, subsample_size)
+        return fn(x, subsample_size, identified=self.identify)
+
+    def mcmc_init(self, x: torch.Tensor) -> dict:
+        """Unconstrained NUTS start (the same for every chain) at the variational Bayes fit:
+        ``init_sweeps`` CAVI sweeps from :meth:`cavi_init` (seed 0), then W = E_q[W] rotated to
+        its identified representative, mu = E_q[mu], tau = E_q[tau] (unconstrained: log tau),
+        z = E_q[z] rotated likewise (uncollapsed model only)."""
+        x = self.check_data(x)
+        k = self.latent_dim
+        with one_thread(x):
+            state = self.cavi_init(x, torch.Generator().manual_seed(0))
+            for _ in range(self.init_sweeps):
+                state = self._sweep(x, state)
+            state = self._update_z(x, state)
+        W, z = state["Wm"][:, :k], state["m"]
+        if self.identify:
+            L, Q = identify_loadings(W)
+            W, z = FreeToLoadings(*L.shape).inv(L), z @ Q
+        init = {"W": W, "mu": state["Wm"][:, k], "tau": torch.log(state["a"] / state["b"])}
+        if not self.collapse_z:
+            init["z"] = z
+        return init
 
     # -- MCMC helpers -----------------------------------------------------------------------
     def pointwise_log_likelihood(self, samples: dict, x: torch.Tensor) -> torch.Tensor:

@@ -148,3 +148,22 @@ def test_result_row_and_inference_data(data):
     assert row["elbo_per_datum"] == pytest.approx(row["elbo"] / 30)
     idata = res.to_inference_data()
     assert idata.posterior["theta"].shape == (1, 7)
+
+
+def test_nuts_falls_back_from_jit_for_models_with_trainable_weights():
+    import pyro
+    import pyro.distributions as dist
+
+    net = torch.nn.Linear(1, 1).double()
+
+    def model(x):
+        pyro.module("net", net)
+        z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(net(z).squeeze(-1), 1.0), obs=x)
+
+    x = torch.zeros(5, dtype=torch.float64)
+    s = mcmc.Settings(num_samples=5, warmup=5, num_chains=1, jit=True)
+    with pytest.warns(UserWarning, match="running without JIT"):
+        run = mcmc.run_nuts(model, (x,), s, seed=0)
+    assert run.samples["z"].shape == (1, 5, 1)
