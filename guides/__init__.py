@@ -102,7 +102,7 @@ def parse_names(text: str) -> list[str]:
 
 
 __all__ = [
-    "LATENT_GUIDES", "EncoderGuide", "ExactPosteriorGuide", "FullRankGuide", "GuideSpec",
+    "LATENT_GUIDES", "EncoderGuide", "ExactPosteriorGuide", "FlowEncoderGuide", "LocalFlowGuide", "FullRankGuide", "GuideSpec",
     "LatentGuide", "LinearEncoderGuide", "LocalGuide", "MLPEncoderGuide", "MeanFieldGuide",
     "latent_guides", "make", "names", "parse_names", "spec",
 ]
