@@ -178,8 +178,15 @@ def resolve_log_evidence(family, x, log_evidence=None):
         raise ValueError(f"log_evidence: expected {n} per-point values, got {values.shape[0]}")
     if not torch.isfinite(values).all():
         raise ValueError("log_evidence: contains non-finite values")
-    se = (torch.zeros_like(values) if se is None
-          else torch.as_tensor(se, device=x.device, dtype=x.dtype).reshape(-1).expand(n))
+    if se is None:
+        se = torch.zeros_like(values)
+    else:
+        se = torch.as_tensor(se, device=x.device, dtype=x.dtype).reshape(-1)
+        if se.shape[0] not in (1, n):
+            raise ValueError(f"log_evidence: expected 1 or {n} standard errors, got {se.shape[0]}")
+        if (se < 0).any():
+            raise ValueError("log_evidence: standard errors must be >= 0")
+        se = se.expand(n)
     return values.detach(), se.detach(), method
 
 
@@ -266,6 +273,7 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
     x = family.check_data(x)
     optimizer = choice(optimizer, "optimizer", ("auto", "closed-form", "svi"))
     estimator = choice(estimator, "estimator", ("auto", "closed-form", "mc"))
+    integer(num_particles, "num_particles", minimum=2)
     settings = settings or QStarSettings()
     if not callable(amortized_guide):
         raise TypeError("amortized_guide: must be a fitted guide (callable), e.g. from guides.make")

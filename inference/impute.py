@@ -76,10 +76,18 @@ def column_mean_impute(x, mask=None) -> torch.Tensor:
 
 def rmse(imputed, truth, mask) -> float:
     """Root mean squared error over the missing entries only."""
+    imputed = torch.as_tensor(imputed)
+    truth = torch.as_tensor(truth).to(imputed)
     mask = torch.as_tensor(mask).to(torch.bool)
+    if truth.shape != imputed.shape:
+        raise ValueError(f"truth: shape {tuple(truth.shape)} differs from imputed "
+                         f"{tuple(imputed.shape)}")
+    if mask.shape != imputed.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} differs from imputed "
+                         f"{tuple(imputed.shape)}")
     if not mask.any():
         raise ValueError("mask: no missing entries to score")
-    diff = (torch.as_tensor(imputed) - torch.as_tensor(truth).to(imputed))[mask.to(imputed.device)]
+    diff = (imputed - truth)[mask.to(imputed.device)]
     return float(diff.pow(2).mean().sqrt())
 
 

@@ -19,7 +19,7 @@ from pyro.infer import MCMC, NUTS, config_enumerate
 
 from inference.result import FitResult, data_fields
 from inference.runtime import Timer, isolated, one_thread, seed_everything
-from models.validate import integer, probability
+from models.validate import integer, positive, probability
 
 
 @dataclass
@@ -41,6 +41,9 @@ class Settings:
         integer(self.num_chains, "num_chains", minimum=1)
         integer(self.max_tree_depth, "max_tree_depth", minimum=1)
         probability(self.target_accept, "target_accept", open_left=True, open_right=True)
+        if positive(self.rhat_max, "rhat_max", allow_inf=True) < 1:
+            raise ValueError(f"rhat_max: must be >= 1, got {self.rhat_max!r}")
+        integer(self.ess_per_chain, "ess_per_chain", minimum=0)
 
 
 @dataclass

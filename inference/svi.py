@@ -86,6 +86,7 @@ class Settings:
         positive(self.lr_decay, "lr_decay")
         integer(self.eval_particles, "eval_particles", minimum=2)
         integer(self.eval_batch, "eval_batch", minimum=1)
+        integer(self.val_particles, "val_particles", minimum=1)
         integer(self.eval_every, "eval_every", minimum=0)
         integer(self.patience, "patience", minimum=0)
         integer(self.checkpoint_every, "checkpoint_every", minimum=0)
@@ -141,7 +142,7 @@ def save_checkpoint(path: Path | str, step: int, trace: list[float]) -> Path:
     payload = {
         "params": snapshot_params(),
         "step": torch.tensor(step),
-        "trace": torch.tensor(trace),
+        "trace": torch.tensor(trace, dtype=torch.float64),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)

@@ -360,6 +360,8 @@ def train_vae(family: VAE, x, *, guide="mlp", guide_options: dict | None = None,
     n = x.shape[0]
     epochs = integer(epochs, "epochs", minimum=1)
     batch = min(integer(batch_size, "batch_size", minimum=1), n)
+    eval_every_epochs = integer(eval_every_epochs, "eval_every_epochs", minimum=0)
+    checkpoint_every_epochs = integer(checkpoint_every_epochs, "checkpoint_every_epochs", minimum=0)
     per_epoch = math.ceil(n / batch)
     with_val = val_data is not None and eval_every_epochs > 0
     s = svi.Settings(
