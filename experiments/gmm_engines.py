@@ -68,7 +68,10 @@ def parse(argv):
 def load_data(args, family, device, dtype):
     """Simulated data (``--n``, ``--seed``) or the file given by ``--data``."""
     if args.data is None:
-        x, truth = family.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
+        try:
+            x, truth = family.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"gmm_engines: --{exc}") from exc
         return x, {"true_means": sorted_means(truth["mu"]).tolist()}
     try:
         arr = load_array(args.data, name="--data")

@@ -59,3 +59,24 @@ def test_load_array_csv_npy_npz(tmp_path):
         load_array(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_array(tmp_path / "a.json")
+
+
+def test_engine_and_tool_settings_name_the_field():
+    import torch as _t
+
+    from inference import mcmc, svi
+    from inference.impute import rmse
+
+    with pytest.raises(ValueError, match="^val_particles"):
+        svi.Settings(val_particles=0)
+    with pytest.raises(ValueError, match="^rhat_max"):
+        mcmc.Settings(rhat_max=0.9)
+    with pytest.raises(ValueError, match="^truth|^mask|^imputed"):
+        rmse(_t.zeros(3, 2), _t.zeros(2, 2), _t.ones(3, 2, dtype=_t.bool))
+
+
+def test_gmm_script_rejects_empty_simulation(tmp_path):
+    from experiments import gmm_engines
+
+    with pytest.raises(SystemExit, match="n"):
+        gmm_engines.main(["--n", "0", "--out", str(tmp_path), "--quick"])
