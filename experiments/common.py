@@ -124,6 +124,11 @@ def summary_frame(results, log_evidence=None) -> pd.DataFrame:
     return df[cols + [c for c in df.columns if c not in cols]]
 
 
+def _fmt(v: float) -> str:
+    """Enough digits to see nats-level differences in totals of hundreds (-263.587, 0.00152)."""
+    return f"{v:.7g}" if abs(v) >= 1 else f"{v:.4g}"
+
+
 def print_table(df: pd.DataFrame, columns=None, title: str | None = None) -> None:
     cols = columns or [
         c
@@ -131,7 +136,7 @@ def print_table(df: pd.DataFrame, columns=None, title: str | None = None) -> Non
         if c in SUMMARY_COLUMNS and c not in ("model", "device", "dtype", "seed", "n")
     ]
     with pd.option_context(
-        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format
+        "display.width", 200, "display.max_columns", 30, "display.float_format", _fmt
     ):
         if title:
             print(f"\n{title}")
