@@ -66,6 +66,7 @@ class Settings:
     checkpoint_every: int = 0
     snapshot_every: int = 50
     tol: float = 0.0
+    converged_tol: float = 1e-3  # window gain (nats/datum) under which a full run counts as converged
     window: int = 100
     mean_field_kl: bool = False
     jit: bool = False
@@ -93,6 +94,7 @@ class Settings:
         integer(self.snapshot_every, "snapshot_every", minimum=1)
         integer(self.window, "window", minimum=1)
         non_negative(self.tol, "tol")
+        positive(self.converged_tol, "converged_tol")
         if self.patience and not (self.eval_every and self.val_data is not None):
             raise ValueError("patience: early stopping needs val_data and eval_every > 0")
 
@@ -323,7 +325,16 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting)
                 return run
     if best_snap is not None:
         restore_params(best_snap)
-    run.converged = settings.tol == 0 and not settings.eval_every
+    # Ran out of steps: call it converged only if the ELBO has stopped rising, i.e. the mean over
+    # the last window beats the window before by less than ``converged_tol`` nats per datum.
+    w = min(settings.window, len(run.trace) // 2)
+    if w:
+        gain = (sum(run.trace[-w:]) - sum(run.trace[-2 * w : -w])) / (w * n)
+        run.converged = gain < settings.converged_tol
+        run.message = run.message or (
+            f"ran {run.steps} steps; last-window gain {gain:.2e} nats/datum "
+            f"({'<' if run.converged else '>='} converged_tol {settings.converged_tol:g})"
+        )
     run.message = run.message or f"ran {run.steps} steps"
     return run
 
