@@ -34,8 +34,8 @@ from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import ComposeTransform, Transform
 
 from models.base import ModelFamily
-from models.fa import LOG_2PI, _mean_cov, _pca_init, gaussian_loglik, one_thread
-from models.validate import as_data, integer, positive
+from models.fa import LOG_2PI, _mean_cov, _pca_init, check_factor_data, gaussian_loglik, one_thread
+from models.validate import integer, positive
 
 # -- the identified loadings -----------------------------------------------------------------
 
@@ -340,13 +340,7 @@ class BayesianFactorAnalysis(ModelFamily):
         self._mcmc_cache = None
 
     def check_data(self, x) -> torch.Tensor:
-        x = as_data(x, "x")
-        d = x.shape[1]
-        if self.dim is not None and d != self.dim:
-            raise ValueError(f"x: expected {self.dim} columns, got {d}")
-        if self.latent_dim >= d:
-            raise ValueError(f"latent_dim: must be < the data dimension {d}, got {self.latent_dim}")
-        return x
+        return check_factor_data(x, self.latent_dim, self.dim)
 
     def settings(self) -> dict:
         keys = ("latent_dim", "alpha", "a0", "b0", "mu_scale", "dim", "collapse_z", "identify",

@@ -317,6 +317,17 @@ def _init_from_cov(S, k, kind, min_var, seed, generator=None, jitter=1e-2):
 # the family
 
 
+def check_factor_data(x, latent_dim: int, dim: int | None, *, allow_nan: bool = False):
+    """Data for a k-factor model: an (n, d) array with d == ``dim`` (when set) and k < d."""
+    x = as_data(x, "x", allow_nan=allow_nan)
+    d = x.shape[1]
+    if dim is not None and d != dim:
+        raise ValueError(f"x: expected {dim} columns, got {d}")
+    if latent_dim >= d:
+        raise ValueError(f"latent_dim: must be < the data dimension {d}, got {latent_dim}")
+    return x
+
+
 class FactorAnalysis(ModelFamily):
     """Factor analysis (``kind="fa"``) or probabilistic PCA (``kind="ppca"``).
 
@@ -366,13 +377,7 @@ class FactorAnalysis(ModelFamily):
 
     # -- boundary ---------------------------------------------------------------------------
     def check_data(self, x, *, allow_nan: bool = False) -> torch.Tensor:
-        x = as_data(x, "x", allow_nan=allow_nan)
-        d = x.shape[1]
-        if self.dim is not None and d != self.dim:
-            raise ValueError(f"x: expected {self.dim} columns, got {d}")
-        if self.latent_dim >= d:
-            raise ValueError(f"latent_dim: must be < the data dimension {d}, got {self.latent_dim}")
-        return x
+        return check_factor_data(x, self.latent_dim, self.dim, allow_nan=allow_nan)
 
     def settings(self) -> dict:
         return {

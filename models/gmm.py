@@ -178,15 +178,20 @@ class BayesianGMM(ModelFamily):
             raise ValueError(f"x: expected {self.dim} columns (dim={self.dim}), got {x.shape[1]}")
         return x
 
+    def _sample_means(self, x: torch.Tensor):
+        """(x as (n, d), mu ~ N(0, s2 I_d) for each of the K components: eq. 1)."""
+        if x.dim() == 1:
+            x = x.unsqueeze(-1)
+        scale = x.new_full((x.shape[1],), math.sqrt(self.prior_var))
+        with pyro.plate("components", self.K, dim=-1):
+            mu = pyro.sample("mu", dist.Normal(x.new_zeros(x.shape[1]), scale).to_event(1))
+        return x, mu
+
     def model(self, x: torch.Tensor, subsample_size: int | None = None):
         """Pyro model of eqs. 1-3; c is marked for parallel enumeration (summed out exactly by
         ``TraceEnum_ELBO`` and NUTS when the guide does not sample it)."""
-        if x.dim() == 1:
-            x = x.unsqueeze(-1)
+        x, mu = self._sample_means(x)
         n, d = x.shape
-        scale = x.new_full((d,), math.sqrt(self.prior_var))
-        with pyro.plate("components", self.K, dim=-1):
-            mu = pyro.sample("mu", dist.Normal(x.new_zeros(d), scale).to_event(1))
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
             c = pyro.sample(
                 "c",
@@ -577,12 +582,8 @@ class BayesianGMM(ModelFamily):
         """The model with c summed out in closed form (eq. 5, a MixtureSameFamily likelihood):
         the same density over mu as :meth:`model` with c enumerated, without the enumeration
         machinery in every gradient evaluation (NUTS is several times faster)."""
-        if x.dim() == 1:
-            x = x.unsqueeze(-1)
+        x, mu = self._sample_means(x)
         n, d = x.shape
-        scale = x.new_full((d,), math.sqrt(self.prior_var))
-        with pyro.plate("components", self.K, dim=-1):
-            mu = pyro.sample("mu", dist.Normal(x.new_zeros(d), scale).to_event(1))
         mix = dist.Categorical(logits=x.new_zeros(self.K))
         comp = dist.Normal(mu.unsqueeze(-3), x.new_ones(())).to_event(1)  # batch (..., 1, K)
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
