@@ -125,6 +125,10 @@ def test_bayes_fa_likelihood_and_invariants():
                                rtol=1e-11)
     inv = fam.mcmc_invariants(samples, x)
     assert inv["cov"].shape == (2, 3, 10) and inv["log_lik"].shape == (2, 3)
+    # values, not just shapes: the upper triangle of C (numpy) and the scipy total log-likelihood
+    np.testing.assert_allclose(inv["cov"][1, 2].numpy(), C[np.triu_indices(4)], rtol=1e-12)
+    assert float(inv["log_lik"][1, 2]) == pytest.approx(
+        multivariate_normal(mu, C).logpdf(x.numpy()).sum(), rel=1e-11)
     # rotating W leaves every invariant unchanged
     R = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
     inv2 = fam.mcmc_invariants({**samples, "W": samples["W"] @ R}, x)

@@ -110,6 +110,13 @@ def test_mean_field_and_full_rank_gaps_closed_form():
     np.testing.assert_allclose(pts.inference_gap, pts.approximation_gap + pts.amortization_gap,
                                atol=1e-9)
     assert (pts.amortization_gap > 0).all()  # an untrained encoder is far from q*
+    # the encoder's ELBO against the numpy Gaussian-ELBO formula at its own moments, and the
+    # amortization gap = ELBO(q*_MF) - ELBO(enc) with ELBO(q*_MF) = log p(x) - MF gap (closed form)
+    m, S = moments_np(enc, x)
+    elbo_enc = np_gaussian_elbo(x, truth, m, S)
+    np.testing.assert_allclose(pts.elbo_amortized, elbo_enc, atol=1e-8)
+    np.testing.assert_allclose(pts.amortization_gap, np_log_evidence(x, truth)
+                               - np_mean_field_gap(truth) - elbo_enc, atol=1e-3)
     tot = gaps.summary_row(mf, "total")
     assert tot["approximation_gap"] == pytest.approx(40 * np_mean_field_gap(truth), abs=4e-2)
     assert tot["elbo_amortized"] == pytest.approx(pts.elbo_amortized.sum())

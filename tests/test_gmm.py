@@ -304,6 +304,10 @@ def test_guides_run_with_pyro_svi(name):
         est = estimate_elbo(fam.model, guide, x, num_particles=50, batch_size=25, collapsed=spec.collapsed)
     assert all(math.isfinite(v) for v in losses) and math.isfinite(est.value)
     assert all(p.dtype == torch.float64 for p in params.values())
+    # any guide's ELBO (collapsed or not) is below log p(x); quadrature is checked against brute
+    # force enumeration above, its se is an error indicator (< 0.01 nats)
+    logz = fam.log_evidence(x, "quadrature")
+    assert est.value <= logz.value + 3 * est.se + logz.se, (est.value, est.se, logz.value)
 
 
 # ----------------------------------------------------------------------------- MCMC hooks
