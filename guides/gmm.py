@@ -27,26 +27,11 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
 from guides.base import GuideSpec
-from models.gmm import responsibilities
+from models.gmm import responsibilities, spread_means
 from models.validate import integer, positive
 
 #: Pyro param names of the mean-field and collapsed guides
 LOC, SCALE, PROBS = "q_mu_loc", "q_mu_scale", "q_c_probs"
-
-
-def spread_means(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-    """K data points by k-means++ seeding (Arthur & Vassilvitskii 2007): the first uniformly,
-    each next one with probability proportional to its squared distance D(x_i)^2 to the nearest
-    point already chosen. Shape ``(K, d)`` on x's device and dtype."""
-    n = x.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=generator))]
-    for _ in range(1, K):
-        d2 = ((x.unsqueeze(1) - x[idx].unsqueeze(0)) ** 2).sum(-1).amin(1)
-        weights = d2.detach().to("cpu", torch.float64)
-        if not float(weights.sum()) > 0:  # fewer distinct points than K: any point
-            weights = torch.ones(n, dtype=torch.float64)
-        idx.append(int(torch.multinomial(weights, 1, generator=generator)))
-    return x[torch.tensor(idx, device=x.device)].clone()
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -84,6 +84,21 @@ def init_means(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Ten
     return x[idx.to(x.device)].clone()
 
 
+def spread_means(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+    """K data points by k-means++ seeding (Arthur & Vassilvitskii 2007): the first uniformly,
+    each next one with probability proportional to its squared distance D(x_i)^2 to the nearest
+    point already chosen. Shape ``(K, d)`` on x's device and dtype."""
+    n = x.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=generator))]
+    for _ in range(1, K):
+        d2 = ((x.unsqueeze(1) - x[idx].unsqueeze(0)) ** 2).sum(-1).amin(1)
+        weights = d2.detach().to("cpu", torch.float64)
+        if not float(weights.sum()) > 0:  # fewer distinct points than K: any point
+            weights = torch.ones(n, dtype=torch.float64)
+        idx.append(int(torch.multinomial(weights, 1, generator=generator)))
+    return x[torch.tensor(idx, device=x.device)].clone()
+
+
 def pointwise_mixture_loglik(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """log sum_k (1/K) N(x_i; mu_k, I) for mu ``(..., K, d)``: shape ``(..., n)`` (eq. 5)."""
     K, d = mu.shape[-2:]
@@ -504,7 +519,7 @@ class BayesianGMM(ModelFamily):
     # ------------------------------------------------------------------ EM (MAP of mu)
 
     def em_init(self, x: torch.Tensor, generator: torch.Generator) -> dict:
-        return {"mu": init_means(x, self.K, generator)}
+        return {"mu": spread_means(x, self.K, generator)}
 
     def em_step(self, x: torch.Tensor, state: dict) -> dict:
         """E-step r_ik = p(c_i = k | x_i, mu); M-step mu_k = sum_i r_ik x_i / (n_k + 1/s2),
@@ -524,8 +539,8 @@ class BayesianGMM(ModelFamily):
     # ------------------------------------------------------------------ CAVI
 
     def cavi_init(self, x: torch.Tensor, generator: torch.Generator) -> dict:
-        """m_k at K random data points, s_k^2 = 1, phi from the phi-update given them."""
-        m = init_means(x, self.K, generator)
+        """m_k at K data points by k-means++ seeding, s_k^2 = 1, phi from the phi-update."""
+        m = spread_means(x, self.K, generator)
         s2 = x.new_ones(self.K)
         return {"m": m, "s2": s2, "phi": self._cavi_phi(x, m, s2)}
 
