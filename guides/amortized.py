@@ -141,24 +141,22 @@ def _data_dim(x) -> int:
     return int(x[0].numel())
 
 
-def build_linear_diag(family, x, *, latent_dim=None, site="z", plate="data", name=None,
-                      init_scale=1.0, min_scale=1e-6, **options):
-    """``GuideSpec.build`` of the linear encoder with diagonal covariance."""
-    no_extra(options, "linear-diag")
-    x = _data(family, x)
-    return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=False, like=x,
-                              init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,
-                              name=name)
+def _linear_builder(full: bool, label: str):
+    def build(family, x, *, latent_dim=None, site="z", plate="data", name=None, init_scale=1.0,
+              min_scale=1e-6, **options):
+        no_extra(options, label)
+        x = _data(family, x)
+        return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=full,
+                                  like=x, init_scale=init_scale, min_scale=min_scale, site=site,
+                                  plate=plate, name=name)
+
+    build.__name__ = f"build_{label.replace('-', '_')}"
+    build.__doc__ = f"``GuideSpec.build`` of the linear encoder ({label})."
+    return build
 
 
-def build_linear_full(family, x, *, latent_dim=None, site="z", plate="data", name=None,
-                      init_scale=1.0, min_scale=1e-6, **options):
-    """``GuideSpec.build`` of the linear encoder with full covariance."""
-    no_extra(options, "linear-full")
-    x = _data(family, x)
-    return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=True, like=x,
-                              init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,
-                              name=name)
+build_linear_diag = _linear_builder(False, "linear-diag")
+build_linear_full = _linear_builder(True, "linear-full")
 
 
 def build_mlp(family, x, *, latent_dim=None, hidden=(64,), activation="softplus", site="z",

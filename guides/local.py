@@ -182,19 +182,18 @@ def _data(family, x):
     return as_data(x, "data")
 
 
-def build_mean_field(family, x, *, latent_dim=None, site="z", plate="data", name=None,
-                     init_scale=1.0, **options):
-    """``GuideSpec.build`` of the local mean-field guide."""
-    no_extra(options, "mean-field")
-    x = _data(family, x)
-    return MeanFieldGuide(x.shape[0], _latent_dim(family, latent_dim), like=x,
-                          init_scale=init_scale, site=site, plate=plate, name=name)
+def _local_builder(cls, label: str):
+    def build(family, x, *, latent_dim=None, site="z", plate="data", name=None, init_scale=1.0,
+              **options):
+        no_extra(options, label)
+        x = _data(family, x)
+        return cls(x.shape[0], _latent_dim(family, latent_dim), like=x, init_scale=init_scale,
+                   site=site, plate=plate, name=name)
+
+    build.__name__ = f"build_{label.replace('-', '_')}"
+    build.__doc__ = f"``GuideSpec.build`` of the local {label} guide."
+    return build
 
 
-def build_full_rank(family, x, *, latent_dim=None, site="z", plate="data", name=None,
-                    init_scale=1.0, **options):
-    """``GuideSpec.build`` of the local full-rank guide."""
-    no_extra(options, "full-rank")
-    x = _data(family, x)
-    return FullRankGuide(x.shape[0], _latent_dim(family, latent_dim), like=x,
-                         init_scale=init_scale, site=site, plate=plate, name=name)
+build_mean_field = _local_builder(MeanFieldGuide, "mean-field")
+build_full_rank = _local_builder(FullRankGuide, "full-rank")

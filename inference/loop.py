@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from inference.result import FitResult, data_fields
+from inference.runtime import Timer, isolated
+from models.base import require
 from models.validate import integer, non_negative
 
 
@@ -113,10 +116,6 @@ def fit_closed_form(engine: str, prefix: str, what: str, family, x, settings, se
     Optional hooks: ``{prefix}_posterior(x, state) -> dict`` for the reported posterior and
     ``{prefix}_bound`` (attribute) naming the objective (default ``elbo``).
     """
-    from inference.result import FitResult, data_fields
-    from inference.runtime import Timer, isolated
-    from models.base import require
-
     hooks = tuple(f"{prefix}_{h}" for h in ("init", "step", "objective"))
     require(family, engine, hooks, what)
     settings = settings or AscentSettings()
