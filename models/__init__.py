@@ -1,5 +1,21 @@
-"""Model families: Pyro models with whatever is tractable about them."""
+"""Model families: Pyro models with whatever is tractable about them.
 
-from models.base import Evidence, MissingCapability, ModelFamily, require
+The contract between families and engines is :mod:`models.capabilities`.
+"""
 
-__all__ = ["Evidence", "MissingCapability", "ModelFamily", "require"]
+from models.base import LocalLatentFamily, ModelFamily
+from models.capabilities import (
+    BOUNDS,
+    Evidence,
+    GaussianPosterior,
+    MissingCapability,
+    Moments,
+    capabilities,
+    has,
+    require,
+)
+
+__all__ = [
+    "BOUNDS", "Evidence", "GaussianPosterior", "LocalLatentFamily", "MissingCapability",
+    "ModelFamily", "Moments", "capabilities", "has", "require",
+]

@@ -1,47 +1,37 @@
-"""What a model family is: a Pyro model plus whatever is tractable about it.
+"""Base classes of the model families (the contract itself is in :mod:`models.capabilities`).
 
-A family is a small object holding hyperparameters. Engines ask it for what they need and fail
-clearly when it is missing (see :func:`require`). Optional hooks, by engine:
+:class:`ModelFamily` holds a family's name and hyperparameters. :class:`LocalLatentFamily` is for
+models with one per-point latent z_n and fixed global parameters,
 
-* exact evidence:   ``log_evidence(x) -> Evidence``
-* exact posterior:  ``exact_posterior(x)``
-* EM:               ``em_init(x, generator)``, ``em_step(x, state)``, ``em_objective(x, state)``
-* CAVI:             ``cavi_init(x, generator)``, ``cavi_step(x, state)``, ``cavi_objective(x, state)`` (closed-form ELBO)
-* SVI:              ``guides()`` (name -> factory), ``model`` and the chosen guide
-* MCMC:             ``mcmc_model`` (defaults to ``model``), ``mcmc_invariants(samples, x)``
+    z_n ~ p(z) = local_prior(x),   x_n | z_n ~ observation_dist(z_n),
+
+whose Pyro ``model``, ``log_joint`` and ``log_likelihood`` are all built from those two
+distribution objects, so every density the family exposes is the model's own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import pyro
 import torch
 
-
-@dataclass
-class Evidence:
-    """A log evidence in nats, summed over the data, with how it was computed."""
-
-    value: float
-    se: float = 0.0
-    method: str = "exact"
-    n: int = 1
-    details: dict = field(default_factory=dict)
-
-    @property
-    def per_datum(self) -> float:
-        return self.value / self.n
-
-
-class MissingCapability(NotImplementedError):
-    """An engine was asked to run on a family that lacks what the engine needs."""
+from models.capabilities import (
+    BOUNDS,
+    CAPABILITIES,
+    Evidence,
+    GaussianPosterior,
+    MissingCapability,
+    Moments,
+    capabilities,
+    has,
+    require,
+)
 
 
 class ModelFamily:
     """Base class of the model families; subclasses set ``name`` and implement ``model``."""
 
     name: str = "family"
-    #: the number of discrete latent sites that the collapsed bound sums out, for labelling bounds
+    #: discrete latent sites marked for enumeration (summed out by collapsed bounds and NUTS)
     discrete_sites: tuple[str, ...] = ()
     #: how deeply the model nests plates (needed by TraceEnum_ELBO)
     max_plate_nesting: int = 1
@@ -49,25 +39,53 @@ class ModelFamily:
     def check_data(self, x) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def model(self, x: torch.Tensor):  # pragma: no cover - overridden
+    def model(self, x: torch.Tensor, subsample_size: int | None = None):  # pragma: no cover
         raise NotImplementedError
-
-    def simulate(self, n: int, *, seed: int = 0, device=None, dtype=torch.float64):
-        raise MissingCapability(f"the {self.name} family has no simulator")
 
     def settings(self) -> dict:
         """Hyperparameters as plain values (for run.json and result rows)."""
         return {}
 
-    def has(self, *hooks: str) -> bool:
-        return all(callable(getattr(self, h, None)) for h in hooks)
+    def capabilities(self) -> list[str]:
+        return capabilities(self)
 
 
-def require(family: ModelFamily, engine: str, hooks: tuple[str, ...], what: str) -> None:
-    """Raise :class:`MissingCapability` naming the engine, the family and what is missing."""
-    missing = [h for h in hooks if not callable(getattr(family, h, None))]
-    if missing:
-        raise MissingCapability(
-            f"{engine} needs {what}; the {family.name} family has none "
-            f"(missing: {', '.join(missing)})"
-        )
+class LocalLatentFamily(ModelFamily):
+    """A model with a per-point latent ``latent_site`` and fixed globals (see module docstring).
+
+    Subclasses set ``latent_dim`` and implement ``local_prior(x)`` (batch (n,), event (k,); any
+    batch shape broadcasting against z) and ``observation_dist(z)`` (batch (..., n), event = one
+    row of x).
+    """
+
+    latent_site: str = "z"
+    obs_site: str = "x"
+    latent_dim: int
+
+    def local_prior(self, x: torch.Tensor):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def observation_dist(self, z: torch.Tensor):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def model(self, x: torch.Tensor, subsample_size: int | None = None):
+        x = self.check_data(x) if not torch.is_tensor(x) else x
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as idx:
+            xb = x.index_select(0, idx) if subsample_size is not None else x
+            z = pyro.sample(self.latent_site, self.local_prior(xb))
+            pyro.sample(self.obs_site, self.observation_dist(z), obs=xb)
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_n | z_n), shape (..., n)."""
+        return self.observation_dist(z).log_prob(x)
+
+    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(z_n) + log p(x_n | z_n), shape (..., n)."""
+        return self.local_prior(x).log_prob(z) + self.log_likelihood(x, z)
+
+
+__all__ = [
+    "BOUNDS", "CAPABILITIES", "Evidence", "GaussianPosterior", "LocalLatentFamily",
+    "MissingCapability", "ModelFamily", "Moments", "capabilities", "has", "require",
+]
