@@ -14,6 +14,8 @@ Options (keyword arguments of ``make`` / ``guide_options`` of the SVI engine): `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from guides.amortized import (
     EncoderGuide,
     LinearEncoderGuide,
@@ -25,6 +27,7 @@ from guides.amortized import (
 from guides.base import GuideSpec
 from guides.exact import ExactPosteriorGuide, build_exact
 from guides.flow import FlowEncoderGuide, LocalFlowGuide, build_flow, build_local_flow
+from models.capabilities import ExactLocalPosterior, LocalDensities
 from guides.local import (
     FullRankGuide,
     LatentGuide,
@@ -91,6 +94,43 @@ def make(name, family, x, **options) -> LatentGuide:
     return spec(name).build(family, x, **options)
 
 
+# -- which guides a family gets --------------------------------------------------------------
+_REGISTERED: list[tuple[type, Callable[[], dict[str, GuideSpec]], str]] = []
+
+
+def register(family_type: type, specs: Callable[[], dict[str, GuideSpec]], default: str) -> None:
+    """Give every family of ``family_type`` the guides ``specs()`` (name -> GuideSpec), with
+    ``default`` used when no guide is named. Later registrations take precedence."""
+    _REGISTERED.insert(0, (family_type, specs, default))
+
+
+def _registered(family):
+    for cls, specs, default in _REGISTERED:
+        if isinstance(family, cls):
+            return specs(), default
+    return None
+
+
+def for_family(family) -> dict[str, GuideSpec]:
+    """The guides that apply to ``family``, by name: a registered family's own list; for a family
+    with :class:`models.capabilities.LocalDensities`, the per-point latent guides (``exact`` when it
+    has an :class:`~models.capabilities.ExactLocalPosterior`)."""
+    found = _registered(family)
+    if found is not None:
+        return found[0]
+    if isinstance(family, LocalDensities):
+        return latent_guides(exact=isinstance(family, ExactLocalPosterior))
+    return {}
+
+
+def default_for(family) -> str | None:
+    """The guide used when none is named."""
+    found = _registered(family)
+    if found is not None:
+        return found[1]
+    return "mean-field" if isinstance(family, LocalDensities) else None
+
+
 def parse_names(text: str) -> list[str]:
     """``"mean-field,mlp"`` -> ``["mean-field", "mlp"]``, checking every name."""
     out = [t.strip() for t in str(text).split(",") if t.strip()]
@@ -101,8 +141,19 @@ def parse_names(text: str) -> list[str]:
     return out
 
 
+def _register_builtin() -> None:
+    from guides.gmm import guide_specs
+    from models.gmm import BayesianGMM
+    from models.vae import VAE
+
+    register(BayesianGMM, guide_specs, "mean-field")
+    register(VAE, lambda: latent_guides(exact=False), "mlp")
+
+
+_register_builtin()
+
 __all__ = [
-    "LATENT_GUIDES", "EncoderGuide", "ExactPosteriorGuide", "FlowEncoderGuide", "LocalFlowGuide", "FullRankGuide", "GuideSpec",
+    "LATENT_GUIDES", "default_for", "for_family", "register", "EncoderGuide", "ExactPosteriorGuide", "FlowEncoderGuide", "LocalFlowGuide", "FullRankGuide", "GuideSpec",
     "LatentGuide", "LinearEncoderGuide", "LocalGuide", "MLPEncoderGuide", "MeanFieldGuide",
     "latent_guides", "make", "names", "parse_names", "spec",
 ]

@@ -11,6 +11,8 @@ import numpy as np
 import pyro
 import torch
 
+from models.numerics import one_thread  # noqa: F401  (re-exported)
+
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
@@ -72,24 +74,6 @@ class Timer:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
         return False
-
-
-@contextlib.contextmanager
-def one_thread(t: torch.Tensor | None = None):
-    """Run small CPU work on one torch thread (restored afterwards).
-
-    Tiny ops (a k x k Cholesky, a NUTS step of a small model) spend milliseconds in OpenMP
-    barriers when the cores are busy and microseconds on one thread. No-op for CUDA tensors.
-    """
-    n = torch.get_num_threads()
-    if (t is not None and t.device.type != "cpu") or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def like(x: torch.Tensor) -> dict:
