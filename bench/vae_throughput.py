@@ -34,7 +34,7 @@ from guides.amortized import build_mlp
 from inference import svi
 from inference.evidence import iwae_from_log_joint
 from inference.runtime import isolated
-from models.digits import load_digits
+from models.data.images import load_digits
 from models.vae import VAE
 
 BATCH, LATENT, HIDDEN = 128, 8, 256
@@ -49,8 +49,10 @@ def _pair(seed, x):
 
 def run_elbolab(x, steps, seed, *, validate=True, jit=False, mean_field_kl=False, direct=False):
     vae, enc = _pair(seed, x)
-    s = svi.Settings(num_steps=steps, lr=1e-3, subsample_size=BATCH, jit=jit,
-                     mean_field_kl=mean_field_kl, snapshot_every=50, direct=direct)
+    # one draw per step and a constant rate, as in the plain loop
+    s = svi.Settings(num_steps=steps, lr=1e-3, lr_decay=1.0, num_particles=1,
+                     subsample_size=BATCH, jit=jit, mean_field_kl=mean_field_kl,
+                     snapshot_every=50, direct=direct)
     old = pyro.infer.util.is_validation_enabled()
     pyro.enable_validation(validate)
     try:

@@ -227,13 +227,13 @@ def posterior_table(family, x, results, args):
         frames.append(common.posterior_summary({"mu_sorted": d}, label))
     n = x.shape[0]
     if args.K ** max(n - 1, 0) <= MAX_ASSIGNMENTS:
-        exact = family.exact_posterior_sorted_moments(x, seed=args.seed)
+        exact = family.exact_invariant_moments(x, seed=args.seed)["mu_sorted"]
         ref = pd.DataFrame(
             {
                 "engine": "exact",
-                "quantity": [f"mu_sorted[{j}]" for j in range(exact["mean"].numel())],
-                "mean": exact["mean"].flatten().tolist(),
-                "sd": exact["sd"].flatten().tolist(),
+                "quantity": [f"mu_sorted[{j}]" for j in range(exact.mean.numel())],
+                "mean": exact.mean.flatten().tolist(),
+                "sd": exact.sd.flatten().tolist(),
             }
         )
         ref_name = "exact"

@@ -39,15 +39,17 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from pyro.infer.util import is_validation_enabled  # noqa: E402
 
+import guides  # noqa: E402
 from experiments import common  # noqa: E402
 from inference import gaps, mcmc  # noqa: E402
-from inference.ais import ais  # noqa: E402
+from inference.ais import AisSettings, ais  # noqa: E402
 from inference.evidence import iwae_from_log_joint  # noqa: E402
-from inference.impute import importance_impute, rmse  # noqa: E402
+from inference.impute import importance_impute, pseudo_gibbs_impute, rmse  # noqa: E402
 from inference.pointwise import pointwise_elbo  # noqa: E402
 from inference.runtime import Timer, isolated, synchronize  # noqa: E402
-from models import digits  # noqa: E402
-from models.vae import VAE, pseudo_gibbs_impute, train_vae  # noqa: E402
+from inference.train_vae import train_vae  # noqa: E402
+from models.data import images  # noqa: E402
+from models.vae import VAE  # noqa: E402
 
 ENCODERS = {"ffg": "mlp", "flow": "flow"}
 FAMILIES = {"ffg": "mean-field", "flow": "local-flow"}
@@ -153,12 +155,12 @@ def _ints(text, flag: str, minimum: int) -> list[int]:
     return out
 
 
-def load(args, device, dtype, seed) -> digits.ImageData:
+def load(args, device, dtype, seed) -> images.ImageData:
     binary = args.likelihood == "bernoulli"
     if args.data is None:
-        return digits.load_digits(binarize=binary, seed=seed, device=device, dtype=dtype)
+        return images.load_digits(binarize=binary, seed=seed, device=device, dtype=dtype)
     try:
-        return digits.load_images(args.data, binarize=binary, seed=seed, device=device,
+        return images.load_images(args.data, binarize=binary, seed=seed, device=device,
                                   dtype=dtype)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"--data: {exc}") from exc
@@ -178,7 +180,7 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
                     eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
                     progress=not args.no_progress)
     res.guide = f"{ENCODERS[kind]}" + (f"-{args.flow}" if kind == "flow" else "")
-    return vae, res.state["guide"], res
+    return vae, res.state.guide, res
 
 
 def gaussian_proposal(encoder, x):
@@ -194,8 +196,8 @@ def gaussian_proposal(encoder, x):
 def evidence(vae, encoder, x, cfg, seed):
     """(AIS estimate, IWAE estimate) per point for the trained pair."""
     q = gaussian_proposal(encoder, x)
-    a = ais(vae.log_joint, q, x, num_steps=cfg["ais_steps"], num_chains=cfg["ais_chains"],
-            seed=seed)
+    a = ais(vae.log_joint, q, x, AisSettings(num_steps=cfg["ais_steps"],
+                                             num_chains=cfg["ais_chains"]), seed=seed)
     with torch.no_grad():
         qz = encoder.distribution(x)
     w = iwae_from_log_joint(vae.log_joint, qz, x, num_samples=cfg["iwae_samples"], seed=seed)
@@ -227,7 +229,7 @@ def _run(args, cfg, out, device, dtype) -> int:
         clock[0] = now
     data = load(args, device, dtype, seed)
     # a validation split for early stopping, carved from the training images
-    fit_idx, val_idx = digits.split(data.x_train.shape[0], 0.1, seed)
+    fit_idx, val_idx = images.split(data.x_train.shape[0], 0.1, seed)
     x_fit = data.x_train[torch.as_tensor(fit_idx, device=device)]
     x_val = data.x_train[torch.as_tensor(val_idx, device=device)]
     print(f"data: {data.info['source']} train {tuple(data.x_train.shape)} (fit {len(fit_idx)}, "
@@ -260,10 +262,10 @@ def _run(args, cfg, out, device, dtype) -> int:
             a, w = evidence(vae, enc, x, cfg, seed)
             evid[kind, split] = (a, w)
             for fam_kind, fam in FAMILIES.items():
-                spec = vae.guides()[fam]
+                spec = guides.for_family(vae)[fam]
                 with isolated(seed):
                     terms = gaps.gap_terms(
-                        vae, x, enc, spec, log_evidence=(a.per_point, a.se_per_point),
+                        vae, x, enc, spec, log_evidence=a,
                         settings=gaps.QStarSettings(steps=cfg["qstar_steps"]),
                         num_particles=cfg["elbo_samples"], seed=seed)
                 qstars[kind, split, fam_kind] = terms
@@ -287,7 +289,7 @@ def _run(args, cfg, out, device, dtype) -> int:
             q = enc.distribution(x_fit)
         s = max(2, min(cfg["iwae_samples"], 500))
         est = iwae_from_log_joint(vae.log_joint, q, x_fit, num_samples=s, seed=seed)
-        row = res.to_row(est.to_evidence())
+        row = res.to_row(est)
         row.update(train_encoder=kind, evidence_note=f"IWAE S={s} (a lower bound)")
         summary.append(row)
 
@@ -337,9 +339,10 @@ def _run(args, cfg, out, device, dtype) -> int:
 def _gap_row(kind, fam_kind, split, terms, a, w):
     v, s = terms.values, terms.se
     n = v["log_evidence"].shape[0]
+    ais_note = f"ais: {a.details['num_steps']} steps x {a.details['num_chains']} chains"
     row = {"train_encoder": kind, "eval_family": fam_kind, "split": split, "n": n,
-           "log_evidence_method": f"ais: {a.details['num_steps']} steps x {a.num_samples} chains",
-           "iwae": w.per_datum, "iwae_se": w.total_se / n,
+           "log_evidence_method": ais_note,
+           "iwae": w.per_datum, "iwae_se": w.se / n,
            "q_star_converged": terms.run.converged, "q_star_steps": terms.run.steps,
            "unit": "nats per image"}
     for q in gaps.QUANTITIES:
@@ -351,20 +354,18 @@ def _gap_row(kind, fam_kind, split, terms, a, w):
 # ----------------------------------------------------------------------------- capacity
 def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed):
     """New FFG encoders of several widths, decoder fixed; amortization gap vs q*_FFG."""
-    from models.vae import train_vae as _train
-
     terms = qstars["ffg", "train", "ffg"]
     l_star, l_star_se = terms.values["elbo_q_star"], terms.se["elbo_q_star"]
     n = x_gap.shape[0]
     rows, results = [], []
     for h in cfg["capacities"]:
-        res = _train(vae, x_fit, guide="mlp",
-                     guide_options={"hidden": (h,), "name": f"encoder_cap{h}"},
-                     epochs=cfg["capacity_epochs"], batch_size=args.batch_size, lr=args.lr,
-                     eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
-                     learn_model_params=False)
+        res = train_vae(vae, x_fit, guide="mlp",
+                        guide_options={"hidden": (h,), "name": f"encoder_cap{h}"},
+                        epochs=cfg["capacity_epochs"], batch_size=args.batch_size, lr=args.lr,
+                        eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
+                        learn_model_params=False)
         res.guide = f"mlp-{h}"
-        enc = res.state["guide"]
+        enc = res.state.guide
         with isolated(seed):
             est = pointwise_elbo(vae.model, enc, x_gap, num_particles=cfg["elbo_samples"])
         gap = l_star - est.value
@@ -383,7 +384,7 @@ def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed):
 def semi_amortized(model, subsets, qstars, elbo_q, cfg, seed):
     """L[q_K] for the trained FFG encoder refined by K steps; share of L[q*] - L[q] recovered."""
     vae, enc = model
-    spec = vae.guides()["semi-amortized"]
+    spec = guides.for_family(vae)["semi-amortized"]
     rows = []
     for split, x in subsets.items():
         l_star = qstars["ffg", split, "ffg"].values["elbo_q_star"].mean()
@@ -574,7 +575,7 @@ def figures(models, results, data, gap_df, out, seed):
         w = max(1, min(25, len(tr) // 10))
         smooth = np.convolve(tr, np.ones(w) / w, mode="valid")
         ax.plot(np.arange(len(smooth)) + w - 1, smooth, label=f"{kind} train (minibatch)")
-        val = res.state["run"].val_trace
+        val = res.state.run.val_trace
         if val:
             ax.plot(*zip(*val), "o--", ms=3, label=f"{kind} held-out")
     ax.set_xlabel("SVI step")

@@ -105,6 +105,8 @@ def register(family_type: type, specs: Callable[[], dict[str, GuideSpec]], defau
 
 
 def _registered(family):
+    if not _BUILTIN_DONE:
+        _register_builtin()
     for cls, specs, default in _REGISTERED:
         if isinstance(family, cls):
             return specs(), default
@@ -120,7 +122,9 @@ def for_family(family) -> dict[str, GuideSpec]:
         return found[0]
     if isinstance(family, LocalDensities):
         return latent_guides(exact=isinstance(family, ExactLocalPosterior))
-    return {}
+    from guides.auto import composed_specs
+
+    return composed_specs()
 
 
 def default_for(family) -> str | None:
@@ -128,7 +132,7 @@ def default_for(family) -> str | None:
     found = _registered(family)
     if found is not None:
         return found[1]
-    return "mean-field" if isinstance(family, LocalDensities) else None
+    return "mean-field" if isinstance(family, LocalDensities) else "auto-normal"
 
 
 def parse_names(text: str) -> list[str]:
@@ -141,16 +145,19 @@ def parse_names(text: str) -> list[str]:
     return out
 
 
+_BUILTIN_DONE = False
+
+
 def _register_builtin() -> None:
+    """The built-in families' guide lists (registered on first use: no import cycles)."""
+    global _BUILTIN_DONE
+    _BUILTIN_DONE = True
     from guides.gmm import guide_specs
     from models.gmm import BayesianGMM
     from models.vae import VAE
 
-    register(BayesianGMM, guide_specs, "mean-field")
-    register(VAE, lambda: latent_guides(exact=False), "mlp")
-
-
-_register_builtin()
+    _REGISTERED.append((BayesianGMM, guide_specs, "mean-field"))
+    _REGISTERED.append((VAE, lambda: latent_guides(exact=False), "mlp"))
 
 __all__ = [
     "LATENT_GUIDES", "default_for", "for_family", "register", "EncoderGuide", "ExactPosteriorGuide", "FlowEncoderGuide", "LocalFlowGuide", "FullRankGuide", "GuideSpec",

@@ -8,30 +8,52 @@ For factor analysis the exact posterior N(M (x - mu), L^-1) is in the ``linear-f
 (mean linear in x, covariance constant), so a converged linear-full encoder has no amortization
 gap there. Inputs are flattened to (b, d). ``s_min`` (``min_scale``, default 1e-6) only keeps the
 log density finite. Encoders are built with the data's device and dtype.
+
+Every encoder records its constructor arguments in ``guide.config`` (plain values, with the class
+name under ``"type"``), so a saved ``state_dict`` can be loaded into
+``encoder_from_config(config, like=x)``. :func:`supports_direct` says whether a built guide can
+be trained by the SVI engine's torch-native step.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from guides.local import LatentGuide, _data, _latent_dim, no_extra
+from models.numerics import ACTIVATIONS, inverse_softplus
 from models.validate import integer, non_negative, positive
 
-ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+#: encoder classes by name (every subclass of EncoderGuide), for :func:`encoder_from_config`
+ENCODER_TYPES: dict[str, type] = {}
 
 
-def _softplus_inverse(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+def supports_direct(guide) -> bool:
+    """Whether the SVI engine's torch-native step (``inference.svi.direct_step``) can train
+    ``guide``: it must give q(z_n | x_n) for a minibatch as ``guide.distribution(x, idx)``."""
+    return callable(getattr(guide, "distribution", None))
+
+
+def encoder_body(data_dim: int, hidden: Sequence[int], activation: str, **kw) -> nn.Sequential:
+    """``Linear -> activation`` for each hidden width (the trunk shared by the loc/scale heads)."""
+    layers, width = [], data_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h, **kw), ACTIVATIONS[activation]()]
+        width = h
+    return nn.Sequential(*layers)
 
 
 class EncoderGuide(LatentGuide):
-    """Shared parts of the amortized guides: input flattening, scale heads."""
+    """Shared parts of the amortized guides: input flattening, scale heads, ``config``."""
 
     amortized = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ENCODER_TYPES[cls.__name__] = cls
 
     def __init__(self, data_dim, latent_dim, *, init_scale=1.0, min_scale=1e-6, site="z",
                  plate="data", name=None):
@@ -41,6 +63,10 @@ class EncoderGuide(LatentGuide):
         self.min_scale = non_negative(min_scale, "min_scale")
         if self.min_scale >= self.init_scale:
             raise ValueError(f"min_scale: must be below init_scale={init_scale}, got {min_scale}")
+        self.config = {"type": type(self).__name__, "data_dim": self.data_dim,
+                       "latent_dim": self.latent_dim, "init_scale": self.init_scale,
+                       "min_scale": self.min_scale, "site": self.site, "plate": self.plate,
+                       "name": self.pyro_name}
 
     def _inputs(self, x, idx):
         rows = x if idx is None else x.index_select(0, idx)
@@ -55,7 +81,7 @@ class EncoderGuide(LatentGuide):
     def _init_scale_head(self, layer: nn.Linear, diag_index=None):
         with torch.no_grad():
             layer.weight.mul_(0.01)
-            bias = _softplus_inverse(self.init_scale - self.min_scale)
+            bias = inverse_softplus(self.init_scale - self.min_scale)
             if diag_index is None:
                 layer.bias.fill_(bias)
             else:
@@ -72,6 +98,7 @@ class LinearEncoderGuide(EncoderGuide):
         self.diagonal = not full
         super().__init__(data_dim, latent_dim, init_scale=init_scale, min_scale=min_scale,
                          site=site, plate=plate, name=name)
+        self.config["full"] = bool(full)
         d, k = self.data_dim, self.latent_dim
         kw = {"device": like.device, "dtype": like.dtype}
         self.loc_net = nn.Linear(d, k, **kw)
@@ -116,12 +143,10 @@ class MLPEncoderGuide(EncoderGuide):
             raise ValueError(
                 f"activation: must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.activation = activation
+        self.config.update(hidden=list(self.hidden), activation=activation)
         kw = {"device": like.device, "dtype": like.dtype}
-        layers, width = [], self.data_dim
-        for h in self.hidden:
-            layers += [nn.Linear(width, h, **kw), ACTIVATIONS[activation]()]
-            width = h
-        self.body = nn.Sequential(*layers)
+        self.body = encoder_body(self.data_dim, self.hidden, activation, **kw)
+        width = self.hidden[-1] if self.hidden else self.data_dim
         self.loc_net = nn.Linear(width, self.latent_dim, **kw)
         self.scale_net = nn.Linear(width, self.latent_dim, **kw)
         self._init_scale_head(self.scale_net)
@@ -137,7 +162,18 @@ class MLPEncoderGuide(EncoderGuide):
         return dist.Normal(self.loc_net(h), self._scale(self.scale_net(h))).to_event(1)
 
 
-def _data_dim(x) -> int:
+def encoder_from_config(config: dict, *, like: torch.Tensor) -> EncoderGuide:
+    """A new encoder of the type and settings in ``config`` (an encoder's ``config``), on the
+    device and dtype of ``like``; load the saved ``state_dict`` into it."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    if kind not in ENCODER_TYPES:
+        raise ValueError(f"config: type must be one of {sorted(ENCODER_TYPES)}, got {kind!r}")
+    return ENCODER_TYPES[kind](**cfg, like=like)
+
+
+def data_dim_of(x) -> int:
+    """Features per data point (a row of ``x`` flattened)."""
     return int(x[0].numel())
 
 
@@ -146,7 +182,7 @@ def _linear_builder(full: bool, label: str):
               min_scale=1e-6, **options):
         no_extra(options, label)
         x = _data(family, x)
-        return LinearEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), full=full,
+        return LinearEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), full=full,
                                   like=x, init_scale=init_scale, min_scale=min_scale, site=site,
                                   plate=plate, name=name)
 
@@ -164,6 +200,6 @@ def build_mlp(family, x, *, latent_dim=None, hidden=(64,), activation="softplus"
     """``GuideSpec.build`` of the MLP encoder (diagonal Gaussian)."""
     no_extra(options, "mlp")
     x = _data(family, x)
-    return MLPEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), hidden=hidden,
+    return MLPEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), hidden=hidden,
                            activation=activation, like=x, init_scale=init_scale,
                            min_scale=min_scale, site=site, plate=plate, name=name)

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from guides.amortized import ACTIVATIONS, EncoderGuide, _data_dim
+from guides.amortized import EncoderGuide, data_dim_of, encoder_body
 from guides.local import LocalGuide, _data, _latent_dim, no_extra
+from models.numerics import ACTIVATIONS
 from models.validate import choice, integer
 
 FLOWS = ("iaf", "coupling", "spline")
@@ -100,11 +101,12 @@ class FlowEncoderGuide(EncoderGuide):
         if isinstance(flow_hidden, int):
             flow_hidden = (flow_hidden,)
         self.flow_hidden = [integer(h, "flow_hidden", minimum=1) for h in flow_hidden]
-        layers, width = [], d
-        for h in self.hidden:
-            layers += [nn.Linear(width, h), ACTIVATIONS[self.activation]()]
-            width = h
-        self.body = nn.Sequential(*layers)
+        self.config.update(hidden=list(self.hidden), activation=self.activation, flow=self.flow,
+                           num_flows=self.num_flows, flow_hidden=list(self.flow_hidden),
+                           conditional=self.conditional, moment_samples=self.moment_samples)
+        # built in the default dtype, then moved (the initial weights do not depend on `like`)
+        self.body = encoder_body(d, self.hidden, self.activation)
+        width = self.hidden[-1] if self.hidden else d
         self.loc_net = nn.Linear(width, k)
         self.scale_net = nn.Linear(width, k)
         self._init_scale_head(self.scale_net)
@@ -273,7 +275,7 @@ def build_flow(family, x, *, latent_dim=None, hidden=(64,), activation="softplus
     """``GuideSpec.build`` of the amortized flow encoder."""
     no_extra(options, "flow")
     x = _data(family, x)
-    return FlowEncoderGuide(_data_dim(x), _latent_dim(family, latent_dim), hidden=hidden,
+    return FlowEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), hidden=hidden,
                             activation=activation, flow=flow, num_flows=num_flows,
                             flow_hidden=flow_hidden, conditional=conditional, like=x,
                             init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,

@@ -1,8 +1,9 @@
 """Variational families for the Bayesian GMM (models/gmm.py), swappable by name.
 
 * ``mean-field``: q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i) - the CAVI family of
-  Blei et al. (2017; updates in models/gmm.py eqs. 6-8); bound "elbo". c is marked for enumeration in the guide, so
-  TraceEnum_ELBO sums over q(c) exactly (still the mean-field ELBO, not the collapsed bound).
+  Blei et al. (2017; updates in models/gmm.py eqs. 6-8); bound "elbo". c is marked for
+  enumeration in the guide, so TraceEnum_ELBO sums over q(c) exactly (still the mean-field ELBO,
+  not the collapsed bound).
 * ``collapsed``: q(mu_k) = N(m_k, s_k^2 I) only; c is summed out by TraceEnum_ELBO
   ("elbo-collapsed", tighter: it is log p(x) - KL(q(mu) || p(mu | x))).
 * ``auto-normal`` / ``auto-mvn``: Pyro's AutoNormal / AutoMultivariateNormal over mu only (the
@@ -27,7 +28,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
 from guides.base import GuideSpec
-from models.gmm import responsibilities, spread_means
+from models.gmm import BayesianGMM, CaviState, spread_means
 from models.validate import integer, positive
 
 #: Pyro param names of the mean-field and collapsed guides
@@ -41,24 +42,22 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
 
 
-def _initial(family, x, seed: int | None, init: dict | None):
-    """(m (K, d), s (K,), phi (n, K)) from ``init`` (a CAVI state or guide params) or seeded."""
+def _initial(family: BayesianGMM, x, seed: int | None, init: CaviState | None):
+    """(m (K, d), s (K,), phi (n, K)) from ``init`` (a CAVI state) or k-means++ seeding."""
     if init is not None:
         return _unpack(init)
     m = spread_means(x, family.K, _generator(seed))
     s = x.new_ones(family.K)
-    return m, s, responsibilities(x, m)
+    return m, s, family.responsibilities(x, m)
 
 
-def _unpack(state: dict):
-    """Accept a CAVI state ``{"m", "s2", "phi"}`` or guide params ``{LOC, SCALE, PROBS}``."""
-    if "m" in state:
-        m, s, phi = state["m"], state["s2"].sqrt(), state.get("phi")
-    elif LOC in state:
-        m, s, phi = state[LOC], state[SCALE], state.get(PROBS)
-    else:
-        raise ValueError(f"init: expected keys m, s2, phi (CAVI) or {LOC}, {SCALE}, {PROBS}")
-    return m.detach(), s.detach(), None if phi is None else phi.detach()
+def _unpack(state: CaviState):
+    """(m, s, phi) of a CAVI state, detached (s = sqrt(s2), the sd of q(mu_k))."""
+    if not isinstance(state, CaviState):
+        raise TypeError(
+            f"init: expected a models.gmm.CaviState (CAVI's state), got {type(state).__name__}"
+        )
+    return state.m.detach(), state.s2.sqrt().detach(), state.phi.detach()
 
 
 def _mean_field(m, s, phi, *, fixed: bool, enumerate_c: bool):
@@ -89,7 +88,7 @@ def build_mean_field(
     x,
     *,
     seed: int | None = None,
-    init: dict | None = None,
+    init: CaviState | None = None,
     fixed: bool = False,
     enumerate_c: bool = True,
 ):
@@ -99,18 +98,17 @@ def build_mean_field(
     ``enumerate_c`` marks c for parallel enumeration: under ``TraceEnum_ELBO`` the expectation
     over q(c) is then a sum (same bound, the mean-field ELBO, with far less gradient noise than
     the score-function estimator ``Trace_ELBO`` uses; ``Trace_ELBO`` ignores the mark and warns).
+    ``init``: start at a CAVI state instead of k-means++ seeding.
     """
     x = family.check_data(x)
     m, s, phi = _initial(family, x, seed, init)
-    if phi is None:
-        phi = responsibilities(x, m)
     if phi.shape != (x.shape[0], family.K):
         raise ValueError(f"init: phi must be shaped (n, K) = {(x.shape[0], family.K)}")
     return _mean_field(m, s, phi, fixed=fixed, enumerate_c=enumerate_c)
 
 
-def mean_field_guide_from(state: dict, *, fixed: bool = True, enumerate_c: bool = True):
-    """The mean-field guide holding given values, e.g. CAVI's state ``{"m", "s2", "phi"}``.
+def mean_field_guide_from(state: CaviState, *, fixed: bool = True, enumerate_c: bool = True):
+    """The mean-field guide holding CAVI's state (:class:`models.gmm.CaviState`).
 
     ``fixed=True`` (default): the values are constants, so the guide describes exactly that q
     whatever the param store holds (for ELBO evaluation). ``fixed=False``: they are the initial
@@ -118,13 +116,12 @@ def mean_field_guide_from(state: dict, *, fixed: bool = True, enumerate_c: bool 
     ``enumerate_c``: as in :func:`build_mean_field`.
     """
     m, s, phi = _unpack(state)
-    if phi is None:
-        raise ValueError(f"state: needs phi (or {PROBS}) for the mean-field guide")
     return _mean_field(m, s, phi, fixed=fixed, enumerate_c=enumerate_c)
 
 
-def build_collapsed(family, x, *, seed: int | None = None, init: dict | None = None):
-    """q(mu_k) = N(m_k, s_k^2 I) only; c enumerated in the model (TraceEnum_ELBO)."""
+def build_collapsed(family, x, *, seed: int | None = None, init: CaviState | None = None):
+    """q(mu_k) = N(m_k, s_k^2 I) only; c enumerated in the model (TraceEnum_ELBO). ``init``:
+    start q(mu) at a CAVI state's."""
     x = family.check_data(x)
     m, s, _ = _initial(family, x, seed, init)
     K = family.K
@@ -159,7 +156,7 @@ def build_auto_mvn(family, x, *, seed: int | None = None, init_scale: float = 0.
 
 
 def guide_specs() -> dict[str, GuideSpec]:
-    """Name -> GuideSpec for the GMM family (``BayesianGMM.guides()``)."""
+    """Name -> GuideSpec for the GMM family (registered for ``guides.for_family``)."""
     return {
         "mean-field": GuideSpec(
             "mean-field",

@@ -29,8 +29,6 @@ averaged over calls is the expectation over the refinement noise too.
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 
@@ -127,11 +125,6 @@ class SemiAmortizedGuide(LatentGuide):
         return dist.Normal(loc, logs.exp()).to_event(1)
 
 
-def entropy_constant(k: int) -> float:
-    """k/2 log(2 pi e): the part of a diagonal Gaussian's entropy not depending on lambda."""
-    return 0.5 * k * math.log(2 * math.pi * math.e)
-
-
 def build_semi_amortized(family, x, *, encoder=None, latent_dim=None, steps=10, inner_lr=0.03,
                          momentum=0.0, inner_particles=32, max_grad_norm=10.0,
                          encoder_grad="none", encoder_options=None, site="z", plate="data",
@@ -153,4 +146,4 @@ def build_semi_amortized(family, x, *, encoder=None, latent_dim=None, steps=10, 
                               encoder_grad=encoder_grad, site=site, plate=plate, name=name)
 
 
-__all__ = ["ENCODER_GRADS", "SemiAmortizedGuide", "build_semi_amortized", "entropy_constant"]
+__all__ = ["ENCODER_GRADS", "SemiAmortizedGuide", "build_semi_amortized"]

@@ -8,9 +8,12 @@ is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 
 from inference.result import BOUNDS, FitResult
+from inference.runtime import validate_seed
 
 ENGINES = {
     "em": "inference.em",
@@ -28,8 +31,37 @@ def engine(name: str):
 
 
 def fit(name: str, family, x, settings=None, *, seed: int = 0, **options) -> FitResult:
-    """Run engine ``name`` on ``family`` and data ``x``."""
-    return engine(name).fit(family, x, settings, seed=seed, **options)
+    """Run engine ``name`` on ``family`` and data ``x``.
+
+    ``options`` are the engine's keyword options (e.g. ``guide=`` for SVI) or, when ``settings``
+    is not given, the names of its settings (``fit("svi", fam, x, num_steps=500)``). Anything
+    else is an error that lists what the engine takes.
+    """
+    mod = engine(name)
+    validate_seed(seed)
+    params = inspect.signature(mod.fit).parameters
+    own = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "seed"}
+    setting_names = _setting_names(mod.Settings)
+    flat = {k: v for k, v in options.items() if k not in own}
+    unknown = sorted(set(flat) - setting_names)
+    if unknown:
+        raise TypeError(
+            f"{name}: unknown option(s) {unknown}; the {name} engine takes {sorted(own) or 'no options'}"
+            f" and the settings {sorted(setting_names)}"
+        )
+    if flat:
+        if settings is not None:
+            raise TypeError(
+                f"{name}: settings given both as settings= and as options {sorted(flat)}")
+        settings = mod.Settings(**flat)
+    return mod.fit(family, x, settings, seed=seed, **{k: options[k] for k in options if k in own})
+
+
+def _setting_names(cls) -> set[str]:
+    flat = getattr(cls, "FLAT_OPTIONS", None)
+    if flat is not None:
+        return set(flat) | {"validate", "progress"}
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 __all__ = ["BOUNDS", "ENGINES", "FitResult", "engine", "fit"]

@@ -16,11 +16,12 @@ z_T ~ p(z | x_n) (available on simulated data: simulate z, then x), adding
 log f_{t-1}(z_t) - log f_t(z_t) and moving with the kernels in reverse order; then E[w_rev] =
 1 / p(x_n), so -log mean_c w_rev,c is a stochastic upper bound. The two bracket log p(x_n).
 
-HMC. U_t(z) = -log f_t(z); momentum p ~ N(0, M) with diagonal M^-1 = s^2, s the proposal's
-standard deviation (``mass="proposal"``) or 1; L leapfrog steps of size eps_t[n] (one per data point
-and temperature); Metropolis accept on the Hamiltonian. Step sizes: ``adapt="pilot"`` (default)
-runs a pilot AIS with ``pilot_chains`` chains that moves eps multiplicatively toward
-``target_accept`` after each temperature (eps <- eps exp(0.5 (accept - target))), then the
+Settings (:class:`AisSettings`, validated when built). HMC: U_t(z) = -log f_t(z); momentum
+p ~ N(0, M) with diagonal M^-1 = s^2, s the proposal's standard deviation (``mass="proposal"``)
+or 1; L leapfrog steps of size eps_t[n] (one per data point and temperature); Metropolis accept
+on the Hamiltonian. Step sizes: ``adapt="pilot"`` (default) runs a pilot AIS with
+``pilot_chains`` chains that moves eps multiplicatively toward ``target_accept`` after each
+temperature (eps <- eps exp(0.5 (accept - target))), then the
 estimates use those step sizes frozen, so their kernels do not depend on their own draws and the
 bounds above hold exactly. ``adapt="online"`` adapts inside the run itself (cheaper, slightly
 biased), ``adapt="none"`` keeps ``step_size``.
@@ -34,17 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from inference.evidence import (
-    EvidenceEstimate,
-    LogJoint,
-    _check_proposal,
-    _chunks,
-    make_estimate,
-    seeded,
-)
+from inference.evidence import check_proposal, chunks, evidence_from_logsumexp, seeded
+from inference.tracing import LogJoint
+from models.capabilities import Evidence
 from models.validate import as_data, choice, integer, positive, probability
 
 SCHEDULES = ("linear", "sigmoid")
@@ -66,12 +63,10 @@ def annealing_schedule(num_steps: int, kind: str = "sigmoid", *, delta: float = 
     return betas
 
 
-def _betas(schedule, num_steps) -> list[float]:
-    if isinstance(schedule, str):
-        return annealing_schedule(num_steps, schedule)
+def _custom_betas(schedule) -> tuple[float, ...]:
     if not isinstance(schedule, Sequence | torch.Tensor):
         raise TypeError(f"schedule: must be one of {list(SCHEDULES)} or a sequence, got {schedule}")
-    betas = [float(b) for b in schedule]
+    betas = tuple(float(b) for b in schedule)
     if len(betas) < 2 or betas[0] != 0.0 or betas[-1] != 1.0:
         raise ValueError("schedule: a sequence must start at 0, end at 1 and have >= 2 entries")
     if any(b1 <= b0 for b0, b1 in zip(betas, betas[1:])):
@@ -79,7 +74,61 @@ def _betas(schedule, num_steps) -> list[float]:
     return betas
 
 
-class _Target:
+@dataclass(frozen=True)
+class AisSettings:
+    """How :func:`ais` and :func:`bdmc` anneal (module docstring), checked when built.
+
+    ``num_steps`` temperatures T on the ``schedule`` (``"linear"``, ``"sigmoid"`` or an increasing
+    sequence from 0 to 1, which then sets T itself); ``num_chains`` independent chains per data
+    point; HMC with ``leapfrog_steps`` steps of size ``step_size`` (the start when adapting),
+    ``adapt`` in ``pilot`` / ``online`` / ``none`` toward ``target_accept`` (the pilot run uses
+    ``pilot_chains`` chains), inverse mass ``mass`` (``proposal`` variances or ``identity``);
+    ``batch_size`` data points at a time (default all; needs a callable proposal).
+    """
+
+    num_steps: int = 200
+    num_chains: int = 16
+    schedule: str | tuple[float, ...] = "sigmoid"
+    leapfrog_steps: int = 5
+    step_size: float = 0.5
+    adapt: str = "pilot"
+    target_accept: float = 0.65
+    pilot_chains: int = 4
+    mass: str = "proposal"
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("num_steps", integer(self.num_steps, "num_steps", minimum=1))
+        put("num_chains", integer(self.num_chains, "num_chains", minimum=1))
+        put("leapfrog_steps", integer(self.leapfrog_steps, "leapfrog_steps", minimum=1))
+        put("step_size", positive(self.step_size, "step_size"))
+        choice(self.adapt, "adapt", ADAPT)
+        put("target_accept", probability(self.target_accept, "target_accept", open_left=True))
+        put("pilot_chains", integer(self.pilot_chains, "pilot_chains", minimum=1))
+        choice(self.mass, "mass", MASS)
+        if isinstance(self.schedule, str):
+            choice(self.schedule, "schedule", SCHEDULES)
+        else:
+            put("schedule", _custom_betas(self.schedule))
+        if self.batch_size is not None:
+            put("batch_size", integer(self.batch_size, "batch_size"))
+
+    @property
+    def betas(self) -> list[float]:
+        """The inverse temperatures b_0 = 0 < ... < b_T = 1."""
+        if isinstance(self.schedule, str):
+            return annealing_schedule(self.num_steps, self.schedule)
+        return list(self.schedule)
+
+    @property
+    def schedule_name(self) -> str:
+        return self.schedule if isinstance(self.schedule, str) else "custom"
+
+
+class AnnealingTarget:
     """log p(x, z), log q(z) and their gradients in z, for chains shaped (C, n, *event)."""
 
     def __init__(self, log_joint, q, x, event_dim):
@@ -104,7 +153,7 @@ def _esum(t, event_dim):
     return t.flatten(-event_dim).sum(-1) if event_dim else t
 
 
-def _hmc(state, beta, eps, minv, leapfrog, target):
+def hmc_step(state, beta, eps, minv, leapfrog, target):
     """One HMC transition leaving f_beta invariant; returns (state, accept probability (C, n))."""
     z, lp, lq, gp, gq = state
     ed = target.event_dim
@@ -160,7 +209,7 @@ def _anneal(target, z0, betas, eps, minv, leapfrog, *, reverse=False, adapt=None
         if not 1 <= t_move <= t_max - 1:
             continue
         step = cur if adapt is not None else eps[t_move]
-        state, acc = _hmc(state, betas[t_move], step, minv, leapfrog, target)
+        state, acc = hmc_step(state, betas[t_move], step, minv, leapfrog, target)
         a = acc.mean(0)
         acc_total = acc_total + a
         moves += 1
@@ -185,44 +234,24 @@ def _mass(q, mass, like_z):
     return (s * s).to(like_z)
 
 
-def _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt, target_accept,
-              pilot_chains, mass, batch_size, x):
-    x = as_data(x, "x", ndim=(1, 2, 3, 4))
-    s = {
-        "num_steps": integer(num_steps, "num_steps", minimum=1),
-        "num_chains": integer(num_chains, "num_chains", minimum=1),
-        "leapfrog_steps": integer(leapfrog_steps, "leapfrog_steps", minimum=1),
-        "step_size": positive(step_size, "step_size"),
-        "adapt": choice(adapt, "adapt", ADAPT),
-        "target_accept": probability(target_accept, "target_accept", open_left=True),
-        "pilot_chains": integer(pilot_chains, "pilot_chains", minimum=1),
-        "mass": choice(mass, "mass", MASS),
-    }
-    s["betas"] = _betas(schedule, s["num_steps"])
-    s["schedule"] = schedule if isinstance(schedule, str) else "custom"
-    n = x.shape[0]
-    s["batch_size"] = n if batch_size is None else min(integer(batch_size, "batch_size"), n)
-    return x, s
-
-
-def _one_batch(log_joint, q, xb, s, z_post=None):
+def _one_batch(log_joint, q, xb, s: AisSettings, betas, z_post=None):
     """Forward (and, with z_post, reverse) AIS on one block of data points."""
     m = xb.shape[0]
-    _check_proposal(q, m)
+    check_proposal(q, m)
     ed = len(q.event_shape)
-    target = _Target(log_joint, q, xb, ed)
-    c = s["num_chains"]
+    target = AnnealingTarget(log_joint, q, xb, ed)
+    c = s.num_chains
     z0 = q.sample((c,))
-    minv = _mass(q, s["mass"], z0)
-    betas, lf = s["betas"], s["leapfrog_steps"]
-    eps0 = torch.full((m,), s["step_size"], dtype=xb.dtype, device=xb.device)
-    adapt = (0.5, s["target_accept"])
-    if s["adapt"] == "pilot":
-        zp = q.sample((s["pilot_chains"],))
+    minv = _mass(q, s.mass, z0)
+    lf = s.leapfrog_steps
+    eps0 = torch.full((m,), s.step_size, dtype=xb.dtype, device=xb.device)
+    adapt = (0.5, s.target_accept)
+    if s.adapt == "pilot":
+        zp = q.sample((s.pilot_chains,))
         _, _, eps_t = _anneal(target, zp, betas, eps0, minv[:1].expand_as(zp), lf, adapt=adapt)
-    elif s["adapt"] == "none":
+    elif s.adapt == "none":
         eps_t = eps0.expand(len(betas), m)
-    if s["adapt"] == "online":
+    if s.adapt == "online":
         log_w, acc, eps_t = _anneal(target, z0, betas, eps0, minv, lf, adapt=adapt)
     else:
         log_w, acc, _ = _anneal(target, z0, betas, eps_t, minv, lf)
@@ -233,55 +262,60 @@ def _one_batch(log_joint, q, xb, s, z_post=None):
     return out
 
 
-def _estimate(log_w, num_chains, method, details, dtype, upper=False):
+def _estimate(log_w, num_chains, method, details, dtype, upper=False) -> Evidence:
     lse1 = torch.logsumexp(log_w, 0).to(dtype)
     lse2 = torch.logsumexp(2 * log_w, 0).to(dtype)
-    est = make_estimate(lse1, lse2, num_chains, method, details)
-    if upper:
-        est.per_point = -est.per_point
-        est.total = -est.total
-    return est
+    return evidence_from_logsumexp(lse1, lse2, num_chains, method, details, negate=upper)
 
 
-def _run(log_joint, proposal, x, s, seed, z_posterior=None):
+def _run(log_joint, proposal, x, settings, seed, z_posterior=None):
+    if settings is None:
+        settings = AisSettings()
+    if not isinstance(settings, AisSettings):
+        raise TypeError(f"settings: must be an AisSettings, got {type(settings).__name__}")
+    s = settings
+    x = as_data(x, "x", ndim=(1, 2, 3, 4))
     if not callable(log_joint):
         raise TypeError("log_joint: must be callable log_joint(x, z) -> (chains, n)")
     n = x.shape[0]
+    batch = n if s.batch_size is None else min(s.batch_size, n)
+    betas = s.betas
     fixed_q = isinstance(proposal, torch.distributions.Distribution)
     if not fixed_q and not callable(proposal):
         raise TypeError("proposal: must be a torch Distribution or a callable x -> Distribution")
-    if fixed_q and s["batch_size"] < n:
+    if fixed_q and batch < n:
         raise ValueError(
             "batch_size: a Distribution proposal covers all n points at once; pass a callable "
             "proposal(x_rows) to batch over data points"
         )
     outs = []
     with seeded(seed, x.device), torch.no_grad():
-        for i, m in _chunks(n, s["batch_size"]):
+        for i, m in chunks(n, batch):
             xb = x[i:i + m]
             q = proposal if fixed_q else proposal(xb)
             zb = None
             if z_posterior is not None:
-                zb = _slice_posterior(z_posterior, q, i, m, n, s["num_chains"], x)
-            outs.append(_one_batch(log_joint, q, xb, s, zb))
+                zb = _slice_posterior(z_posterior, q, i, m, n, s.num_chains, x)
+            outs.append(_one_batch(log_joint, q, xb, s, betas, zb))
     cat = {k: torch.cat([o[k] for o in outs], dim=-1) for k in outs[0]}
     details = {
-        "num_steps": s["num_steps"],
-        "schedule": s["schedule"],
-        "leapfrog_steps": s["leapfrog_steps"],
-        "adapt": s["adapt"],
-        "mass": s["mass"],
+        "num_steps": len(betas) - 1,
+        "num_chains": s.num_chains,
+        "schedule": s.schedule_name,
+        "leapfrog_steps": s.leapfrog_steps,
+        "adapt": s.adapt,
+        "mass": s.mass,
         "acceptance": cat["acc"],
         "mean_acceptance": float(cat["acc"].mean()),
         "step_sizes": cat["eps"],
         "log_weights": cat["log_w"],
     }
-    lower = _estimate(cat["log_w"], s["num_chains"], "ais", details, x.dtype)
+    lower = _estimate(cat["log_w"], s.num_chains, "ais", details, x.dtype)
     if z_posterior is None:
         return lower
     rdetails = {**details, "acceptance": cat["acc_rev"], "log_weights": cat["log_w_rev"],
                 "mean_acceptance": float(cat["acc_rev"].mean())}
-    upper = _estimate(cat["log_w_rev"], s["num_chains"], "bdmc-upper", rdetails, x.dtype, True)
+    upper = _estimate(cat["log_w_rev"], s.num_chains, "bdmc-upper", rdetails, x.dtype, True)
     return lower, upper
 
 
@@ -303,54 +337,22 @@ def _slice_posterior(z_posterior, q, i, m, n, chains, x):
     return z.to(device=x.device, dtype=x.dtype).expand((chains, m) + ev)
 
 
-def ais(
-    log_joint: LogJoint,
-    proposal,
-    x,
-    *,
-    num_steps: int = 200,
-    num_chains: int = 16,
-    schedule: str | Sequence[float] = "sigmoid",
-    leapfrog_steps: int = 5,
-    step_size: float = 0.5,
-    adapt: str = "pilot",
-    target_accept: float = 0.65,
-    pilot_chains: int = 4,
-    mass: str = "proposal",
-    batch_size: int | None = None,
-    seed: int = 0,
-) -> EvidenceEstimate:
+def ais(log_joint: LogJoint, proposal, x, settings: AisSettings | None = None, *,
+        seed: int = 0) -> Evidence:
     """Forward AIS: per-point stochastic lower bound log mean_c w_c (module docstring).
 
     ``log_joint(x, z)`` returns log p(x_n, z_n) shaped (chains, n) for z shaped
-    (chains, n, *event) (e.g. :func:`inference.evidence.pyro_log_joint`); ``proposal`` is the
+    (chains, n, *event) (e.g. :func:`inference.tracing.pyro_log_joint`); ``proposal`` is the
     normalized start q, a Distribution with batch shape (n,) or a callable ``x_rows ->
-    Distribution`` (needed with ``batch_size``). ``details`` holds the log weights (C, n), the
-    acceptance rates and the step sizes per temperature.
+    Distribution`` (needed with ``batch_size``); ``settings`` an :class:`AisSettings` (default
+    ``AisSettings()``). The :class:`Evidence` ``details`` hold the per-point values and ses, the
+    log weights (C, n), the acceptance rates and the step sizes per temperature.
     """
-    x, s = _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt,
-                     target_accept, pilot_chains, mass, batch_size, x)
-    return _run(log_joint, proposal, x, s, seed)
+    return _run(log_joint, proposal, x, settings, seed)
 
 
-def bdmc(
-    log_joint: LogJoint,
-    proposal,
-    x,
-    z_posterior: torch.Tensor,
-    *,
-    num_steps: int = 200,
-    num_chains: int = 16,
-    schedule: str | Sequence[float] = "sigmoid",
-    leapfrog_steps: int = 5,
-    step_size: float = 0.5,
-    adapt: str = "pilot",
-    target_accept: float = 0.65,
-    pilot_chains: int = 4,
-    mass: str = "proposal",
-    batch_size: int | None = None,
-    seed: int = 0,
-) -> tuple[EvidenceEstimate, EvidenceEstimate]:
+def bdmc(log_joint: LogJoint, proposal, x, z_posterior: torch.Tensor,
+         settings: AisSettings | None = None, *, seed: int = 0) -> tuple[Evidence, Evidence]:
     """Bidirectional Monte Carlo: (forward AIS lower bound, reverse AIS upper bound) per point.
 
     ``z_posterior``: exact posterior draws, shaped (n, *event) (one per point, e.g. the z that
@@ -358,8 +360,6 @@ def bdmc(
     same step sizes, fixed before either starts (pilot or ``step_size``); ``adapt="online"`` is
     refused, as both bounds need kernels fixed in advance.
     """
-    if adapt == "online":
+    if isinstance(settings, AisSettings) and settings.adapt == "online":
         raise ValueError("adapt: bdmc needs frozen kernels; use 'pilot' or 'none'")
-    x, s = _settings(num_steps, num_chains, schedule, leapfrog_steps, step_size, adapt,
-                     target_accept, pilot_chains, mass, batch_size, x)
-    return _run(log_joint, proposal, x, s, seed, z_posterior=z_posterior)
+    return _run(log_joint, proposal, x, settings, seed, z_posterior=z_posterior)

@@ -1,15 +1,17 @@
-"""CAVI: closed-form coordinate ascent on the ELBO (``cavi_init/cavi_step/cavi_objective``).
+"""CAVI: the family's closed-form coordinate ascent ``family.cavi()`` (:class:`models.capabilities.ClosedFormCAVI`).
 
-The family's ``cavi_objective`` is the closed-form ELBO with every constant kept; it never
-decreases along the iterations.
+The algorithm's ``objective`` is the closed-form ELBO with every constant kept; it never decreases
+along the iterations. ``FitResult.state`` is the algorithm's dataclass state.
 """
 
 from __future__ import annotations
 
-from inference.loop import AscentSettings, fit_closed_form
+from inference.loop import fit_closed_form
+from models.ascent import AscentSettings
 
 Settings = AscentSettings
 
 
-def fit(family, x, settings: AscentSettings | None = None, *, seed: int = 0, **_):
-    return fit_closed_form("CAVI", "cavi", "closed-form updates", family, x, settings, seed)
+def fit(family, x, settings: AscentSettings | None = None, *, seed: int = 0):
+    """Run CAVI to convergence (``settings``: :class:`Settings`)."""
+    return fit_closed_form("cavi", family, x, settings, seed)

@@ -1,12 +1,17 @@
-"""Exact EM: closed-form E and M steps supplied by the family (``em_init/em_step/em_objective``)."""
+"""Exact EM: the family's closed-form algorithm ``family.em()`` (:class:`models.capabilities.ClosedFormEM`).
+
+``FitResult.state`` is that algorithm's dataclass state; ``bound`` names its objective (a MAP
+objective or the exact log likelihood: never decreases under EM).
+"""
 
 from __future__ import annotations
 
-from inference.loop import AscentSettings, fit_closed_form
+from inference.loop import fit_closed_form
+from models.ascent import AscentSettings
 
 Settings = AscentSettings
 
 
-def fit(family, x, settings: AscentSettings | None = None, *, seed: int = 0, **_):
-    """Run EM to convergence; the objective (``family.em_bound``) never decreases."""
-    return fit_closed_form("EM", "em", "closed-form EM updates", family, x, settings, seed)
+def fit(family, x, settings: AscentSettings | None = None, *, seed: int = 0):
+    """Run EM to convergence (``settings``: :class:`Settings`)."""
+    return fit_closed_form("em", family, x, settings, seed)

@@ -1,4 +1,4 @@
-"""Per-data-point importance-weighted (IWAE) log-evidence estimates, and Pyro tracing helpers.
+"""Per-data-point importance-weighted (IWAE) log-evidence estimates, as :class:`Evidence`.
 
 For fixed model parameters and a proposal q(z_n | x_n), the IWAE bound of data point n is
 (Burda, Grosse & Salakhutdinov 2016, eq. 8)
@@ -19,12 +19,12 @@ computed from the two logsumexps alone. It is the Monte Carlo spread of L_S, not
 bias, which is about -se^2 / 2; with heavy-tailed weights (ESS << S) both are underestimated.
 Draws are independent across data points, so the total's se is the root sum of squares.
 
-Global sites. The per-point value is log p(x_n, z_n | theta) with theta fixed: the model's
-sites outside the plate ``"data"`` must be parameters (``pyro.param``, module weights, constants)
-or sample sites whose values are passed in ``fixed`` (they are conditioned on and their own log
-prior is left out, as it belongs to no data point). Any other site outside the data plate is an
-error, so a number is never silently mixed with log p(theta). This is what makes the estimate
-per data point where Pyro's ``RenyiELBO(alpha=0)`` (one weight per joint sample) is not.
+Every estimator here and in :mod:`inference.ais` returns a :class:`models.capabilities.Evidence`:
+``value`` (nats, summed over the data) and ``se``, ``method`` (``"iwae"``, ``"ais"``,
+``"bdmc-upper"``), ``n``, and ``details`` with ``pointwise`` (n,) and ``pointwise_se`` (n,)
+(tensors on the data's device and dtype), ``ess`` (n,), ``min_ess``, ``num_samples`` and the
+estimator's own settings and diagnostics. The per-point log joint from a Pyro model and its
+treatment of global sites are in :mod:`inference.tracing`.
 """
 
 from __future__ import annotations
@@ -32,52 +32,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 
+from inference.runtime import Timer
+from inference.tracing import LogJoint, per_point_log_prob, pyro_log_joint
+from models.capabilities import Evidence
 from models.validate import as_data, integer
 
 #: default number of (data point x sample) pairs per chunk when ``chunk_size`` is not given
 CHUNK_ELEMENTS = 2**17
-
-LogJoint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class EvidenceEstimate:
-    """A log evidence estimate in nats, per data point and summed, with standard errors.
-
-    ``method`` is ``"iwae"`` (stochastic lower bound), ``"ais"`` (stochastic lower bound) or
-    ``"bdmc-upper"`` (stochastic upper bound from reverse AIS).
-    """
-
-    per_point: torch.Tensor
-    se_per_point: torch.Tensor
-    total: float
-    total_se: float
-    method: str
-    num_samples: int
-    details: dict = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return int(self.per_point.shape[0])
-
-    @property
-    def per_datum(self) -> float:
-        return self.total / self.n
-
-    def to_evidence(self):
-        """As a :class:`models.Evidence` (total over the data, with its method)."""
-        from models.base import Evidence
-
-        details = {"num_samples": self.num_samples}
-        details.update({k: v for k, v in self.details.items() if not isinstance(v, torch.Tensor)})
-        return Evidence(self.total, self.total_se, self.method, self.n, details)
 
 
 def log_mean_exp_se(lse1: torch.Tensor, lse2: torch.Tensor, s: int):
@@ -95,12 +61,22 @@ def log_mean_exp_se(lse1: torch.Tensor, lse2: torch.Tensor, s: int):
     return value, se, ess
 
 
-def make_estimate(lse1, lse2, s: int, method: str, details: dict | None = None):
+def pointwise_evidence(values: torch.Tensor, se: torch.Tensor, method: str,
+                       details: dict | None = None) -> Evidence:
+    """An :class:`Evidence` from per-point values and independent per-point standard errors:
+    value = sum_n values_n, se = sqrt(sum_n se_n^2)."""
+    total_se = float(torch.sqrt((se.double() ** 2).sum()))
+    info = {"pointwise": values, "pointwise_se": se, **(details or {})}
+    return Evidence(float(values.double().sum()), total_se, method, int(values.shape[0]), info)
+
+
+def evidence_from_logsumexp(lse1, lse2, s: int, method: str, details: dict | None = None,
+                            *, negate: bool = False) -> Evidence:
+    """log mean_s w per point from the two logsumexps (:func:`log_mean_exp_se`), as an Evidence
+    (``negate``: report -log mean w, the BDMC upper bound from reverse weights)."""
     value, se, ess = log_mean_exp_se(lse1, lse2, s)
-    total_se = float(torch.sqrt((se.double() ** 2).sum())) if s > 1 else math.nan
-    info = {"ess": ess, "min_ess": float(ess.min())}
-    info.update(details or {})
-    return EvidenceEstimate(value, se, float(value.double().sum()), total_se, method, s, info)
+    info = {"ess": ess, "min_ess": float(ess.min()), "num_samples": s, **(details or {})}
+    return pointwise_evidence(-value if negate else value, se, method, info)
 
 
 @contextlib.contextmanager
@@ -115,180 +91,29 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-def _skip(site) -> bool:
-    """Not a random variable: params, plates' subsample sites, pyro.deterministic."""
-    return (site["type"] != "sample" or site_is_subsample(site)
-            or bool(site["infer"].get("_deterministic")))
-
-
-def _in_plate(site, name: str) -> bool:
-    for frame in site["cond_indep_stack"]:
-        if frame.name == name:
-            if frame.dim != -1:
-                raise ValueError(f"model: plate {name!r} must use dim=-1, got dim={frame.dim}")
-            return True
-    return False
-
-
-def _site_log_prob(site, s: int, n: int, nesting: int, what: str) -> torch.Tensor:
-    """log prob of a site in the data plate, summed over event and inner plate dims -> (s, n)."""
-    if not (isinstance(site["scale"], float | int) and site["scale"] == 1):
-        raise ValueError(
-            f"{what}: site {site['name']!r} is scaled (subsampling or poutine.scale); "
-            "per-point evidence needs the unscaled model (subsample_size=None)"
-        )
-    lp = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None and site["mask"] is not True:
-        lp = torch.where(torch.as_tensor(site["mask"], device=lp.device), lp, lp.new_zeros(()))
-    while lp.dim() < nesting + 1:
-        lp = lp.unsqueeze(0)
-    if lp.dim() > nesting + 1:
-        raise ValueError(
-            f"{what}: site {site['name']!r} has {lp.dim()} batch dims, more than "
-            f"max_plate_nesting + 1 = {nesting + 1}; raise max_plate_nesting"
-        )
-    if nesting > 1:
-        lp = lp.sum(dim=tuple(range(-nesting, -1)))
-    return lp.expand(s, n)
-
-
-def _per_point_log_prob(trace, s: int, n: int, *, nesting: int, fixed, latent, what: str,
-                        data_plate: str = "data"):
-    """Sum of the log-probs of the sites in the data plate of ``trace`` -> (s, n)."""
-    total = None
-    found = False
-    for name, site in trace.nodes.items():
-        if _skip(site):
-            continue
-        if not _in_plate(site, data_plate):
-            if name in fixed:
-                continue
-            if what == "guide":
-                raise ValueError(
-                    f"guide: site {name!r} lies outside the plate {data_plate!r}; the per-point "
-                    "IWAE needs a guide over the local latent only (fix global sites in the model)"
-                )
-            if site["is_observed"]:
-                raise ValueError(
-                    f"{what}: observed site {name!r} lies outside the plate {data_plate!r}; it "
-                    "belongs to no data point"
-                )
-            raise ValueError(
-                f"fixed: {what} site {name!r} is a global latent (outside the plate "
-                f"{data_plate!r}); pass its value in fixed={{{name!r}: ...}}"
-            )
-        if name in fixed:
-            raise ValueError(f"fixed: site {name!r} lies inside the plate {data_plate!r}")
-        if what == "model" and not site["is_observed"] and name != latent:
-            raise ValueError(
-                f"latent: the model has a second unobserved per-point site {name!r}; only the "
-                f"site {latent!r} is integrated out"
-            )
-        found = found or name == latent
-        lp = _site_log_prob(site, s, n, nesting, what)
-        total = lp if total is None else total + lp
-    if not found:
-        raise ValueError(f"latent: no site {latent!r} in the plate {data_plate!r} of the {what}")
-    return total
-
-
-def pyro_log_joint(
-    model,
-    *,
-    latent: str = "z",
-    fixed: dict | None = None,
-    model_kwargs: dict | None = None,
-    max_plate_nesting: int = 1,
-    event_dim: int = 1,
-) -> LogJoint:
-    """``log_joint(x, z) -> (..., n)``: log p(x_n, z_n | theta) per data point, from a Pyro model.
-
-    ``z`` has shape ``(..., n, *event)``; the leading dims are flattened into a
-    ``pyro.plate("particles", S, dim=-(max_plate_nesting + 1))`` around the model, the site
-    ``latent`` is conditioned on ``z`` (and the sites in ``fixed`` on their values), and the
-    log-probs of all sites in the plate ``"data"`` are summed over their event dims (module
-    docstring: treatment of global sites). ``event_dim``: event dims of the latent (1 for a
-    vector z_n). Differentiable in ``z``.
-    """
-    fixed = dict(fixed or {})
-    kwargs = dict(model_kwargs or {})
-    nesting = integer(max_plate_nesting, "max_plate_nesting", minimum=1)
-    event_dim = integer(event_dim, "event_dim", minimum=0)
-
-    def log_joint(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        lead, event = _split_latent(z, n, event_dim)
-        s = math.prod(lead)
-        zf = z.reshape((s, n) + event)
-        data = {latent: zf, **fixed}
-        with pyro.plate("particles", s, dim=-(nesting + 1), device=x.device):
-            trace = poutine.trace(poutine.condition(model, data=data)).get_trace(x, **kwargs)
-        lp = _per_point_log_prob(trace, s, n, nesting=nesting, fixed=fixed, latent=latent,
-                                 what="model")
-        return lp.reshape(lead + (n,))
-
-    return log_joint
-
-
-def _split_latent(z: torch.Tensor, n: int, event_dim: int):
-    """(leading dims, event shape) of z shaped (..., n, *event) with ``event_dim`` event dims."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z: expected a tensor, got {type(z).__name__}")
-    d = z.dim() - 1 - event_dim
-    if d < 0 or z.shape[d] != n:
-        raise ValueError(
-            f"z: expected shape (..., {n}, <{event_dim} event dims>) to match {n} data points, "
-            f"got {tuple(z.shape)}"
-        )
-    return tuple(z.shape[:d]), tuple(z.shape[d + 1:])
-
-
-def proposal_from(
-    program,
-    x: torch.Tensor,
-    *,
-    latent: str = "z",
-    fixed: dict | None = None,
-    kwargs: dict | None = None,
-) -> torch.distributions.Distribution:
-    """The distribution of site ``latent`` in one trace of ``program(x, **kwargs)``.
-
-    With the model this is the prior p(z_n) (batch shape ``(n,)``); with an amortized guide it is
-    q(z_n | x_n). ``program`` may have no other unobserved sample site (the distribution must not
-    depend on other random draws); use :func:`iwae` with the guide for guides with auxiliary
-    sites.
-    """
-    fixed = dict(fixed or {})
-    with torch.no_grad():
-        trace = poutine.trace(poutine.condition(program, data=fixed)).get_trace(x, **(kwargs or {}))
-    if latent not in trace.nodes:
-        raise ValueError(f"latent: the program has no site {latent!r}")
-    for name, site in trace.nodes.items():
-        if not _skip(site) and not site["is_observed"] and name != latent:
-            raise ValueError(
-                f"latent: site {latent!r} may depend on the other random site {name!r}; "
-                "proposal_from needs it to be the only unobserved site"
-            )
-    fn = trace.nodes[latent]["fn"]
-    if tuple(fn.batch_shape) != (x.shape[0],):
-        raise ValueError(
-            f"latent: site {latent!r} has batch shape {tuple(fn.batch_shape)}, expected "
-            f"({x.shape[0]},) (one draw per data point in the plate 'data')"
-        )
-    return fn
-
-
-def _chunks(total: int, size: int):
+def chunks(total: int, size: int):
+    """(start, length) of consecutive blocks of at most ``size`` covering ``range(total)``."""
     start = 0
     while start < total:
         yield start, min(size, total - start)
         start += size
 
 
+def check_proposal(q, n: int) -> None:
+    """``q`` must be a torch Distribution with batch shape (n,) (one per data point)."""
+    if not isinstance(q, torch.distributions.Distribution):
+        raise TypeError(f"proposal: must give a torch Distribution, got {type(q).__name__}")
+    if tuple(q.batch_shape) != (n,):
+        raise ValueError(
+            f"proposal: batch shape must be ({n},) (one distribution per data point), got "
+            f"{tuple(q.batch_shape)}"
+        )
+
+
 def _accumulate(draw: Callable[[int], torch.Tensor], s: int, chunk: int):
     """Run ``draw(c) -> log w (c, n)`` over chunks of s draws; logsumexp of log w and 2 log w."""
     parts1, parts2 = [], []
-    for _, c in _chunks(s, chunk):
+    for _, c in chunks(s, chunk):
         log_w = draw(c)
         log_w = torch.nan_to_num(log_w, nan=-math.inf)
         parts1.append(torch.logsumexp(log_w, dim=0))
@@ -308,14 +133,13 @@ def _check_common(x, num_samples, chunk_size, batch_size, name="x"):
     return x, s, b, c
 
 
-def _finish(parts, s, method, details, x):
+def _finish(parts, s, method, details, x) -> Evidence:
     lse1 = torch.cat([p[0] for p in parts])
     lse2 = torch.cat([p[1] for p in parts])
     if not torch.isfinite(lse1).all():
         bad = int((~torch.isfinite(lse1)).sum())
         details = {**details, "warning": f"{bad} point(s) had no finite importance weight"}
-    est = make_estimate(lse1.to(x.dtype), lse2.to(x.dtype), s, method, details)
-    return est
+    return evidence_from_logsumexp(lse1.to(x.dtype), lse2.to(x.dtype), s, method, details)
 
 
 def iwae(
@@ -333,15 +157,16 @@ def iwae(
     max_plate_nesting: int = 1,
     event_dim: int = 1,
     seed: int = 0,
-) -> EvidenceEstimate:
+) -> Evidence:
     """Per-data-point IWAE bound L_S(x_n) (module docstring, Burda et al. 2016 eq. 8).
 
     Each chunk of ``c`` draws traces the guide once under ``pyro.plate("particles", c)`` (log q is
     the sum of the guide's sites in the plate ``"data"``, auxiliary sites included), then the model
-    with those values replayed (:func:`pyro_log_joint`). ``batch_size`` data rows at a time
-    (default all): model and guide are then called on ``x[i:j]``, so they must read the data
-    points from the rows of ``x``. Guide parameters are read, never changed. Result tensors
-    follow ``x``'s device and dtype; ``seed`` fixes the draws without touching the global RNG.
+    with those values replayed (:func:`inference.tracing.pyro_log_joint`, which says how global
+    sites and ``fixed`` are treated). ``batch_size`` data rows at a time (default all): model and
+    guide are then called on ``x[i:j]``, so they must read the data points from the rows of ``x``.
+    Guide parameters are read, never changed. Result tensors follow ``x``'s device and dtype;
+    ``seed`` fixes the draws without touching the global RNG.
     """
     x, s, b, c = _check_common(x, num_samples, chunk_size, batch_size)
     nesting = integer(max_plate_nesting, "max_plate_nesting", minimum=1)
@@ -350,7 +175,7 @@ def iwae(
     g_kwargs = dict(model_kwargs or {}) if guide_kwargs is None else dict(guide_kwargs)
     parts = []
     with seeded(seed, x.device), torch.no_grad():
-        for i, m in _chunks(x.shape[0], b):
+        for i, m in chunks(x.shape[0], b):
             xb = x[i:i + m]
 
             def draw(cc, xb=xb, m=m):
@@ -359,8 +184,8 @@ def iwae(
                 if latent not in gtr.nodes:
                     raise ValueError(f"latent: the guide has no site {latent!r}")
                 z = gtr.nodes[latent]["value"]
-                log_q = _per_point_log_prob(gtr, cc, m, nesting=nesting, fixed={}, latent=latent,
-                                            what="guide")
+                log_q = per_point_log_prob(gtr, cc, m, nesting=nesting, fixed={}, latent=latent,
+                                           what="guide")
                 return log_joint(xb, z) - log_q
 
             parts.append(_accumulate(draw, s, c))
@@ -377,7 +202,7 @@ def iwae_from_log_joint(
     batch_size: int | None = None,
     seed: int = 0,
     return_samples: bool = False,
-) -> EvidenceEstimate:
+) -> Evidence:
     """IWAE with a plain ``log_joint(x, z) -> (..., n)`` and a torch Distribution proposal.
 
     ``proposal`` is a Distribution with batch shape ``(n,)`` (q(z_n | x_n) or the prior), or a
@@ -399,10 +224,10 @@ def iwae_from_log_joint(
         raise TypeError("proposal: must be a torch Distribution or a callable x -> Distribution")
     parts, kept = [], []
     with seeded(seed, x.device), torch.no_grad():
-        for i, m in _chunks(n, b):
+        for i, m in chunks(n, b):
             xb = x[i:i + m]
             q = proposal if fixed_q else proposal(xb)
-            _check_proposal(q, m)
+            check_proposal(q, m)
 
             def draw(cc, xb=xb, q=q):
                 z = q.sample((cc,))
@@ -421,21 +246,9 @@ def iwae_from_log_joint(
     return _finish(parts, s, "iwae", details, x)
 
 
-def _check_proposal(q, n: int) -> None:
-    if not isinstance(q, torch.distributions.Distribution):
-        raise TypeError(f"proposal: must give a torch Distribution, got {type(q).__name__}")
-    if tuple(q.batch_shape) != (n,):
-        raise ValueError(
-            f"proposal: batch shape must be ({n},) (one distribution per data point), got "
-            f"{tuple(q.batch_shape)}"
-        )
-
-
 def iwae_throughput(log_joint: LogJoint, proposal, x, *, num_samples: int = 1000,
                     chunk_size: int | None = None, repeats: int = 3, seed: int = 0) -> dict:
     """Data points x samples per second of :func:`iwae_from_log_joint` (best of ``repeats``)."""
-    from inference.runtime import Timer
-
     x = as_data(x, "x", ndim=(1, 2, 3, 4))
     repeats = integer(repeats, "repeats", minimum=1)
     iwae_from_log_joint(log_joint, proposal, x, num_samples=min(num_samples, 8), seed=seed)

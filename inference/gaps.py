@@ -12,10 +12,11 @@ encoder's output, with the model's parameters fixed. Two ways to compute ELBOs a
 
 * ``"mc"`` / ``"svi"`` (generic): L_n from S draws, mean_s [log p(x_n, z_s) - log q(z_s | x_n)]
   (:mod:`inference.pointwise`), SE sd_s / sqrt(S); q*_F by SVI (:func:`inference.svi.run_svi`).
-* ``"closed-form"`` (families with a Gaussian ``exact_posterior`` and ``log_evidence_pointwise``,
-  e.g. FA/PPCA, and Gaussian guides with ``moments``): L_n[q] = log p(x_n) - KL(q_n || p(z | x_n))
-  exactly (SE 0), and q*_F by L-BFGS on sum_n KL(q_n || p(z | x_n)), a deterministic objective.
-  ``"auto"`` picks this whenever it applies.
+* ``"closed-form"`` (families with :class:`~models.capabilities.ExactLocalPosterior` and
+  :class:`~models.capabilities.PointwiseEvidence`, e.g. FA/PPCA, and Gaussian guides):
+  L_n[q] = log p(x_n) - KL(q_n || p(z | x_n)) exactly (SE 0), and q*_F by L-BFGS on
+  sum_n KL(q_n || p(z | x_n)), a deterministic objective. ``"auto"`` picks this whenever it
+  applies.
 
 Standard errors: the per-point SEs are Monte Carlo SEs; estimates of different terms use
 independent draws, so SE(a - b) = sqrt(se_a^2 + se_b^2) (the inference gap pairs log p and L[q]
@@ -37,8 +38,15 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import guides as guide_registry
+from guides import LatentGuide, LocalGuide
 from inference.pointwise import caller_scope, pointwise_elbo
-from models.base import Evidence, MissingCapability
+from models.capabilities import (
+    Evidence,
+    ExactLocalPosterior,
+    MissingCapability,
+    PointwiseEvidence,
+    require,
+)
 from models.validate import choice, integer, non_negative, positive
 
 QUANTITIES = (
@@ -100,16 +108,17 @@ class GapTerms:
 
 # -- helpers other tools reuse -------------------------------------------------------------------
 def closed_form_available(family, x, *guides_) -> bool:
-    """Whether the closed-form path applies: the family has a (Gaussian) ``exact_posterior`` and
-    an exact ``log_evidence_pointwise``, and every guide is Gaussian (its ``distribution`` is a
-    MultivariateNormal or an Independent Normal; flows are not) with ``moments``/``register``."""
-    if not family.has("exact_posterior", "log_evidence_pointwise"):
+    """Whether the closed-form path applies: the family has a Gaussian exact local posterior
+    (:class:`ExactLocalPosterior`) and exact per-point evidences (:class:`PointwiseEvidence`), and
+    every guide is a Gaussian :class:`guides.LatentGuide` (its ``distribution`` is a
+    MultivariateNormal or an Independent Normal; flows are not)."""
+    if not (isinstance(family, ExactLocalPosterior) and isinstance(family, PointwiseEvidence)):
         return False
     return all(_is_gaussian(g, x) for g in guides_)
 
 
 def _is_gaussian(guide, x) -> bool:
-    if not all(callable(getattr(guide, a, None)) for a in ("moments", "distribution", "register")):
+    if not isinstance(guide, LatentGuide):
         return False
     with torch.no_grad():
         d = guide.distribution(x, torch.zeros(1, dtype=torch.long, device=x.device))
@@ -119,6 +128,8 @@ def _is_gaussian(guide, x) -> bool:
 
 
 def exact_posterior_mvn(family, x) -> MultivariateNormal:
+    """p(z_n | x_n) of a family with :class:`ExactLocalPosterior`, as one MultivariateNormal."""
+    require(family, ExactLocalPosterior, "the closed-form gap decomposition")
     mean, cov = family.exact_posterior(x)
     return MultivariateNormal(mean, covariance_matrix=cov, validate_args=False)
 
@@ -127,7 +138,10 @@ def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> 
     """L_n[q] = log p(x_n) - KL(q(z | x_n) || p(z | x_n)) per point (n,), exact for Gaussian q
     and a Gaussian posterior (the ELBO identity log p(x) = L[q] + KL(q || p(z | x)))."""
     post = posterior if posterior is not None else exact_posterior_mvn(family, x)
-    lp = log_evidence if log_evidence is not None else family.log_evidence_pointwise(x)
+    if log_evidence is None:
+        require(family, PointwiseEvidence, "closed_form_elbo without log_evidence")
+        log_evidence = family.log_evidence_pointwise(x)
+    lp = log_evidence
     loc, tril = guide.moments(x)
     return lp - kl_divergence(_mvn(loc, tril), post)
 
@@ -155,11 +169,9 @@ def resolve_log_evidence(family, x, log_evidence=None):
     method = "exact"
     se = None
     if log_evidence is None:
-        if not family.has("log_evidence_pointwise"):
-            raise MissingCapability(
-                f"log_evidence: the {family.name} family has no exact log_evidence_pointwise; pass "
-                "a per-data-point estimate (e.g. IWAE with many samples or AIS) as log_evidence="
-            )
+        require(family, PointwiseEvidence,
+                "log_evidence: the gap decomposition without a given log_evidence (pass a "
+                "per-data-point estimate instead, e.g. an IWAE with many samples or AIS Evidence)")
         values = family.log_evidence_pointwise(x)
     elif isinstance(log_evidence, Evidence):
         if "pointwise" not in log_evidence.details:
@@ -208,13 +220,12 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
                          num_particles=settings.num_particles, lr_decay=settings.lr_decay,
                          tol=settings.tol, window=settings.window, learn_model_params=False,
                          snapshot_every=max(50, settings.window))
-        run = svi.run_svi(family.model, guide, (x,), s,
-                          max_plate_nesting=getattr(family, "max_plate_nesting", 1))
+        run = svi.run_svi(family.model, guide, (x,), s, max_plate_nesting=family.max_plate_nesting)
         return OptimizeRun("svi", run.trace, run.converged, run.steps, run.message)
     if not closed_form_available(family, x, guide):
         raise MissingCapability(
-            f"method: closed-form needs the {family.name} family's exact_posterior and "
-            "log_evidence_pointwise, and a guide with moments()")
+            f"method: closed-form needs the {family.name} family's ExactLocalPosterior and "
+            "PointwiseEvidence capabilities, and a Gaussian guides.LatentGuide")
     post = posterior if posterior is not None else _detached_posterior(family, x)
     lp = family.log_evidence_pointwise(x).detach()
     guide.register()  # syncs the module with the param store; then its tensors are the leaves
@@ -278,13 +289,13 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
     if not callable(amortized_guide):
         raise TypeError("amortized_guide: must be a fitted guide (callable), e.g. from guides.make")
     lspec = _local_spec(family, local_family)
-    options = {"latent_dim": getattr(amortized_guide, "latent_dim", None),
-               "site": getattr(amortized_guide, "site", "z"), "name": f"qstar_{lspec.name}"}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {"site": "z", "name": f"qstar_{lspec.name}"}
+    if isinstance(amortized_guide, LatentGuide):
+        options.update(latent_dim=amortized_guide.latent_dim, site=amortized_guide.site)
     options.update(guide_options or {})
     with caller_scope(seed):  # sees the caller's params; q*'s are dropped afterwards
         q_star = lspec.build(family, x, **options)
-        if callable(getattr(q_star, "warm_start", None)) and hasattr(amortized_guide, "moments"):
+        if isinstance(q_star, LocalGuide) and isinstance(amortized_guide, LatentGuide):
             with torch.no_grad():
                 q_star.warm_start(amortized_guide, x)
         closed = closed_form_available(family, x, q_star, amortized_guide)
@@ -292,8 +303,8 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
             estimator = "closed-form" if closed and log_evidence is None else "mc"
         if estimator == "closed-form" and not closed:
             raise MissingCapability(
-                f"estimator: closed-form needs the {family.name} family's exact_posterior and "
-                "log_evidence_pointwise, and guides with moments()")
+                f"estimator: closed-form needs the {family.name} family's ExactLocalPosterior and "
+                "PointwiseEvidence capabilities, and Gaussian guides.LatentGuide guides")
         lp, lp_se, ev_method = resolve_log_evidence(family, x, log_evidence)
         run = optimize_guide(family, x, q_star, method=optimizer, settings=settings)
         with torch.no_grad():
@@ -306,8 +317,7 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
                 l_star_se, l_q_se = torch.zeros_like(l_star), torch.zeros_like(l_q)
             else:
                 kw = dict(num_particles=num_particles, particle_batch=particle_batch,
-                          data_batch=data_batch,
-                          max_plate_nesting=getattr(family, "max_plate_nesting", 1))
+                          data_batch=data_batch, max_plate_nesting=family.max_plate_nesting)
                 est_star = pointwise_elbo(family.model, q_star, x, **kw)
                 est_q = pointwise_elbo(family.model, amortized_guide, x, **kw)
                 l_star, l_star_se = est_star.value, est_star.se
@@ -324,7 +334,8 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
         "inference_gap": _hypot(lp_se, l_q_se),
     }
     info = {
-        "amortized_guide": getattr(amortized_guide, "kind", type(amortized_guide).__name__),
+        "amortized_guide": (amortized_guide.kind if isinstance(amortized_guide, LatentGuide)
+                            else type(amortized_guide).__name__),
         "local_family": lspec.name, "optimizer": run.method, "estimator": estimator,
         "num_particles": num_particles if estimator == "mc" else 0,
         "q_star_converged": run.converged, "q_star_steps": run.steps,
@@ -363,9 +374,10 @@ def summary_row(df: pd.DataFrame, scope: str = "mean") -> dict:
 
 
 def _local_spec(family, local_family):
-    """A GuideSpec, a name from ``guides.LATENT_GUIDES``, or a name from ``family.guides()``."""
+    """A GuideSpec, a name from ``guides.LATENT_GUIDES``, or a name from
+    ``guides.for_family(family)``."""
     if isinstance(local_family, str) and local_family not in guide_registry.LATENT_GUIDES:
-        specs = family.guides() if callable(getattr(family, "guides", None)) else {}
+        specs = guide_registry.for_family(family)
         if local_family in specs:
             return specs[local_family]
     return guide_registry.spec(local_family)

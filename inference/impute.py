@@ -19,6 +19,9 @@ distribution (Normal, Bernoulli, ...). p(x | z) is read from the model's trace w
 from ``family.observation_dist(z)`` when the family defines it (same contract: batch (..., n),
 event = the row's shape, entrywise ``base_dist``). The model is called on the data with the
 missing entries filled in (their values are never used: only observed entries enter (1)).
+
+Also :func:`pseudo_gibbs_impute` (an amortized encoder alternating with p(x_mis | z)) and the
+baselines :func:`column_mean_impute` and :func:`rmse`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch
 from pyro import poutine
 from torch.distributions import Independent
 
-from inference.pointwise import _vectorized, caller_scope
+from inference.evidence import seeded
+from inference.pointwise import caller_scope, vectorized
 from models.validate import as_data, integer, probability
 
 
@@ -150,6 +154,38 @@ def importance_impute(family, x, mask=None, *, proposal="prior", num_particles: 
     )
 
 
+def pseudo_gibbs_impute(family, encoder, x, mask=None, *, steps: int = 50, burn_in: int = 10,
+                        fill=None, seed: int = 0) -> torch.Tensor:
+    """Pseudo-Gibbs imputation (Rezende, Mohamed & Wierstra 2014, sec. 5.3): start from ``fill``
+    (a (D,) or (n, D) tensor; default: the observed column means, 0.5 where a column has none),
+    then repeat z ~ q(z | x~), x~_mis ~ p(x_mis | z) (observed entries kept); the result averages
+    E[x_mis | z] over the ``steps - burn_in`` last sweeps. ``family``: a local-latent family
+    (``observation_dist(z)``, the model's p(x | z)); ``encoder``: an amortized guide with
+    ``distribution(x)`` (e.g. ``guides.make("mlp", ...)`` after training). Returns x with the
+    missing entries (NaN, or ``mask`` True) filled.
+    """
+    x, mask = missing_mask(x, mask)
+    steps = integer(steps, "steps", minimum=1)
+    burn_in = integer(burn_in, "burn_in", minimum=0, maximum=steps - 1)
+    if fill is None:
+        obs = (~mask).to(x.dtype)
+        zero = torch.zeros((), device=x.device, dtype=x.dtype)
+        total = torch.where(mask, zero, x).sum(0)
+        fill = torch.where(obs.sum(0) > 0, total / obs.sum(0).clamp_min(1), zero + 0.5)
+    fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).expand_as(x)
+    filled = torch.where(mask, fill, x)
+    acc = torch.zeros_like(filled)
+    with seeded(seed, x.device), torch.no_grad():
+        for t in range(steps):
+            z = encoder.distribution(filled).sample()
+            p_x = family.observation_dist(z)
+            draw = p_x.sample()
+            if t >= burn_in:
+                acc += p_x.mean
+            filled = torch.where(mask, draw, x)
+    return torch.where(mask, acc / (steps - burn_in), x)
+
+
 class _Moments:
     """Streaming self-normalized sums over particle chunks (log-sum-exp rescaled):
     m = sum_s w~_s h_s and se^2 = sum_s w~_s^2 (h_s - m)^2
@@ -210,7 +246,7 @@ def _weights(family, filled, mask, rows, S, proposal, defensive, site, obs_site,
     if rows is not None:
         kw["subsample_size"] = rows.shape[0]
         cond = {"data": rows}
-    model = _vectorized(family.model, S, nest)
+    model = vectorized(family.model, S, nest)
     mtr = poutine.trace(poutine.condition(model, data=cond)).get_trace(filled, **kw)
     for name in (site, obs_site):
         if name not in mtr.nodes:
@@ -219,7 +255,7 @@ def _weights(family, filled, mask, rows, S, proposal, defensive, site, obs_site,
     log_w_z = None
     if not isinstance(proposal, str):
         # defensive mixture r = a p(z) + (1 - a) q(z | x~): weights stay below p(x_obs | z) / a
-        g = poutine.condition(_vectorized(proposal, S, nest), data=cond)
+        g = poutine.condition(vectorized(proposal, S, nest), data=cond)
         gtr = poutine.trace(g).get_trace(filled, **kw)
         prior, q = mtr.nodes[site]["fn"], gtr.nodes[site]["fn"]
         z_p, z_q = mtr.nodes[site]["value"], gtr.nodes[site]["value"]
@@ -261,9 +297,10 @@ def _draws(family, filled, rows, lw, z, xb, mb, M, site, obs_site, nest):
         if rows is not None:
             kw["subsample_size"] = rows.shape[0]
             data["data"] = rows
-        model = poutine.condition(_vectorized(family.model, M, nest), data=data)
+        model = poutine.condition(vectorized(family.model, M, nest), data=data)
         fn = poutine.trace(model).get_trace(filled, **kw).nodes[obs_site]["fn"]
     return torch.where(mb, fn.sample(), xb)
 
 
-__all__ = ["Imputation", "column_mean_impute", "importance_impute", "missing_mask", "rmse"]
+__all__ = ["Imputation", "column_mean_impute", "importance_impute", "missing_mask",
+           "pseudo_gibbs_impute", "rmse"]

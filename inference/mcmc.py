@@ -3,7 +3,7 @@
 Chains run one after another with seeds ``seed, seed + 1, ...`` (deterministic on CPU; no worker
 processes). Discrete sites named in ``family.discrete_sites`` are summed out by enumeration.
 R-hat and bulk/tail ESS (Vehtari et al. 2021, via ArviZ) are computed on
-``family.mcmc_invariants(samples, x)``: raw mixture means or factor loadings mix across labels or
+``family.posterior_invariants(samples, x)``: raw mixture means or factor loadings mix across labels or
 rotations, so their R-hat says nothing.
 """
 
@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS, config_enumerate
 
-from inference.result import FitResult, data_fields
+from inference.result import FitResult, check_settings, data_fields, site_is_plate, to_numpy
 from inference.runtime import Timer, isolated, one_thread, seed_everything
+from models.capabilities import McmcModel, PointwiseLogLikelihood, PosteriorInvariants
 from models.validate import integer, positive, probability
 
 
@@ -122,7 +124,7 @@ def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, floa
 
     if not invariants:
         return {}
-    ds = az.convert_to_dataset({k: _np(v) for k, v in invariants.items()})
+    ds = az.convert_to_dataset({k: to_numpy(v) for k, v in invariants.items()})
     out = {}
     for name, fn in (
         ("r_hat_max", lambda d: az.rhat(d)),
@@ -139,46 +141,63 @@ def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, floa
 
 
 def fit(
-    family, x, settings: Settings | None = None, *, seed: int = 0, init_params=None, **_
+    family,
+    x,
+    settings: Settings | None = None,
+    *,
+    seed: int = 0,
+    init_params: dict | None = None,
+    fix_params=None,
 ) -> FitResult:
-    """NUTS on ``family.mcmc_model`` (or ``family.model``); see the module docstring.
+    """NUTS on ``family.mcmc_model`` (:class:`~models.capabilities.McmcModel`) or ``family.model``.
 
-    ``init_params`` (site -> unconstrained value) starts every chain there, e.g. at a VB fit;
-    without it a family hook ``mcmc_init(x)`` is used when present, else Pyro's default.
+    Every latent site is sampled (discrete ones summed out by enumeration). A model with learnable
+    ``pyro.param``s is an error unless ``fix_params`` fixes them: a dict name -> value, or a
+    :class:`FitResult` whose fitted model parameters are used (e.g. an SVI fit). ``init_params``
+    (site -> unconstrained value) starts every chain there; default ``family.mcmc_init(x)``.
+    R-hat and bulk/tail ESS are computed on ``family.posterior_invariants`` when the family has
+    :class:`~models.capabilities.PosteriorInvariants`, else on every sampled site.
     """
-    settings = settings or Settings()
+    settings = check_settings(settings, Settings, "mcmc")
     x = family.check_data(x)
-    model = getattr(family, "mcmc_model", None) or family.model
-    if init_params is None and callable(getattr(family, "mcmc_init", None)):
+    model = family.mcmc_model if isinstance(family, McmcModel) else family.model
+    if init_params is None and isinstance(family, McmcModel):
         init_params = family.mcmc_init(x)
     with isolated(seed), one_thread(x), Timer(x.device) as timer:
+        model, discrete = _prepared(model, x, fix_params, family)
         run = run_nuts(
             model,
             (x,),
             settings,
             seed,
             init_params=init_params,
-            max_plate_nesting=getattr(family, "max_plate_nesting", None),
-            enumerate_discrete=bool(getattr(family, "discrete_sites", ())),
+            max_plate_nesting=family.max_plate_nesting,
+            enumerate_discrete=bool(discrete),
         )
     samples = dict(run.samples)
-    invariants = (
-        family.mcmc_invariants(samples, x)
-        if callable(getattr(family, "mcmc_invariants", None))
-        else {}
-    )
+    if isinstance(family, PosteriorInvariants):
+        invariants = family.posterior_invariants(samples, x)
+    else:
+        invariants = samples
     log_lik = (
         {"x": family.pointwise_log_likelihood(samples, x)}
-        if callable(getattr(family, "pointwise_log_likelihood", None))
+        if isinstance(family, PointwiseLogLikelihood)
         else {}
     )
     diag = invariant_diagnostics(invariants)
     diag["divergences"] = int(sum(run.divergences))
     min_ess = settings.ess_per_chain * settings.num_chains
     converged = bool(
-        diag.get("r_hat_max", math.inf) <= settings.rhat_max
+        settings.num_chains > 1
+        and diag.get("r_hat_max", math.inf) <= settings.rhat_max
         and diag.get("ess_bulk_min", 0) >= min_ess
         and diag.get("ess_tail_min", 0) >= min_ess
+    )
+    why = "" if converged else (
+        f"; not converged: R-hat {diag.get('r_hat_max', math.nan):.3f} (need <= "
+        f"{settings.rhat_max}), ESS bulk/tail {diag.get('ess_bulk_min', math.nan):.0f}/"
+        f"{diag.get('ess_tail_min', math.nan):.0f} (need >= {min_ess})"
+        + (" [one chain: R-hat needs >= 2]" if settings.num_chains < 2 else "")
     )
     return FitResult(
         **data_fields(family, x, seed),
@@ -200,7 +219,7 @@ def fit(
         converged=converged,
         message=(
             f"{settings.num_chains} chains x {settings.num_samples} draws; "
-            f"{diag['divergences']} divergences"
+            f"{diag['divergences']} divergences{why}"
         ),
         settings={**family.settings(), **vars(settings)},
         diagnostics=diag,
@@ -208,8 +227,45 @@ def fit(
     )
 
 
-def _np(v):
-    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+def _prepared(model, x, fix_params, family):
+    """The model with its ``pyro.param``s fixed (or an error naming them), and its discrete latent
+    sites; an error if nothing continuous is left to sample."""
+    fixed = _fixed_values(fix_params)
+    if fixed:
+        model = poutine.substitute(model, data=fixed)
+    with torch.no_grad():
+        tr = poutine.trace(config_enumerate(model, default="parallel")).get_trace(x)
+    params = [k for k, s in tr.nodes.items() if s["type"] == "param"]
+    if params:
+        raise ValueError(
+            f"fix_params: the {family.name} model has learnable parameters {params} that NUTS "
+            "would leave at their initial values; fix them (fix_params=<an SVI FitResult> or a "
+            "dict name -> value)"
+        )
+    latent = {
+        k: s for k, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_plate(s)
+    }
+    discrete = [k for k, s in latent.items() if s["fn"].has_enumerate_support]
+    if len(discrete) == len(latent):
+        raise ValueError(
+            f"model: the {family.name} model has no continuous latent site for NUTS to sample "
+            f"(latent sites: {sorted(latent) or 'none'})"
+        )
+    return model, discrete
+
+
+def _fixed_values(fix_params) -> dict:
+    if fix_params is None:
+        return {}
+    if isinstance(fix_params, FitResult):
+        params = fix_params.model_params()
+        if not params:
+            raise ValueError("fix_params: the given FitResult holds no fitted model parameters")
+        return params
+    if isinstance(fix_params, dict):
+        return {k: torch.as_tensor(v) for k, v in fix_params.items()}
+    raise TypeError(f"fix_params: must be a FitResult or a dict, got {type(fix_params).__name__}")
 
 
 __all__ = ["NutsRun", "Settings", "fit", "invariant_diagnostics", "run_nuts"]

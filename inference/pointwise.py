@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
 
 from inference.runtime import seed_everything
+from inference.tracing import in_plate, is_random_site, site_log_prob
 from models.validate import integer
 
 PARTICLES = "_pointwise_particles"
@@ -94,7 +94,9 @@ def caller_scope(seed: int | None = None):
         yield store
 
 
-def _vectorized(fn, S, nest):
+def vectorized(fn, S, nest):
+    """``fn`` run inside an outer plate of ``S`` particles at dim -(nest + 1)."""
+
     def wrapped(*args, **kwargs):
         with pyro.plate(PARTICLES, S, dim=-(nest + 1)):
             return fn(*args, **kwargs)
@@ -108,9 +110,9 @@ def _chunk(model, guide, x, S, idx, plate, nest, kwargs):
     if idx is not None:
         kw["subsample_size"] = idx.shape[0]
         cond = {plate: idx}
-    g = poutine.condition(_vectorized(guide, S, nest), data=cond)
+    g = poutine.condition(vectorized(guide, S, nest), data=cond)
     gtr = poutine.trace(g).get_trace(x, **kw)
-    m = poutine.replay(poutine.condition(_vectorized(model, S, nest), data=cond), trace=gtr)
+    m = poutine.replay(poutine.condition(vectorized(model, S, nest), data=cond), trace=gtr)
     mtr = poutine.trace(m).get_trace(x, **kw)
     b = x.shape[0] if idx is None else idx.shape[0]
     log_p = _site_sum(mtr, S, b, plate, nest, observed=True, who="model")
@@ -121,32 +123,18 @@ def _chunk(model, guide, x, S, idx, plate, nest, kwargs):
 def _site_sum(trace, S, b, plate, nest, *, observed: bool, who: str) -> torch.Tensor:
     total = None
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+        if not is_random_site(site):
             continue
         if site["is_observed"] and not observed:
             continue
         if site["infer"].get("is_auxiliary"):
             continue
-        frames = {f.name: f for f in site["cond_indep_stack"]}
-        if plate not in frames:
+        if not in_plate(site, plate, who):
             raise ValueError(
                 f"{who}: site {name!r} is outside plate {plate!r}; a per-data-point ELBO needs "
                 f"every latent and observed site inside it (global latents have no per-point share)"
             )
-        if frames[plate].dim != -1:
-            raise ValueError(f"{who}: plate {plate!r} must be at dim -1, got {frames[plate].dim}")
-        lp = site["fn"].log_prob(site["value"])
-        mask = site["mask"]
-        if mask is not None:
-            lp = lp * mask if isinstance(mask, bool) else torch.where(mask, lp, lp.new_zeros(()))
-        while lp.dim() < nest + 1:
-            lp = lp.unsqueeze(0)
-        if lp.dim() > nest + 1:
-            raise ValueError(f"{who}: site {name!r} has batch shape {tuple(lp.shape)} deeper than "
-                             f"max_plate_nesting={nest}")
-        if nest > 1:
-            lp = lp.sum(dim=tuple(range(1, nest)))
-        lp = lp.expand(S, b)
+        lp = site_log_prob(site, S, b, nest, who)
         total = lp if total is None else total + lp
     if total is None:
         raise ValueError(f"{who}: no sample sites found")

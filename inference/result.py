@@ -8,23 +8,33 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro.poutine.subsample_messenger import _Subsample
 
-#: Names of the bounds/objectives a result can carry (the ``bound`` column of every table).
-BOUNDS = {
-    "elbo": "ELBO over all latents (discrete sites explicit in q)",
-    "elbo-collapsed": "ELBO with discrete sites summed out exactly (tighter)",
-    "log-joint-map": "log p(x, theta) at the MAP estimate (not a bound on log p(x))",
-    "log-likelihood": "log p(x | theta) at the estimate (exact marginal likelihood of the data)",
-    "iwae": "importance-weighted bound",
-    "ais": "annealed importance sampling lower bound",
-    "none": "no ELBO (sampler)",
-}
+from models.capabilities import BOUNDS
 
 
-def _np(v) -> np.ndarray:
+def to_numpy(v) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
     if isinstance(v, torch.Tensor):
         return v.detach().cpu().numpy()
     return np.asarray(v)
+
+
+def site_is_plate(site: dict) -> bool:
+    """Whether a trace node is a plate's index site (not a latent variable)."""
+    return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
+
+
+def check_settings(settings, cls: type, engine: str):
+    """``settings`` or ``cls()``; an error naming both when it is another engine's settings."""
+    if settings is None:
+        return cls()
+    if not isinstance(settings, cls):
+        raise TypeError(
+            f"settings: the {engine} engine takes inference.{engine}.Settings, got "
+            f"{type(settings).__module__}.{type(settings).__name__}"
+        )
+    return settings
 
 
 @dataclass
@@ -35,6 +45,10 @@ class FitResult:
     names which bound it is (see :data:`BOUNDS`). ``posterior`` holds point estimates or
     variational parameters (tensors); ``samples`` holds draws shaped ``(chain, draw, ...)`` and
     ``log_likelihood`` pointwise values shaped ``(chain, draw, n)``.
+
+    ``state`` by engine: ``em``/``cavi``: the family algorithm's dataclass state (e.g.
+    ``models.gmm.CaviState``); ``svi``: :class:`inference.svi.SviState` (the fitted guide, the
+    parameters, the guide spec and the run); ``mcmc``: :class:`inference.mcmc.NutsRun`.
     """
 
     model: str
@@ -62,6 +76,12 @@ class FitResult:
     def __post_init__(self):
         if self.bound not in BOUNDS:
             raise ValueError(f"bound: must be one of {sorted(BOUNDS)}, got {self.bound!r}")
+
+    def model_params(self) -> dict[str, torch.Tensor]:
+        """The fitted model parameters (``pyro.param`` sites of the model, constrained values)."""
+        names = getattr(self.state, "model_param_names", ())
+        params = getattr(self.state, "params", {}) or {}
+        return {k: params[k] for k in names if k in params}
 
     @property
     def elbo_per_datum(self) -> float:
@@ -110,12 +130,12 @@ class FitResult:
         import arviz as az
 
         def with_chain_draw(d: dict) -> dict:
-            return {k: _np(v) for k, v in d.items()}
+            return {k: to_numpy(v) for k, v in d.items()}
 
         if self.samples:
             posterior = with_chain_draw(self.samples)
         else:
-            posterior = {k: _np(v)[None, None] for k, v in self.posterior.items()}
+            posterior = {k: to_numpy(v)[None, None] for k, v in self.posterior.items()}
         log_lik = with_chain_draw(self.log_likelihood) if self.log_likelihood else None
         stats = with_chain_draw(self.sample_stats) if self.sample_stats else None
         attrs = {

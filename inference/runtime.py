@@ -28,11 +28,19 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device(spec)
 
 
+MAX_SEED = 2**63 - 1
+
+
+def validate_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**63 - 1], or an error naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed: must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return int(seed)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy, torch and Pyro; return a CPU generator for explicit draws."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
-    seed = int(seed)
+    seed = validate_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - seeding the legacy global generator is the point
     pyro.set_rng_seed(seed)
@@ -43,14 +51,35 @@ def seed_everything(seed: int) -> torch.Generator:
 def isolated(seed: int | None = None) -> Iterator[pyro.poutine.runtime._PYRO_PARAM_STORE.__class__]:
     """A fresh Pyro param store for the block (restored afterwards); seeds when given.
 
-    No global Pyro state leaks between fits: each engine run happens inside one of these.
+    No global state leaks between fits or into the caller: each engine run happens inside one of
+    these, and the caller's random states (python, numpy's legacy generator, torch CPU and CUDA)
+    are restored on exit.
     """
     store = pyro.get_param_store()
-    if seed is not None:
-        seed_everything(seed)
-    with store.scope():
-        store.clear()
-        yield store
+    saved = _random_states()
+    try:
+        if seed is not None:
+            seed_everything(seed)
+        with store.scope():
+            store.clear()
+            yield store
+    finally:
+        _set_random_states(saved)
+
+
+def _random_states() -> tuple:
+    cuda = (torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda  # noqa: NPY002
+
+
+def _set_random_states(saved: tuple) -> None:
+    py, npy, cpu, cuda = saved
+    random.setstate(py)
+    np.random.set_state(npy)  # noqa: NPY002
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def synchronize(device: torch.device | str | None) -> None:

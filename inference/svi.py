@@ -7,22 +7,26 @@ for tools that optimize a guide inside the current parameter store (e.g. per-poi
 
 Guides whose family sums the discrete sites out (``GuideSpec.collapsed``) are trained with
 ``TraceEnum_ELBO`` and their bound is labelled ``elbo-collapsed``; the others use ``Trace_ELBO``
-(or ``TraceMeanField_ELBO``, analytic KL where available, with ``mean_field_kl=True``).
+(or ``TraceMeanField_ELBO``, analytic KL where available, with ``mean_field_kl=True``), or the
+torch-native step (``direct=True``, :func:`direct_step`: the same estimator without tracing).
+
+Convergence. Let y_t be the per-datum ELBO estimate of step t over the last ``window`` = w steps and
+b the least-squares slope of y on t with standard error se(b) (residual variance / sum (t - tbar)^2).
+The run counts as converged when the projected gain over one more window is below ``converged_tol``
+with 2 standard errors to spare: w (b + 2 se(b)) < converged_tol. Monte Carlo noise widens se(b), so
+a noisy trace is not called converged on a lucky window.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import (
-    SVI,
     JitTrace_ELBO,
     JitTraceEnum_ELBO,
     JitTraceMeanField_ELBO,
@@ -30,143 +34,158 @@ from pyro.infer import (
     TraceEnum_ELBO,
     TraceMeanField_ELBO,
 )
+from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
+import guides as guide_registry
 from guides.base import GuideSpec
+from inference.checkpoint import (
+    all_finite,
+    read_checkpoint,
+    restore_params,
+    save_checkpoint,
+    set_rng_state,
+    snapshot_params,
+)
 from inference.elbo import estimate_elbo
-from inference.result import FitResult, data_fields
+from inference.result import FitResult, check_settings, data_fields, site_is_plate
 from inference.runtime import Timer, isolated
-from models.base import MissingCapability
-from models.validate import integer, non_negative, positive
-
-
-@dataclass
-class Settings:
-    """SVI settings (Adam with per-parameter gradient clipping).
-
-    ``tol`` > 0 stops when the mean loss per datum over the last ``window`` steps improves by less
-    than ``tol`` nats on the window before. ``val_data`` with ``eval_every`` and ``patience``
-    stops early on the held-out ELBO and restores the best parameters.
-    """
-
-    num_steps: int = 2000
-    lr: float = 0.02
-    num_particles: int = 1
-    subsample_size: int | None = None
-    clip_norm: float | None = 10.0
-    lr_decay: float = 1.0  # total multiplicative decay of the learning rate over num_steps
-    eval_particles: int = 1000
-    eval_batch: int = 100
-    learn_model_params: bool = True
-    val_data: Any = None
-    val_particles: int = 20
-    eval_every: int = 0
-    patience: int = 0
-    checkpoint: Path | str | None = None
-    checkpoint_every: int = 0
-    snapshot_every: int = 50
-    tol: float = 0.0
-    converged_tol: float = 1e-3  # window gain (nats/datum) under which a full run counts as converged
-    window: int = 100
-    mean_field_kl: bool = False
-    jit: bool = False
-    vectorize_particles: bool = True
-    num_posterior_samples: int = 200
-    direct: bool = False  # torch-native step (see direct_step); needs family.log_joint
-    validate: bool = False  # Pyro's distribution checks; data are validated at the boundary
-    progress: bool = False
-
-    def __post_init__(self):
-        integer(self.num_steps, "num_steps", minimum=1)
-        positive(self.lr, "lr")
-        integer(self.num_particles, "num_particles", minimum=1)
-        if self.subsample_size is not None:
-            integer(self.subsample_size, "subsample_size", minimum=1)
-        if self.clip_norm is not None:
-            positive(self.clip_norm, "clip_norm")
-        positive(self.lr_decay, "lr_decay")
-        integer(self.eval_particles, "eval_particles", minimum=2)
-        integer(self.eval_batch, "eval_batch", minimum=1)
-        integer(self.val_particles, "val_particles", minimum=1)
-        integer(self.eval_every, "eval_every", minimum=0)
-        integer(self.patience, "patience", minimum=0)
-        integer(self.checkpoint_every, "checkpoint_every", minimum=0)
-        integer(self.snapshot_every, "snapshot_every", minimum=1)
-        integer(self.window, "window", minimum=1)
-        non_negative(self.tol, "tol")
-        positive(self.converged_tol, "converged_tol")
-        if self.patience and not (self.eval_every and self.val_data is not None):
-            raise ValueError("patience: early stopping needs val_data and eval_every > 0")
+from inference.svi_settings import Settings
+from models.capabilities import LocalDensities, MissingCapability, PointwiseLogLikelihood
 
 
 @dataclass
 class SviRun:
-    trace: list[float] = field(default_factory=list)  # ELBO estimate per step (nats, total)
+    """The optimization: ELBO estimate per step (nats, total), how it ended."""
+
+    trace: list[float] = field(default_factory=list)
     converged: bool = False
     message: str = ""
     steps: int = 0
     val_trace: list[tuple[int, float]] = field(default_factory=list)
     stopped_early: bool = False
+    diverged: bool = False
+    skipped: int = 0
+    slope: float = math.nan  # projected gain over one more window, nats/datum
+    slope_se: float = math.nan
+
+
+@dataclass
+class SviState:
+    """``FitResult.state`` of the SVI engine: the fitted guide and everything to rebuild it."""
+
+    guide: Any
+    spec: GuideSpec
+    params: dict[str, torch.Tensor]  # constrained values of every param, by name
+    model_param_names: tuple[str, ...]
+    guide_param_names: tuple[str, ...]
+    guide_options: dict
+    run: SviRun
 
 
 def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
     """The Pyro ELBO object for these settings (``collapsed``: any enumeration, model or guide)."""
+    o = settings.objective
     kw = dict(
-        num_particles=settings.num_particles,
-        vectorize_particles=settings.vectorize_particles and settings.num_particles > 1,
+        num_particles=o.num_particles,
+        vectorize_particles=o.vectorize_particles and o.num_particles > 1,
         max_plate_nesting=max_plate_nesting,
     )
     if collapsed:
-        return (JitTraceEnum_ELBO if settings.jit else TraceEnum_ELBO)(**kw)
-    if settings.mean_field_kl:
-        return (JitTraceMeanField_ELBO if settings.jit else TraceMeanField_ELBO)(**kw)
-    return (JitTrace_ELBO if settings.jit else Trace_ELBO)(**kw)
+        if o.mean_field_kl:
+            raise ValueError("mean_field_kl: does not apply to a guide that needs enumeration")
+        return (JitTraceEnum_ELBO if o.jit else TraceEnum_ELBO)(**kw)
+    if o.mean_field_kl:
+        return (JitTraceMeanField_ELBO if o.jit else TraceMeanField_ELBO)(**kw)
+    return (JitTrace_ELBO if o.jit else Trace_ELBO)(**kw)
 
 
-def snapshot_params() -> dict[str, torch.Tensor]:
-    """Copies of the unconstrained tensors in the current param store."""
-    return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+def _adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
+    o = settings.optimizer
+    gamma = o.lr_decay ** (1.0 / num_steps)
+    return ClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
 
 
-def restore_params(snapshot: dict[str, torch.Tensor]) -> None:
-    """Copy a snapshot back, in place (modules keep sharing the same tensors)."""
-    store = dict(pyro.get_param_store().named_parameters())
-    with torch.no_grad():
-        for k, v in snapshot.items():
-            if k in store:
-                store[k].copy_(v)
+class _PyroStep:
+    """One gradient step of a Pyro ELBO on every param the model and guide touch (one ClippedAdam
+    over all of them: per-element the same update as ``pyro.optim.ClippedAdam``)."""
+
+    def __init__(self, model, guide, args, kwargs, loss, settings):
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.loss, self.settings = loss, settings
+        self.optimizer: ClippedAdam | None = None
+        self._seen: set[int] = set()
+
+    def prepare(self) -> None:
+        """Make the optimizer over the params one step would touch, in the same order (to load
+        a checkpointed optimizer state before the first step). Draws random numbers: the caller
+        restores the random state afterwards."""
+        with torch.no_grad(), poutine.trace(param_only=True) as cap:
+            gtr = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+            poutine.replay(self.model, trace=gtr)(*self.args, **self.kwargs)
+        self._register([s["value"].unconstrained() for s in cap.trace.nodes.values()])
+
+    def __call__(self) -> float:
+        with poutine.trace(param_only=True) as cap:
+            value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
+        params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
+        self._register(params)
+        self.optimizer.step()
+        for p in params:
+            p.grad = None
+        return float(value)
+
+    def _register(self, params) -> None:
+        new = [p for p in params if id(p) not in self._seen]
+        if new:
+            self._seen.update(id(p) for p in new)
+            if self.optimizer is None:
+                self.optimizer = _adam(new, self.settings, self.settings.stopping.num_steps)
+            else:
+                self.optimizer.add_param_group({"params": new})
 
 
-def save_checkpoint(path: Path | str, step: int, trace: list[float]) -> Path:
-    """Save the param store's unconstrained tensors (a plain state dict, no pickled objects)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "params": snapshot_params(),
-        "step": torch.tensor(step),
-        "trace": torch.tensor(trace, dtype=torch.float64),
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+def direct_step(family, guide, x: torch.Tensor, settings: Settings):
+    """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
+    Pyro's tracing (for speed on small networks).
 
-
-def load_checkpoint(path: Path | str, model, guide, *args, **kwargs) -> dict:
-    """Create the params by tracing guide and model once, then copy the checkpoint in place.
-
-    Loads with ``weights_only=True``.
+    Needs a :class:`~models.capabilities.LocalDensities` family (``log_joint(x, z) -> (..., n)``)
+    and ``guide.distribution(x, idx)`` (a reparameterizable q(z_n | x_n) with batch shape (B,)).
+    Per step: idx ~ a uniform minibatch of size B, z_p ~ q (P particles),
+    loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)], the unbiased estimate of -ELBO
+    that Trace_ELBO with plate subsampling computes. The optimized tensors are the param store's.
+    Returns the step function; its ``optimizer`` attribute is the ClippedAdam it uses.
     """
-    payload = torch.load(Path(path), weights_only=True, map_location="cpu")
+    if not isinstance(family, LocalDensities):
+        raise MissingCapability(
+            f"direct: the torch-native step needs the LocalDensities capability; the "
+            f"{family.name} family does not implement it")
+    if not callable(getattr(guide, "distribution", None)):
+        raise ValueError("direct: the guide has no distribution(x, idx)")
     with torch.no_grad():
-        gtr = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
-    store = dict(pyro.get_param_store().named_parameters())
-    missing = [k for k in payload["params"] if k not in store]
-    if missing:
-        raise KeyError(f"checkpoint: parameters {missing} are not created by this model/guide")
-    restore_params({k: v.to(store[k].device) for k, v in payload["params"].items()})
-    return payload
+        gtr = poutine.trace(guide).get_trace(x)
+        mtr = poutine.trace(family.model).get_trace(x)
+    names = {m["name"] for m in gtr.nodes.values() if m["type"] == "param"}
+    if settings.objective.learn_model_params:
+        names |= {m["name"] for m in mtr.nodes.values() if m["type"] == "param"}
+    params = [p for k, p in pyro.get_param_store().named_parameters() if k in names]
+    opt = _adam(params, settings, settings.stopping.num_steps)
+    n, batch = x.shape[0], settings.objective.subsample_size
+    particles = settings.objective.num_particles
+
+    def step():
+        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
+        xb = x if idx is None else x[idx]
+        q = guide.distribution(x, idx)
+        z = q.rsample((particles,))
+        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
+        opt.zero_grad()
+        (-elbo).backward()
+        opt.step()
+        return float(-elbo.detach())
+
+    step.optimizer = opt
+    return step
 
 
 def run_svi(
@@ -180,87 +199,63 @@ def run_svi(
     max_plate_nesting: int = 1,
     n: int | None = None,
     step_fn=None,
+    resume: dict | None = None,
 ) -> SviRun:
-    """Optimize inside the current param store. Stops with the reason on a non-finite loss and
-    restores the last good snapshot; never seeds or clears anything.
+    """Optimize inside the current param store; never seeds or clears anything.
 
-    ``step_fn`` (optional) replaces Pyro's ``SVI.step``: a callable taking one gradient step and
-    returning the loss (used by the direct path, :func:`direct_step`)."""
+    A non-finite loss or parameter stops the run with the step, the reason, and the parameters of
+    the last step whose loss and parameters were finite (``skip_nonfinite``: skip such steps and
+    count them). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
+    ``resume``: a checkpoint payload (:func:`inference.checkpoint.read_checkpoint`) to continue.
+    """
     kwargs = dict(kwargs or {})
-    if settings.subsample_size is not None:
-        kwargs["subsample_size"] = settings.subsample_size
+    if settings.objective.subsample_size is not None:
+        kwargs["subsample_size"] = settings.objective.subsample_size
     n = n or (args[0].shape[0] if args and hasattr(args[0], "shape") else 1)
-    if not settings.learn_model_params:
+    if not settings.objective.learn_model_params:
         model = poutine.block(model, hide_types=["param"])
     if step_fn is None:
         loss = make_loss(settings, collapsed, max_plate_nesting)
-        svi = SVI(model, guide, pyro.optim.ClippedAdam(_adam_args(settings)), loss)
-
-        def step_fn():
-            return svi.step(*args, **kwargs)
-
+        step_fn = _PyroStep(model, guide, args, kwargs, loss, settings)
     run = SviRun()
     with pyro.validation_enabled(settings.validate):
-        _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting)
+        _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume)
     return run
 
 
-def _adam_args(settings: Settings) -> dict:
-    gamma = settings.lr_decay ** (1.0 / settings.num_steps)
-    return {"lr": settings.lr, "clip_norm": settings.clip_norm or math.inf, "lrd": gamma}
+def _optimizer(step_fn):
+    return getattr(step_fn, "optimizer", None)
 
 
-def direct_step(family, guide, x: torch.Tensor, settings: Settings):
-    """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
-    Pyro's tracing (for speed on small networks).
-
-    Needs ``family.log_joint(x, z) -> (..., n)`` and ``guide.distribution(x, idx)`` (a
-    reparameterizable q(z_n | x_n) with batch shape (B,)). Per step: idx ~ a uniform minibatch of
-    size B, z_p ~ q (P particles), loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)],
-    the unbiased estimate of -ELBO that Trace_ELBO with plate subsampling computes.
-    The optimized tensors are the param store's (guide's, and the model's unless
-    ``learn_model_params=False``), so checkpoints, snapshots and the evaluator see them.
-    """
-    from pyro.optim.clipped_adam import ClippedAdam
-
-    if not callable(getattr(family, "log_joint", None)):
-        raise ValueError(f"direct: the {family.name} family has no log_joint(x, z)")
-    if not callable(getattr(guide, "distribution", None)):
-        raise ValueError("direct: the guide has no distribution(x, idx)")
-    with torch.no_grad():
-        gtr = poutine.trace(guide).get_trace(x)
-        mtr = poutine.trace(family.model).get_trace(x)
-    names = {m["name"] for m in gtr.nodes.values() if m["type"] == "param"}
-    if settings.learn_model_params:
-        names |= {m["name"] for m in mtr.nodes.values() if m["type"] == "param"}
-    params = [p for k, p in pyro.get_param_store().named_parameters() if k in names]
-    opt = ClippedAdam(params, **_adam_args(settings))
-    n, batch, particles = x.shape[0], settings.subsample_size, settings.num_particles
-
-    def step():
-        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
-        xb = x if idx is None else x[idx]
-        q = guide.distribution(x, idx)
-        z = q.rsample((particles,))
-        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
-        opt.zero_grad()
-        (-elbo).backward()
-        opt.step()
-        return float(-elbo.detach())
-
-    return step
+def _resume(step_fn, run: SviRun, payload: dict) -> int:
+    restore_params(payload["params"])
+    run.trace = [float(v) for v in payload["trace"]]
+    start = int(payload["step"])
+    opt_state = payload.get("optimizer")
+    if opt_state is not None:
+        if _optimizer(step_fn) is None:  # the Pyro step makes its optimizer on its first step
+            step_fn.prepare()
+        _optimizer(step_fn).load_state_dict(opt_state)
+    set_rng_state(payload["rng"])
+    return start
 
 
-def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting):
-    recent: deque[float] = deque(maxlen=2 * settings.window)
+def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume):
+    st, ck = settings.stopping, settings.checkpointing
     snap, snap_step = None, 0
     best_val, best_snap, bad_evals = -math.inf, None, 0
-    bar = tqdm(range(settings.num_steps), desc="svi", disable=not settings.progress, leave=False)
+    start = _resume(step_fn, run, resume) if resume is not None else 0
+    run.steps = start
+    bar = tqdm(range(start, st.num_steps), desc="svi", disable=not settings.progress, leave=False)
     for step in bar:
+        if snap is None or step % ck.snapshot_every == 0:
+            current = snapshot_params()
+            if all_finite(current):
+                snap, snap_step = current, step
         try:
             value = step_fn()
         except (ValueError, RuntimeError) as exc:  # distribution validation on NaN parameters
-            if step == 0 or not _mentions_nonfinite(str(exc)):
+            if not _mentions_nonfinite(str(exc)):
                 raise
             value, reason = math.nan, f" ({str(exc).splitlines()[0][:160]})"
         else:
@@ -268,47 +263,34 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting)
         if not math.isfinite(value):
             if snap is not None:
                 restore_params(snap)
+            if settings.objective.skip_nonfinite:
+                run.skipped += 1
+                continue
+            run.diverged = True
             run.message = (
-                f"stopped at step {step + 1}: loss became {value}{reason}; restored the "
-                f"parameters of step {snap_step}"
+                f"diverged at step {step + 1}: loss became {value}{reason}; kept the parameters "
+                f"of step {snap_step} (the last with finite loss and parameters)"
             )
             return run
         run.trace.append(-value)
         run.steps = step + 1
-        if step % settings.snapshot_every == 0:
-            snap, snap_step = snapshot_params(), run.steps
-        recent.append(value / n)
         if settings.progress and step % 50 == 0:
             bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}")
-        if (
-            settings.checkpoint
-            and settings.checkpoint_every
-            and run.steps % settings.checkpoint_every == 0
-        ):
-            save_checkpoint(settings.checkpoint, run.steps, run.trace)
-        if (
-            settings.eval_every
-            and settings.val_data is not None
-            and run.steps % settings.eval_every == 0
-        ):
-            val = (
-                estimate_elbo(
-                    model,
-                    guide,
-                    settings.val_data,
-                    num_particles=max(2, settings.val_particles),
-                    batch_size=settings.val_particles,
-                    collapsed=collapsed,
-                    max_plate_nesting=max_plate_nesting,
-                ).value
-                / settings.val_data.shape[0]
-            )
+        if ck.path is not None and ck.every and run.steps % ck.every == 0:
+            opt = _optimizer(step_fn)
+            save_checkpoint(ck.path, run.steps, run.trace, opt.state_dict() if opt else None)
+        if st.eval_every and st.val_data is not None and run.steps % st.eval_every == 0:
+            val = estimate_elbo(
+                model, guide, st.val_data, num_particles=max(2, st.val_particles),
+                batch_size=st.val_particles, collapsed=collapsed,
+                max_plate_nesting=max_plate_nesting,
+            ).value / st.val_data.shape[0]
             run.val_trace.append((run.steps, val))
             if val > best_val:
                 best_val, best_snap, bad_evals = val, snapshot_params(), 0
             else:
                 bad_evals += 1
-                if settings.patience and bad_evals >= settings.patience:
+                if st.patience and bad_evals >= st.patience:
                     restore_params(best_snap)
                     run.stopped_early, run.converged = True, True
                     run.message = (
@@ -316,27 +298,39 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting)
                         f"{bad_evals} evaluations; restored best ({best_val:.4f}/datum)"
                     )
                     return run
-        if settings.tol and len(recent) == recent.maxlen:
-            w = settings.window
-            old, new = sum(list(recent)[:w]) / w, sum(list(recent)[w:]) / w
-            if old - new < settings.tol:
-                run.converged = True
-                run.message = f"converged at step {run.steps} (window gain {old - new:.2e} < tol)"
+        if st.tol and len(run.trace) >= st.window and run.steps % st.window == 0:
+            if _judge(run, st, n, st.tol):
+                run.message = (f"converged at step {run.steps}: projected gain "
+                               f"{run.slope:.2e} +- {run.slope_se:.1e} nats/datum < tol")
                 return run
     if best_snap is not None:
         restore_params(best_snap)
-    # Ran out of steps: call it converged only if the ELBO has stopped rising, i.e. the mean over
-    # the last window beats the window before by less than ``converged_tol`` nats per datum.
-    w = min(settings.window, len(run.trace) // 2)
-    if w:
-        gain = (sum(run.trace[-w:]) - sum(run.trace[-2 * w : -w])) / (w * n)
-        run.converged = gain < settings.converged_tol
+    if len(run.trace) >= st.window:
+        _judge(run, st, n, st.converged_tol)
         run.message = run.message or (
-            f"ran {run.steps} steps; last-window gain {gain:.2e} nats/datum "
-            f"({'<' if run.converged else '>='} converged_tol {settings.converged_tol:g})"
+            f"ran {run.steps} steps; projected gain over one more window {run.slope:.2e} +- "
+            f"{run.slope_se:.1e} nats/datum ({'<' if run.converged else '>='} converged_tol "
+            f"{st.converged_tol:g} with 2 se)"
         )
-    run.message = run.message or f"ran {run.steps} steps"
+    run.message = run.message or (
+        f"ran {run.steps} steps, fewer than one window ({st.window}): convergence not judged")
+    if run.skipped:
+        run.message += f"; skipped {run.skipped} non-finite steps"
     return run
+
+
+def _judge(run: SviRun, st, n: int, tol: float) -> bool:
+    """The slope test of the module docstring on the last ``window`` steps."""
+    w = st.window
+    y = torch.tensor(run.trace[-w:], dtype=torch.float64) / n
+    t = torch.arange(w, dtype=torch.float64)
+    tc = t - t.mean()
+    b = float((tc * (y - y.mean())).sum() / (tc**2).sum())
+    resid = y - y.mean() - b * tc
+    se = float(((resid**2).sum() / (w - 2) / (tc**2).sum()).sqrt())
+    run.slope, run.slope_se = b * w, se * w
+    run.converged = run.slope + 2 * run.slope_se < tol
+    return run.converged
 
 
 def _mentions_nonfinite(text: str) -> bool:
@@ -345,21 +339,20 @@ def _mentions_nonfinite(text: str) -> bool:
 
 
 def resolve_guide(family, guide) -> GuideSpec:
-    """A guide given by name (looked up in ``family.guides()``), as a GuideSpec, or a callable."""
+    """A guide given by name (one of ``guides.for_family(family)``), a GuideSpec, or a callable."""
     if isinstance(guide, GuideSpec):
         return guide
     if callable(guide):
-        return GuideSpec(getattr(guide, "__name__", type(guide).__name__), lambda f, x, **_: guide)
-    if not callable(getattr(family, "guides", None)):
+        name = getattr(guide, "__name__", type(guide).__name__)
+        return GuideSpec(name, lambda f, x: guide, description="a user's guide callable")
+    specs = guide_registry.for_family(family)
+    name = guide if guide is not None else guide_registry.default_for(family)
+    if name is None or not specs:
         raise MissingCapability(
-            f"SVI needs a guide; the {family.name} family names none (pass guide=GuideSpec or a callable)"
-        )
-    specs = family.guides()
-    name = guide or getattr(family, "default_guide", None) or next(iter(specs))
+            f"SVI needs a guide; none is registered for the {family.name} family (pass "
+            "guide=<GuideSpec or callable>, or give the family the LocalDensities capability)")
     if name not in specs:
-        raise ValueError(
-            f"guide: the {family.name} family has guides {sorted(specs)}, got {name!r}"
-        )
+        raise ValueError(f"guide: the {family.name} family has guides {sorted(specs)}, got {name!r}")
     return specs[name]
 
 
@@ -371,40 +364,57 @@ def fit(
     seed: int = 0,
     guide=None,
     guide_options: dict | None = None,
-    **_,
+    resume=None,
 ) -> FitResult:
-    """Fit ``guide`` (name, GuideSpec or callable) to ``family.model`` on data ``x``."""
-    settings = settings or Settings()
+    """Fit ``guide`` (name, GuideSpec or callable) to ``family.model`` on data ``x``.
+
+    ``guide_options`` go to the guide's builder; ``resume`` is a checkpoint path written by a run
+    with the same settings (``checkpoint=..., checkpoint_every=N``) to continue from.
+    """
+    settings = check_settings(settings, Settings, "svi")
     x = family.check_data(x)
-    if settings.val_data is not None:
-        settings.val_data = family.check_data(settings.val_data)
+    st = settings.stopping
+    if st.val_data is not None:
+        settings = settings.replace(val_data=family.check_data(st.val_data))
+    if settings.objective.subsample_size is not None and settings.objective.subsample_size > x.shape[0]:
+        raise ValueError(
+            f"subsample_size: {settings.objective.subsample_size} is larger than the data "
+            f"({x.shape[0]} points)")
     spec = resolve_guide(family, guide)
-    nest = getattr(family, "max_plate_nesting", 1)
+    payload = read_checkpoint(resume) if resume is not None else None
+    nest = family.max_plate_nesting
+    guide_options = dict(guide_options or {})
     with isolated(seed), Timer(x.device) as timer:
-        guide_fn = spec.build(family, x, **(guide_options or {}))
+        guide_fn = spec.build(family, x, **guide_options)
         enum = spec.collapsed or spec.enumerated
         step_fn = None
-        if settings.direct:
+        if settings.objective.direct:
             if enum:
                 raise ValueError(f"direct: guide {spec.name!r} needs enumeration (use Pyro's ELBO)")
             step_fn = direct_step(family, guide_fn, x, settings)
+        elif payload is not None:
+            load_params_from(payload, family.model, guide_fn, x)
+        check_coverage(family, guide_fn, x, spec)
         run = run_svi(
             family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest,
-            step_fn=step_fn,
+            step_fn=step_fn, resume=payload,
         )
+        ev = settings.evaluation
         est = estimate_elbo(
             family.model,
             guide_fn,
             x,
-            num_particles=settings.eval_particles,
-            batch_size=settings.eval_batch,
+            num_particles=ev.eval_particles,
+            batch_size=ev.eval_batch,
             collapsed=spec.collapsed,
             enumerate=enum,
             max_plate_nesting=nest,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-        guide_params = _guide_param_names(guide_fn, x)
-        samples, log_lik = _posterior_draws(family, guide_fn, x, settings.num_posterior_samples)
+        guide_names = _param_names(guide_fn, x)
+        model_names = _param_names(family.model, x) - guide_names
+        samples, log_lik = _posterior_draws(family, guide_fn, x, ev.num_posterior_samples)
+    converged = run.converged and not run.diverged
     return FitResult(
         **data_fields(family, x, seed),
         engine="svi",
@@ -413,26 +423,55 @@ def fit(
         elbo=est.value,
         elbo_se=est.se,
         trace=run.trace,
-        posterior={k: v for k, v in params.items() if k in guide_params},
+        posterior={k: v for k, v in params.items() if k in guide_names},
         samples=samples,
         log_likelihood=log_lik,
         seconds=timer.seconds,
-        converged=run.converged,
+        converged=converged,
         message=run.message,
-        settings={
-            **family.settings(),
-            **{k: v for k, v in vars(settings).items() if k != "val_data"},
-        },
-        diagnostics={"steps": run.steps, "eval_particles": est.num_particles},
-        state={"guide": guide_fn, "params": params, "spec": spec, "run": run},
+        settings={**family.settings(), **settings.flat(), "guide_options": guide_options},
+        diagnostics={"steps": run.steps, "eval_particles": est.num_particles,
+                     "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,
+                     "diverged": run.diverged, "skipped_steps": run.skipped},
+        state=SviState(guide_fn, spec, params, tuple(sorted(model_names)),
+                       tuple(sorted(guide_names)), guide_options, run),
     )
 
 
-def _guide_param_names(guide_fn, x) -> set[str]:
+def check_coverage(family, guide_fn, x, spec: GuideSpec) -> None:
+    """Every latent site of the model is sampled by the guide, or summed out (enumerated, with a
+    guide that enumerates): else an error naming the uncovered sites."""
+    from guides.auto import latent_sites
+
+    glob, loc, enum = latent_sites(family.model, x)
+    with torch.no_grad(), poutine.block():
+        gtr = poutine.trace(guide_fn).get_trace(x)
+    sampled = {k for k, s in gtr.nodes.items() if s["type"] == "sample" and not site_is_plate(s)}
+    needed = set(glob) | set(loc) | (set() if (spec.collapsed or spec.enumerated) else set(enum))
+    missing = sorted(needed - sampled)
+    if missing:
+        raise ValueError(
+            f"guide: {spec.name!r} does not cover the latent site(s) {missing} of the "
+            f"{family.name} model; use a guide that samples them (e.g. 'auto-normal' for any "
+            "model) or make them observed")
+
+
+def load_params_from(payload: dict, model, guide, x) -> None:
+    """Create the params of model and guide, then copy a checkpoint's values in."""
     with torch.no_grad():
-        tr = poutine.trace(guide_fn).get_trace(x)
-    names = {s["name"] for s in tr.nodes.values() if s["type"] == "param"}
-    return names or set(pyro.get_param_store().keys())
+        gtr = poutine.trace(guide).get_trace(x)
+        poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
+    store = dict(pyro.get_param_store().named_parameters())
+    missing = [k for k in payload["params"] if k not in store]
+    if missing:
+        raise KeyError(f"resume: parameters {missing} are not created by this model/guide")
+    restore_params({k: v.to(store[k].device) for k, v in payload["params"].items()})
+
+
+def _param_names(fn, x) -> set[str]:
+    with torch.no_grad():
+        tr = poutine.trace(fn).get_trace(x)
+    return {s["name"] for s in tr.nodes.values() if s["type"] == "param"}
 
 
 def _posterior_draws(family, guide_fn, x, num_samples: int):
@@ -448,9 +487,10 @@ def _posterior_draws(family, guide_fn, x, num_samples: int):
             if site["type"] == "sample"
             and not site["is_observed"]
             and not site["infer"].get("is_auxiliary")
+            and not site_is_plate(site)
         }
 
-    nest = getattr(family, "max_plate_nesting", 1)
+    nest = family.max_plate_nesting
     with torch.no_grad():
         shapes = {k: v.shape for k, v in latent(poutine.trace(guide_fn).get_trace(x)).items()}
         try:
@@ -461,9 +501,9 @@ def _posterior_draws(family, guide_fn, x, num_samples: int):
             draws = [latent(poutine.trace(guide_fn).get_trace(x)) for _ in range(num_samples)]
             samples = {k: torch.stack([d[k] for d in draws]).unsqueeze(0) for k in shapes}
     log_lik = {}
-    if callable(getattr(family, "pointwise_log_likelihood", None)):
+    if isinstance(family, PointwiseLogLikelihood):
         try:
             log_lik = {"x": family.pointwise_log_likelihood(samples, x)}
-        except (KeyError, MissingCapability):
+        except KeyError:  # the guide's sites are not the ones the family reads
             log_lik = {}
     return samples, log_lik

@@ -26,7 +26,6 @@ calling Pyro code by hand).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,27 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelFamily
+from models.base import LocalLatentFamily
+from models.numerics import ACTIVATIONS, inverse_softplus, mlp
 from models.validate import as_data, choice, integer, positive
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 VARIANCES = ("feature", "point")
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
-
-
-def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
-    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between them."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
-
-
-def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
-    """x with softplus(x) = y (y > 0), stable for large y."""
-    return y + torch.log(-torch.expm1(-y))
 
 
 class Decoder(nn.Module):
@@ -98,12 +82,18 @@ class Decoder(nn.Module):
         return out, raw
 
 
-class VAE(ModelFamily):
-    """Deep latent Gaussian model with an MLP decoder; see the module docstring."""
+class VAE(LocalLatentFamily):
+    """Deep latent Gaussian model with an MLP decoder; see the module docstring.
+
+    Its densities are those of :meth:`local_prior` and :meth:`observation_dist`, the objects the
+    Pyro model samples from (``log_joint`` / ``log_likelihood`` come from
+    :class:`models.base.LocalLatentFamily`).
+    """
 
     name = "vae"
-    default_guide = "mlp"
     max_plate_nesting = 1
+    latent_site = "z"
+    obs_site = "x"
 
     def __init__(self, data_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (256,),
                  likelihood: str = "bernoulli", variance: str = "feature",
@@ -145,7 +135,7 @@ class VAE(ModelFamily):
             raise ValueError(f"data: expected {self.data_dim} columns, got shape {tuple(x.shape)}")
         if self.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
             raise ValueError("data: the bernoulli likelihood needs 0/1 values "
-                             "(binarize first, e.g. models.digits.binarize)")
+                             "(binarize first, e.g. models.data.images.binarize)")
         return x
 
     def to(self, ref: torch.Tensor) -> VAE:
@@ -167,15 +157,23 @@ class VAE(ModelFamily):
         return self._frozen
 
     def decode(self, z: torch.Tensor, detach: bool = False):
-        """(logits, None) or (mean, variance) for latents ``z`` (..., k); ``detach``: with
-        constant copies of the weights (:meth:`frozen_weights`)."""
+        """(logits, None) or (mean, variance) for latents ``z`` (..., k), with the decoder moved
+        to z's device and dtype; ``detach``: with constant copies of the weights
+        (:meth:`frozen_weights`)."""
+        self.to(z)
         out, raw = self.decoder(z, self.frozen_weights() if detach else None)
         if raw is None:
             return out, None
         return out, self.var_floor + F.softplus(raw)
 
+    def local_prior(self, x: torch.Tensor) -> dist.Distribution:
+        """p(z_n) = N(0, I_k) for the rows of ``x``: batch (n,), event (k,)."""
+        zeros = torch.zeros(x.shape[0], self.latent_dim, device=x.device, dtype=x.dtype)
+        return dist.Normal(zeros, 1.0).to_event(1)
+
     def observation_dist(self, z: torch.Tensor, detach: bool = False) -> dist.Distribution:
-        """p(x | z): batch shape ``z.shape[:-1]``, event shape (D,)."""
+        """p(x | z): batch shape ``z.shape[:-1]``, event shape (D,); ``detach`` as in
+        :meth:`decode`."""
         out, var = self.decode(z, detach)
         if self.likelihood == "bernoulli":
             base = dist.Bernoulli(logits=out, validate_args=False)
@@ -183,86 +181,60 @@ class VAE(ModelFamily):
             base = dist.Normal(out, var.sqrt().expand_as(out), validate_args=False)
         return base.to_event(1)
 
-    def prior(self, n: int, ref: torch.Tensor) -> dist.Distribution:
-        """p(z) for ``n`` points: batch (n,), event (k,)."""
-        zeros = torch.zeros(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
-        return dist.Normal(zeros, 1.0).to_event(1)
-
     def model(self, x: torch.Tensor, subsample_size: int | None = None):
         """z_n ~ N(0, I), x_n ~ p(x | f(z_n)) in plate "data" (dim -1); minibatches scale by N/B."""
         self.to(x)
         # the module computes with its own weights; in a fresh store they ARE the store's
         pyro.module(self.module_name, self.decoder)
-        n = x.shape[0]
-        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
-            xb = x if subsample_size is None else x.index_select(0, idx)
-            z = pyro.sample("z", self.prior(xb.shape[0], x))
-            pyro.sample("x", self.observation_dist(z), obs=xb)
+        super().model(x, subsample_size)
 
     def mcmc_model(self, x: torch.Tensor, subsample_size: int | None = None):
         """The same model with the decoder's weights as constants (detached, not registered):
         NUTS over z for a fixed decoder, and JIT-traceable."""
         self.to(x)
-        n = x.shape[0]
-        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as idx:
             xb = x if subsample_size is None else x.index_select(0, idx)
-            z = pyro.sample("z", self.prior(xb.shape[0], x))
-            pyro.sample("x", self.observation_dist(z, detach=True), obs=xb)
+            z = pyro.sample(self.latent_site, self.local_prior(xb))
+            pyro.sample(self.obs_site, self.observation_dist(z, detach=True), obs=xb)
+
+    def mcmc_init(self, x: torch.Tensor) -> None:
+        """No special start: Pyro's initialization of z."""
+        return None
 
     # ------------------------------------------------------------------ densities
-    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None):
-        """log p(x_n | z_n) summed over the pixels (only where ``mask`` is True): shape (..., n)."""
-        self.to(z)
-        out, var = self.decode(z)
-        if self.likelihood == "bernoulli":
-            lp = -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
-        else:
-            lp = -0.5 * (math.log(2 * math.pi) + var.log() + (x - out) ** 2 / var)
-        if mask is not None:
-            lp = torch.where(mask, lp, torch.zeros((), device=lp.device, dtype=lp.dtype))
-        return lp.sum(-1)
-
-    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; 0, I): shape z.shape[:-1]."""
-        return -0.5 * (z.pow(2).sum(-1) + self.latent_dim * math.log(2 * math.pi))
-
-    def log_joint(self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None):
-        """log p(x_n, z_n) = log p(z_n) + log p(x_n | z_n), shape (..., n) for z (..., n, k)."""
-        return self.log_prior(z) + self.log_likelihood(x, z, mask)
-
     def pointwise_log_likelihood(self, samples: dict, x: torch.Tensor) -> torch.Tensor:
         """log p(x_n | z_n) for draws ``samples["z"]`` (chain, draw, n, k): (chain, draw, n)."""
         with torch.no_grad():
-            return self.log_likelihood(x, samples["z"].to(x))
+            return self.log_likelihood(x, samples[self.latent_site].to(x))
 
-    def mcmc_invariants(self, samples: dict, x: torch.Tensor) -> dict:
+    def posterior_invariants(self, samples: dict, x: torch.Tensor) -> dict:
         """With the decoder fixed z is identified: diagnose z itself and the log likelihood."""
-        return {"z": samples["z"], "log_lik": self.pointwise_log_likelihood(samples, x).sum(-1)}
+        z = samples[self.latent_site]
+        return {"z": z, "log_lik": self.pointwise_log_likelihood(samples, x).sum(-1)}
 
     # ------------------------------------------------------------------ generation
     def simulate(self, n: int, *, seed: int = 0, device=None, dtype=torch.float64,
                  return_latents: bool = False):
-        """Draw ``n`` points from the model with the current decoder (seeded, CPU generator)."""
+        """Draw ``n`` points from the model with the current decoder (seeded, CPU generator):
+        z from N(0, I), x from the parameters of :meth:`observation_dist`."""
         n = integer(n, "n", minimum=1)
         gen = torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
         ref = torch.empty(0, dtype=dtype, device=device)
         z = torch.randn(n, self.latent_dim, generator=gen, dtype=dtype).to(ref)
-        self.to(ref)
         with torch.no_grad():
-            out, var = self.decode(z)
+            base = self.observation_dist(z).base_dist
             if self.likelihood == "bernoulli":
-                u = torch.rand(out.shape, generator=gen, dtype=dtype).to(ref)
-                x = (u < torch.sigmoid(out)).to(dtype)
+                u = torch.rand(base.probs.shape, generator=gen, dtype=dtype).to(ref)
+                x = (u < base.probs).to(dtype)
             else:
-                eps = torch.randn(out.shape, generator=gen, dtype=dtype).to(ref)
-                x = out + var.sqrt() * eps
+                eps = torch.randn(base.loc.shape, generator=gen, dtype=dtype).to(ref)
+                x = base.loc + base.scale * eps
         return (x, z) if return_latents else x
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x | z]: pixel probabilities (Bernoulli) or decoder means (Gaussian)."""
-        self.to(z)
-        out, _ = self.decode(z)
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        return self.observation_dist(z).mean
 
     # ------------------------------------------------------------------ factor analysis
     def _check_fa(self) -> None:
@@ -321,89 +293,3 @@ class VAE(ModelFamily):
         s = dict(payload["settings"])
         vae = cls(s.pop("data_dim"), s.pop("latent_dim"), tuple(s.pop("hidden")), **s)
         return vae.load_state_dict(payload["decoder"])
-
-    # ------------------------------------------------------------------ guides
-    def guides(self) -> dict:
-        """Guides by name: the shared latent guides (``guides.latent_guides``, no "exact"), the
-        amortized ``flow`` encoder, the per-point ``local-flow`` and ``semi-amortized``."""
-        return vae_guides()
-
-
-def vae_guides() -> dict:
-    """The shared latent guides without "exact" (flows and semi-amortized included)."""
-    from guides import latent_guides
-
-    return latent_guides(exact=False)
-
-
-#: guides trained with the engine's torch-native step (same estimator, ~1.5x faster than Pyro's
-#: Trace_ELBO here; see bench/vae_throughput.py); the others go through Pyro's ELBO
-DIRECT_GUIDES = ("mlp", "linear-diag", "linear-full", "flow")
-
-
-def train_vae(family: VAE, x, *, guide="mlp", guide_options: dict | None = None, epochs: int = 50,
-              batch_size: int = 128, lr: float = 1e-3, val_data=None, eval_every_epochs: int = 1,
-              patience: int = 0, checkpoint=None, checkpoint_every_epochs: int = 0,
-              eval_particles: int = 100, seed: int = 0, progress: bool = False, **settings):
-    """Train decoder and encoder by SVI (Adam, minibatches of ``batch_size`` with the plate's N/B
-    scaling) through :func:`inference.svi.fit`; epochs become steps of ceil(n / batch_size).
-
-    With ``val_data`` and ``patience`` it stops early on the held-out ELBO (evaluated every
-    ``eval_every_epochs``) and restores the best parameters; ``checkpoint`` (a path) gets the
-    param store's tensors every ``checkpoint_every_epochs`` (state dicts, ``weights_only``).
-    Returns the engine's FitResult (``state["guide"]`` is the trained encoder). Extra keyword
-    arguments go to ``inference.svi.Settings``.
-    """
-    from inference import svi
-
-    x = family.check_data(x)
-    n = x.shape[0]
-    epochs = integer(epochs, "epochs", minimum=1)
-    batch = min(integer(batch_size, "batch_size", minimum=1), n)
-    eval_every_epochs = integer(eval_every_epochs, "eval_every_epochs", minimum=0)
-    checkpoint_every_epochs = integer(checkpoint_every_epochs, "checkpoint_every_epochs", minimum=0)
-    per_epoch = math.ceil(n / batch)
-    with_val = val_data is not None and eval_every_epochs > 0
-    s = svi.Settings(
-        num_steps=epochs * per_epoch, lr=lr, subsample_size=batch if batch < n else None,
-        val_data=val_data if with_val else None,
-        eval_every=eval_every_epochs * per_epoch if with_val else 0,
-        patience=patience if with_val else 0, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every_epochs * per_epoch if checkpoint else 0,
-        eval_particles=eval_particles, eval_batch=min(eval_particles, 50), progress=progress,
-        **{"num_posterior_samples": 0, "direct": guide in DIRECT_GUIDES, **settings},
-    )
-    return svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options)
-
-
-def pseudo_gibbs_impute(family: VAE, encoder, x, mask=None, *, steps: int = 50,
-                        burn_in: int = 10, fill=None, seed: int = 0):
-    """Pseudo-Gibbs imputation (Rezende, Mohamed & Wierstra 2014, sec. 5.3): start from ``fill``
-    (a (D,) or (n, D) tensor; default: the observed column means, 0.5 where a column has none),
-    then repeat z ~ q(z | x~), x~_mis ~ p(x_mis | z) (observed entries kept); the result averages
-    E[x_mis | z] over the ``steps - burn_in`` last sweeps. ``encoder``: an amortized guide with
-    ``distribution(x)`` (e.g. ``guides.make("mlp", ...)`` after training). Returns x with the
-    missing entries (NaN, or ``mask`` True) filled.
-    """
-    from inference.evidence import seeded
-    from inference.impute import missing_mask
-
-    x, mask = missing_mask(x, mask)
-    steps = integer(steps, "steps", minimum=1)
-    burn_in = integer(burn_in, "burn_in", minimum=0, maximum=steps - 1)
-    if fill is None:
-        obs = (~mask).to(x.dtype)
-        zero = torch.zeros((), device=x.device, dtype=x.dtype)
-        total = torch.where(mask, zero, x).sum(0)
-        fill = torch.where(obs.sum(0) > 0, total / obs.sum(0).clamp_min(1), zero + 0.5)
-    fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).expand_as(x)
-    filled = torch.where(mask, fill, x)
-    acc = torch.zeros_like(filled)
-    with seeded(seed, x.device), torch.no_grad():
-        for t in range(steps):
-            z = encoder.distribution(filled).sample()
-            draw = family.observation_dist(z).sample()
-            if t >= burn_in:
-                acc += family.mean(z)
-            filled = torch.where(mask, draw, x)
-    return torch.where(mask, acc / (steps - burn_in), x)

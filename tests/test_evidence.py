@@ -5,7 +5,7 @@ z_n | x_n ~ N(C W^T Psi^-1 (x_n - mu), C), C = (I + W^T Psi^-1 W)^-1, written he
 
 Statistical tolerances. Every estimate is a log-mean of independent weights per data point, with
 a delta-method se per point; points use independent draws, so the se of a mean over n points is
-sqrt(sum se_n^2) / n (= total_se / n). "Agrees with exact" means |mean error| < 0.05 nats per
+sqrt(sum se_n^2) / n (= se / n of the total). "Agrees with exact" means |mean error| < 0.05 nats per
 point where the test is designed so that 0.05 >= 5 x that se plus the bias (~ -se_n^2 / 2).
 """
 
@@ -21,15 +21,10 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
-from inference.ais import _hmc, _Target, ais, annealing_schedule, bdmc
-from inference.evidence import (
-    EvidenceEstimate,
-    iwae,
-    iwae_from_log_joint,
-    iwae_throughput,
-    proposal_from,
-    pyro_log_joint,
-)
+from inference.ais import AisSettings, AnnealingTarget, ais, annealing_schedule, bdmc, hmc_step
+from inference.evidence import iwae, iwae_from_log_joint, iwae_throughput
+from inference.tracing import proposal_from, pyro_log_joint
+from models.capabilities import Evidence
 
 K = 2
 
@@ -132,7 +127,7 @@ def test_fa_family_model_log_joint_matches_scipy(easy):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
     # the exact-posterior proposal makes every weight p(x_n): IWAE is exact
     est = iwae_from_log_joint(pyro_log_joint(family.model), easy.posterior(), x, num_samples=50)
-    np.testing.assert_allclose(est.per_point.numpy(), easy.exact, atol=1e-8)
+    np.testing.assert_allclose(est.pointwise.numpy(), easy.exact, atol=1e-8)
 
 
 # -- IWAE -------------------------------------------------------------------------------------
@@ -145,10 +140,10 @@ def test_iwae_exact_posterior_proposal_is_exact_with_zero_se(easy):
         iwae(easy.model, easy.posterior_guide, easy.x(), num_samples=64, chunk_size=20),
         iwae(easy.model, easy.posterior_guide, easy.x(), num_samples=16, batch_size=7),
     ):
-        assert est.per_point.dtype == torch.float64 and est.per_point.shape == (easy.n,)
-        np.testing.assert_allclose(est.per_point.numpy(), easy.exact, atol=1e-8)
-        assert float(est.se_per_point.max()) < 1e-6
-        assert abs(est.total - easy.exact.sum()) < 1e-6
+        assert est.pointwise.dtype == torch.float64 and est.pointwise.shape == (easy.n,)
+        np.testing.assert_allclose(est.pointwise.numpy(), easy.exact, atol=1e-8)
+        assert float(est.details["pointwise_se"].max()) < 1e-6
+        assert abs(est.value - easy.exact.sum()) < 1e-6
         assert est.method == "iwae"
 
 
@@ -159,11 +154,11 @@ def test_iwae_prior_proposal_agrees_with_exact(easy):
         iwae_from_log_joint(easy.log_joint, easy.prior(), easy.x(), num_samples=5000, seed=3),
         iwae(easy.model, easy.prior_guide, easy.x(), num_samples=5000, chunk_size=1000, seed=4),
     ):
-        err = est.per_point.numpy() - easy.exact
+        err = est.pointwise.numpy() - easy.exact
         assert abs(err.mean()) < 0.05
-        assert abs(err.mean()) < 4 * est.total_se / easy.n + 0.005
+        assert abs(err.mean()) < 4 * est.se / easy.n + 0.005
         # each point within 4 of its own se (and the bias) of the truth
-        assert np.all(np.abs(err) < 4 * est.se_per_point.numpy() + 0.01)
+        assert np.all(np.abs(err) < 4 * est.details["pointwise_se"].numpy() + 0.01)
 
 
 def test_iwae_increases_with_num_samples_toward_exact():
@@ -171,7 +166,7 @@ def test_iwae_increases_with_num_samples_toward_exact():
     means, per = [], []
     for s in (1, 10, 100, 1000):
         est = iwae_from_log_joint(p.log_joint, p.prior(), p.x(), num_samples=s, seed=10 + s)
-        per.append(est.per_point.numpy())
+        per.append(est.pointwise.numpy())
         means.append(est)
     # E[L_S] increases with S. The per-point differences are independent across the 400 points
     # (independent draws), so their mean has se ~ sd(diff) / sqrt(n) (heterogeneity across points
@@ -181,7 +176,7 @@ def test_iwae_increases_with_num_samples_toward_exact():
         assert diff.mean() > 3 * diff.std(ddof=1) / math.sqrt(len(diff))
     # ... and reaches the exact value: S = 1000 lies within 0.05 per point, below it up to MC error
     err = per[-1] - p.exact
-    se_mean = means[-1].total_se / p.n
+    se_mean = means[-1].se / p.n
     assert -0.05 < err.mean() < 3 * se_mean
 
 
@@ -192,8 +187,8 @@ def test_iwae_delta_method_se_is_calibrated(easy):
         iwae_from_log_joint(easy.log_joint, easy.prior(), easy.x(), num_samples=300, seed=100 + r)
         for r in range(30)
     ]
-    values = torch.stack([r.per_point for r in reps]).numpy()
-    ses = torch.stack([r.se_per_point for r in reps]).numpy()
+    values = torch.stack([r.pointwise for r in reps]).numpy()
+    ses = torch.stack([r.details["pointwise_se"] for r in reps]).numpy()
     ratio = values.std(0, ddof=1) / ses.mean(0)
     assert 0.8 < ratio.mean() < 1.25
 
@@ -213,11 +208,11 @@ def test_iwae_brute_force_numpy_tiny_case():
             log_w[i, n] = lx  # log p(z) - log q(z) = 0 for the prior proposal
     np.testing.assert_allclose(est.details["log_weights"].numpy(), log_w, atol=1e-10)
     want = logsumexp(log_w, axis=0) - math.log(s)
-    np.testing.assert_allclose(est.per_point.numpy(), want, atol=1e-10)
+    np.testing.assert_allclose(est.pointwise.numpy(), want, atol=1e-10)
     w = np.exp(log_w - log_w.max(0))
     se = np.sqrt(w.var(0, ddof=1) / s) / w.mean(0)  # delta method: sd(mean w) / mean w
-    np.testing.assert_allclose(est.se_per_point.numpy(), se, rtol=1e-8)
-    np.testing.assert_allclose(est.total_se, math.sqrt((se**2).sum()), rtol=1e-8)
+    np.testing.assert_allclose(est.details["pointwise_se"].numpy(), se, rtol=1e-8)
+    np.testing.assert_allclose(est.se, math.sqrt((se**2).sum()), rtol=1e-8)
 
 
 def test_iwae_per_point_with_a_global_latent_site(easy):
@@ -235,30 +230,32 @@ def test_iwae_per_point_with_a_global_latent_site(easy):
         iwae(model, easy.posterior_guide, easy.x(), num_samples=4)
     est = iwae(model, easy.posterior_guide, easy.x(), num_samples=8, fixed={"W": W})
     # log p(W) is left out: the per-point value is log p(x_n | W), exactly
-    np.testing.assert_allclose(est.per_point.numpy(), easy.exact, atol=1e-8)
+    np.testing.assert_allclose(est.pointwise.numpy(), easy.exact, atol=1e-8)
 
 
 def test_iwae_batched_over_data_points_with_callable_proposal(easy):
     est = iwae_from_log_joint(easy.log_joint, lambda xb: easy.posterior(xb), easy.x(),
                               num_samples=10, batch_size=6)
-    np.testing.assert_allclose(est.per_point.numpy(), easy.exact, atol=1e-8)
+    np.testing.assert_allclose(est.pointwise.numpy(), easy.exact, atol=1e-8)
 
 
 def test_dtype_follows_data_and_seed_is_local(easy):
     x32 = easy.x(torch.float32)
     est = iwae_from_log_joint(easy.log_joint, easy.prior(torch.float32), x32, num_samples=50)
-    assert est.per_point.dtype == torch.float32 and est.se_per_point.dtype == torch.float32
-    a = ais(easy.log_joint, easy.prior(torch.float32), x32, num_steps=3, num_chains=2)
-    assert a.per_point.dtype == torch.float32
-    a64 = ais(easy.log_joint, easy.prior(), easy.x(), num_steps=3, num_chains=2)
-    assert a64.per_point.dtype == torch.float64
+    assert est.pointwise.dtype == torch.float32
+    assert est.details["pointwise_se"].dtype == torch.float32
+    a = ais(easy.log_joint, easy.prior(torch.float32), x32, AisSettings(num_steps=3, num_chains=2))
+    assert a.pointwise.dtype == torch.float32
+    a64 = ais(easy.log_joint, easy.prior(), easy.x(), AisSettings(num_steps=3, num_chains=2))
+    assert a64.pointwise.dtype == torch.float64
     state = torch.get_rng_state()
     e1 = iwae_from_log_joint(easy.log_joint, easy.prior(), easy.x(), num_samples=20, seed=7)
     e2 = iwae_from_log_joint(easy.log_joint, easy.prior(), easy.x(), num_samples=20, seed=7)
-    assert torch.equal(e1.per_point, e2.per_point)
+    assert torch.equal(e1.pointwise, e2.pointwise)
     assert torch.equal(state, torch.get_rng_state())  # no global RNG state leaks
-    ev = e1.to_evidence()
-    assert ev.method == "iwae" and ev.n == easy.n and ev.value == pytest.approx(e1.total)
+    ev = e1
+    assert isinstance(ev, Evidence) and ev.method == "iwae" and ev.n == easy.n
+    assert ev.value == pytest.approx(float(e1.pointwise.sum()))
 
 
 # -- AIS and BDMC -----------------------------------------------------------------------------
@@ -285,12 +282,12 @@ def test_hmc_kernel_leaves_the_posterior_invariant(easy):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         z = post.sample((4000,))
-        target = _Target(easy.log_joint, q, x, 1)
+        target = AnnealingTarget(easy.log_joint, q, x, 1)
         state = target(z)
         eps = torch.full((n,), 0.4, dtype=torch.float64)
         minv = torch.ones_like(z)
         for _ in range(25):
-            state, acc = _hmc(state, 1.0, eps, minv, 5, target)
+            state, acc = hmc_step(state, 1.0, eps, minv, 5, target)
     assert 0.3 < float(acc.mean()) <= 1.0
     zf = state[0].numpy()
     sd = np.sqrt(np.diag(easy.post_cov))
@@ -305,8 +302,9 @@ def test_ais_exact_posterior_start_is_exact_every_chain(easy):
     # q = p(z | x): log p(x, z) - log q(z) = log p(x) for all z, so every weight is exact
     for kw in ({}, {"schedule": "linear", "adapt": "none", "mass": "identity"},
                {"adapt": "online", "schedule": [0.0, 0.3, 1.0]}):
-        est = ais(easy.log_joint, easy.posterior(), easy.x(), num_steps=8, num_chains=4, **kw)
-        np.testing.assert_allclose(est.per_point.numpy(), easy.exact, atol=1e-8)
+        est = ais(easy.log_joint, easy.posterior(), easy.x(),
+                  AisSettings(num_steps=8, num_chains=4, **kw))
+        np.testing.assert_allclose(est.pointwise.numpy(), easy.exact, atol=1e-8)
         assert est.method == "ais"
         acc = est.details["acceptance"]
         assert acc.shape == (easy.n,) and bool(((acc > 0) & (acc <= 1)).all())
@@ -314,11 +312,12 @@ def test_ais_exact_posterior_start_is_exact_every_chain(easy):
 
 def test_ais_prior_start_agrees_with_exact(easy):
     # measured here: se of the mean over 20 points ~0.008 at T = 200, 32 chains; 0.05 is > 5 se
-    est = ais(easy.log_joint, easy.prior(), easy.x(), num_steps=200, num_chains=32, seed=1)
-    err = est.per_point.numpy() - easy.exact
+    est = ais(easy.log_joint, easy.prior(), easy.x(), AisSettings(num_steps=200, num_chains=32),
+              seed=1)
+    err = est.pointwise.numpy() - easy.exact
     assert abs(err.mean()) < 0.05
-    assert abs(err.mean()) < 4 * est.total_se / easy.n + 0.01
-    assert np.all(np.abs(err) < 4 * est.se_per_point.numpy() + 0.05)
+    assert abs(err.mean()) < 4 * est.se / easy.n + 0.01
+    assert np.all(np.abs(err) < 4 * est.details["pointwise_se"].numpy() + 0.05)
     assert 0.5 < est.details["mean_acceptance"] < 0.8  # adapted toward 0.65
 
 
@@ -329,9 +328,9 @@ def test_ais_more_steps_is_tighter():
     p = Problem(n=20, w_scale=1.5, psi_lo=0.05, psi_hi=0.15, seed=2)
     gaps, ses = [], []
     for t in (4, 100):
-        est = ais(p.log_joint, p.prior(), p.x(), num_steps=t, num_chains=8, seed=t)
-        gaps.append(float(np.mean(p.exact - est.per_point.numpy())))
-        ses.append(est.total_se / p.n)
+        est = ais(p.log_joint, p.prior(), p.x(), AisSettings(num_steps=t, num_chains=8), seed=t)
+        gaps.append(float(np.mean(p.exact - est.pointwise.numpy())))
+        ses.append(est.se / p.n)
     assert gaps[0] - gaps[1] > 5 * math.hypot(*ses)
     assert gaps[1] > -3 * ses[1]  # still a lower bound up to MC error
     assert gaps[1] < 0.5
@@ -342,19 +341,21 @@ def test_bdmc_brackets_the_exact_value(easy):
     with torch.random.fork_rng():
         torch.manual_seed(3)
         z_post = easy.posterior().sample((16,))
-    lo, up = bdmc(easy.log_joint, easy.prior(), easy.x(), z_post, num_steps=100, num_chains=16)
+    lo, up = bdmc(easy.log_joint, easy.prior(), easy.x(), z_post,
+                  AisSettings(num_steps=100, num_chains=16))
     assert lo.method == "ais" and up.method == "bdmc-upper"
     m_lo, m_up, m_ex = lo.per_datum, up.per_datum, float(easy.exact.mean())
-    assert m_lo <= m_ex + 3 * lo.total_se / easy.n
-    assert m_up >= m_ex - 3 * up.total_se / easy.n
-    assert np.all(lo.per_point.numpy() <= easy.exact + 4 * lo.se_per_point.numpy() + 1e-9)
-    assert np.all(up.per_point.numpy() >= easy.exact - 4 * up.se_per_point.numpy() - 1e-9)
+    assert m_lo <= m_ex + 3 * lo.se / easy.n
+    assert m_up >= m_ex - 3 * up.se / easy.n
+    lo_se, up_se = lo.details["pointwise_se"].numpy(), up.details["pointwise_se"].numpy()
+    assert np.all(lo.pointwise.numpy() <= easy.exact + 4 * lo_se + 1e-9)
+    assert np.all(up.pointwise.numpy() >= easy.exact - 4 * up_se - 1e-9)
     assert m_up - m_lo < 0.1  # and the bracket is informative
     # (2) the simulated z (one exact draw per point shared by all reverse chains): the mean brackets
-    lo2, up2 = bdmc(easy.log_joint, easy.prior(), easy.x(), easy.t(easy.Z), num_steps=100,
-                    num_chains=16, seed=5)
-    assert lo2.per_datum <= m_ex + 3 * lo2.total_se / easy.n
-    assert up2.per_datum >= m_ex - 3 * up2.total_se / easy.n
+    lo2, up2 = bdmc(easy.log_joint, easy.prior(), easy.x(), easy.t(easy.Z),
+                    AisSettings(num_steps=100, num_chains=16), seed=5)
+    assert lo2.per_datum <= m_ex + 3 * lo2.se / easy.n
+    assert up2.per_datum >= m_ex - 3 * up2.se / easy.n
 
 
 def test_ais_through_pyro_model_from_prior(easy):
@@ -364,19 +365,20 @@ def test_ais_through_pyro_model_from_prior(easy):
     x = easy.x()[:8]
     prior = proposal_from(model, x)
     assert tuple(prior.batch_shape) == (8,) and tuple(prior.event_shape) == (K,)
-    est = ais(pyro_log_joint(model), prior, x, num_steps=30, num_chains=16, seed=2)
+    est = ais(pyro_log_joint(model), prior, x, AisSettings(num_steps=30, num_chains=16), seed=2)
     # 30 steps on this easy posterior: se of the mean over 8 points ~0.03; 0.15 > 4 se
-    assert abs(float(np.mean(est.per_point.numpy() - easy.exact[:8]))) < 0.15
+    assert abs(float(np.mean(est.pointwise.numpy() - easy.exact[:8]))) < 0.15
 
 
 @pytest.mark.slow
 def test_ais_and_iwae_every_point_within_005_nats(easy):
     # long runs: per-point se ~0.01 (AIS, T = 1000, 64 chains) and ~0.02 (IWAE, S = 20000 through
     # the Pyro model), so each of the 20 points must land within 0.05 of its exact value
-    est = ais(easy.log_joint, easy.prior(), easy.x(), num_steps=1000, num_chains=64, seed=8)
-    assert np.abs(est.per_point.numpy() - easy.exact).max() < 0.05
+    est = ais(easy.log_joint, easy.prior(), easy.x(), AisSettings(num_steps=1000, num_chains=64),
+              seed=8)
+    assert np.abs(est.pointwise.numpy() - easy.exact).max() < 0.05
     est = iwae(easy.model, easy.prior_guide, easy.x(), num_samples=20000, seed=8)
-    assert np.abs(est.per_point.numpy() - easy.exact).max() < 0.05
+    assert np.abs(est.pointwise.numpy() - easy.exact).max() < 0.05
 
 
 # -- boundary checks --------------------------------------------------------------------------
@@ -395,22 +397,29 @@ def test_validation_errors_name_the_field(easy):
         (lambda: iwae_from_log_joint(lj, q, x.clone().fill_(math.nan)), "^x"),
         (lambda: iwae_from_log_joint(lj, q, x[:0]), "^x"),
         (lambda: iwae(easy.model, easy.prior_guide, x, latent="u"), "^latent"),
-        (lambda: ais(lj, q, x, num_steps=0), "^num_steps"),
-        (lambda: ais(lj, q, x, num_chains=0), "^num_chains"),
-        (lambda: ais(lj, q, x, leapfrog_steps=0), "^leapfrog_steps"),
-        (lambda: ais(lj, q, x, step_size=-0.1), "^step_size"),
-        (lambda: ais(lj, q, x, target_accept=1.5), "^target_accept"),
-        (lambda: ais(lj, q, x, schedule="cosine"), "^schedule"),
-        (lambda: ais(lj, q, x, schedule=[0.0, 0.7, 0.5, 1.0]), "^schedule"),
-        (lambda: ais(lj, q, x, adapt="sometimes"), "^adapt"),
-        (lambda: ais(lj, q, x, mass="full"), "^mass"),
-        (lambda: ais(lambda x, z: z.sum(), q, x, num_steps=2), "^log_joint"),
+        (lambda: ais(lj, q, x, AisSettings(num_steps=0)), "^num_steps"),
+        (lambda: ais(lj, q, x, AisSettings(num_chains=0)), "^num_chains"),
+        (lambda: ais(lj, q, x, AisSettings(leapfrog_steps=0)), "^leapfrog_steps"),
+        (lambda: ais(lj, q, x, AisSettings(step_size=-0.1)), "^step_size"),
+        (lambda: ais(lj, q, x, AisSettings(target_accept=1.5)), "^target_accept"),
+        (lambda: ais(lj, q, x, AisSettings(schedule="cosine")), "^schedule"),
+        (lambda: ais(lj, q, x, AisSettings(schedule=[0.0, 0.7, 0.5, 1.0])), "^schedule"),
+        (lambda: ais(lj, q, x, AisSettings(adapt="sometimes")), "^adapt"),
+        (lambda: ais(lj, q, x, AisSettings(mass="full")), "^mass"),
+        (lambda: ais(lambda x, z: z.sum(), q, x, AisSettings(num_steps=2)), "^log_joint"),
         (lambda: bdmc(lj, q, x, torch.zeros(3, K, dtype=torch.float64)), "^z_posterior"),
-        (lambda: bdmc(lj, q, x, easy.t(easy.Z), adapt="online"), "^adapt"),
+        (lambda: bdmc(lj, q, x, easy.t(easy.Z), AisSettings(adapt="online")), "^adapt"),
     ]
     for call, pattern in cases:
         with pytest.raises((ValueError, TypeError), match=pattern):
             call()
+    # settings come as one AisSettings: unknown or loose options are errors
+    with pytest.raises(TypeError, match="^settings"):
+        ais(lj, q, x, {"num_steps": 3})
+    with pytest.raises(TypeError):
+        ais(lj, q, x, num_steps=3)
+    with pytest.raises(TypeError):
+        AisSettings(num_step=3)
 
 
 def test_global_observed_site_is_refused(easy):
@@ -438,13 +447,15 @@ def test_estimators_run_on_cuda(easy):
 
     q = dist.Normal(torch.zeros(easy.n, K, dtype=x.dtype, device=x.device), 1.0).to_event(1)
     est = iwae_from_log_joint(log_joint, q, x, num_samples=2000)
-    assert est.per_point.device == x.device
-    assert abs(float(est.per_point.mean().cpu()) - easy.exact.mean()) < 0.05
-    a = ais(log_joint, q, x, num_steps=100, num_chains=16)
-    assert a.per_point.device == x.device
+    assert est.pointwise.device == x.device
+    assert abs(float(est.pointwise.mean().cpu()) - easy.exact.mean()) < 0.05
+    a = ais(log_joint, q, x, AisSettings(num_steps=100, num_chains=16))
+    assert a.pointwise.device == x.device
     assert abs(a.per_datum - easy.exact.mean()) < 0.05
 
 
 def test_estimate_dataclass_roundtrip():
-    e = EvidenceEstimate(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.1]), 3.0, 0.14, "iwae", 5)
+    e = Evidence(3.0, 0.14, "iwae", 2, {"pointwise": torch.tensor([1.0, 2.0]),
+                                         "pointwise_se": torch.tensor([0.1, 0.1]),
+                                         "num_samples": 5})
     assert e.n == 2 and e.per_datum == 1.5

@@ -7,6 +7,7 @@ marginal for K = 1. Nothing is compared with the code's own earlier output.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -19,12 +20,14 @@ from pyro import poutine
 from scipy import optimize, stats
 from scipy.special import logsumexp
 
+import guides
 from guides.gmm import mean_field_guide_from
 from inference import cavi, em
 from inference.elbo import estimate_elbo
-from inference.loop import AscentSettings
 from inference.runtime import isolated
-from models.gmm import BayesianGMM, label_symmetry_term, sorted_means
+from models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
+from models.ascent import AscentSettings, ascend
+from models.gmm import BayesianGMM, CaviState, MapState, label_symmetry_term, sorted_means
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -135,11 +138,12 @@ def test_exact_sorted_posterior_moments_match_grid_integral():
     lo, hi = np.minimum(m1, m2), np.maximum(m1, m2)
     ref_mean = np.array([(w * lo).sum(), (w * hi).sum()])
     ref_sd = np.sqrt(np.array([(w * lo**2).sum(), (w * hi**2).sum()]) - ref_mean**2)
-    out = BayesianGMM(2, s2).exact_posterior_sorted_moments(x, num_samples=200_000, seed=1)
-    assert out["mean"].dtype == torch.float64 and out["mean"].shape == (2, 1)
+    out = BayesianGMM(2, s2).exact_invariant_moments(x, num_samples=200_000, seed=1)["mu_sorted"]
+    assert out.mean.dtype == torch.float64 and out.mean.shape == (2, 1)
+    assert out.num_samples == 200_000
     # Monte Carlo error of the draws from the exact mixture (4 se) + grid error (1e-3)
-    assert np.all(np.abs(out["mean"][:, 0].numpy() - ref_mean) <= 4 * out["mean_se"][:, 0].numpy() + 1e-3)
-    assert np.all(np.abs(out["sd"][:, 0].numpy() - ref_sd) <= 4 * out["sd_se"][:, 0].numpy() + 1e-3)
+    assert np.all(np.abs(out.mean[:, 0].numpy() - ref_mean) <= 4 * out.mean_se[:, 0].numpy() + 1e-3)
+    assert np.all(np.abs(out.sd[:, 0].numpy() - ref_sd) <= 4 * out.sd_se[:, 0].numpy() + 1e-3)
 
 
 # ----------------------------------------------------------------------------- EM
@@ -217,8 +221,8 @@ def test_cavi_fixed_point_is_stationary():
     fam = BayesianGMM(2, s2p)
     r = cavi.fit(fam, x, AscentSettings(max_iter=5000, tol=1e-14), seed=0)
     xs = x.numpy()
-    m, s2, phi = (r.state[k].numpy() for k in ("m", "s2", "phi"))
-    assert fam.cavi_objective(x, r.state) == pytest.approx(np_elbo(xs, m, s2, phi, s2p), abs=1e-9)
+    m, s2, phi = (getattr(r.state, k).numpy() for k in ("m", "s2", "phi"))
+    assert fam.cavi().objective(x, r.state) == pytest.approx(np_elbo(xs, m, s2, phi, s2p), abs=1e-9)
     logits = np.log(phi)
     theta = np.concatenate([m.ravel(), np.log(s2), logits.ravel()])
 
@@ -235,9 +239,10 @@ def test_cavi_fixed_point_is_stationary():
 def _cavi_states(fam, x):
     """The CAVI optimum and a diffuse state after one sweep from the init (phi far from one-hot)."""
     r = cavi.fit(fam, x, AscentSettings(n_init=3), seed=0)
-    init = fam.cavi_init(x, torch.Generator().manual_seed(1))
-    init["s2"] = torch.full_like(init["s2"], 4.0)
-    return [r.state, fam.cavi_step(x, init)]
+    algo = fam.cavi()
+    init = algo.init(x, torch.Generator().manual_seed(1))
+    init = dataclasses.replace(init, s2=torch.full_like(init.s2, 4.0))
+    return [r.state, algo.step(x, init)]
 
 
 def test_cavi_closed_form_elbo_equals_pyro_monte_carlo():
@@ -245,7 +250,7 @@ def test_cavi_closed_form_elbo_equals_pyro_monte_carlo():
     x = data(3, 2, 40, 1.0, seed=10)
     fam = BayesianGMM(3, 1.0)
     for state in _cavi_states(fam, x):
-        closed = fam.cavi_objective(x, state)
+        closed = fam.cavi().objective(x, state)
         with isolated(0):
             # c sampled from q(c) (Trace_ELBO): batch means are i.i.d., so by the CLT the estimate
             # is ~ N(ELBO, se^2); |diff| <= 3 se fails with probability 0.27% if the forms agree
@@ -285,14 +290,27 @@ def test_model_density_matches_scipy():
     # mcmc_model sums c out in closed form: the same density
     tr = poutine.trace(poutine.condition(fam.mcmc_model, data={"mu": mu0})).get_trace(x)
     assert float(tr.log_prob_sum()) == pytest.approx(ref, abs=1e-9)
+    # the family's log_joint (eq. 5) and its per-point likelihood are that same density
+    assert float(fam.log_joint(x, mu0)) == pytest.approx(ref, abs=1e-9)
+    tr.compute_log_prob()
+    np.testing.assert_allclose(
+        fam.log_likelihood(x, mu0).numpy(), tr.nodes["obs"]["log_prob"].numpy(), atol=1e-12
+    )
+    # batched over draws of mu: (S, K, d) -> (S,), each the scipy value
+    mus = torch.stack([mu0, mu0 + 1.0])
+    np.testing.assert_allclose(
+        fam.log_joint(x, mus).numpy(),
+        [np_log_joint(x.numpy(), m.numpy(), 10.0) for m in mus],
+        atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("name", ["mean-field", "collapsed", "auto-normal", "auto-mvn"])
 def test_guides_run_with_pyro_svi(name):
     x = data(2, 2, 30, seed=12)
     fam = BayesianGMM(2, 10.0)
-    spec = fam.guides()[name]
-    assert fam.default_guide in fam.guides()
+    spec = guides.for_family(fam)[name]
+    assert guides.default_for(fam) in guides.for_family(fam)
     loss_cls = pyro.infer.TraceEnum_ELBO if spec.collapsed else pyro.infer.Trace_ELBO
     with isolated(0), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -310,6 +328,83 @@ def test_guides_run_with_pyro_svi(name):
     assert est.value <= logz.value + 3 * est.se + logz.se, (est.value, est.se, logz.value)
 
 
+# ----------------------------------------------------------------------------- the contract
+
+
+def test_capabilities_declared():
+    fam = BayesianGMM(2, 1.0)
+    assert set(fam.capabilities()) == {
+        "PyroFamily", "Simulator", "ExactEvidence", "ExactInvariantPosterior", "ClosedFormEM",
+        "ClosedFormCAVI", "McmcModel", "PosteriorInvariants", "PointwiseLogLikelihood",
+    }
+    # mu is global: log p(x) does not split into per-point terms
+    assert not isinstance(fam, PointwiseEvidence)
+    for old in ("guides", "default_guide", "em_init", "em_step", "em_objective", "em_posterior",
+                "em_bound", "em_guide_name", "cavi_init", "cavi_step", "cavi_objective",
+                "cavi_posterior", "cavi_bound", "cavi_guide_name", "mcmc_invariants",
+                "exact_posterior", "exact_posterior_sorted_moments"):
+        assert not hasattr(fam, old), old
+    assert fam.mcmc_init(data(2, 1, 5)) is None
+    for algo, bound, guide in ((fam.em(), "log-joint-map", "map"),
+                               (fam.cavi(), "elbo", "mean-field")):
+        assert isinstance(algo, CoordinateAscent)
+        assert (algo.bound, algo.guide) == (bound, guide) and bound in BOUNDS
+    assert guides.default_for(fam) == "mean-field"
+    assert set(guides.for_family(fam)) == {"mean-field", "collapsed", "auto-normal", "auto-mvn"}
+
+
+def test_em_algorithm_with_ascend_reaches_scipy_map():
+    # the algorithm object alone, run by the shared loop: typed state, monotone, MAP of eq. 5
+    s2 = 4.0
+    x = data(2, 2, 40, s2, seed=8)
+    algo = BayesianGMM(2, s2).em()
+    run = ascend(lambda g: algo.init(x, g), lambda st: algo.step(x, st),
+                 lambda st: algo.objective(x, st), x.shape[0],
+                 AscentSettings(n_init=10, max_iter=2000, tol=1e-12))
+    assert isinstance(run.state, MapState) and run.converged
+    assert run.max_decrease <= 1e-9 * abs(run.trace[-1])
+    xs = x.numpy()
+    assert run.trace[-1] == pytest.approx(np_log_joint(xs, run.state.mu.numpy(), s2), abs=1e-9)
+    res = min(
+        (optimize.minimize(lambda v: -np_log_joint(xs, v.reshape(2, 2), s2), xs[[i, j]].ravel(),
+                           method="BFGS") for i, j in [(0, 1), (0, 39), (5, 20), (10, 30)]),
+        key=lambda r: r.fun,
+    )
+    assert run.trace[-1] == pytest.approx(-res.fun, abs=1e-6)
+    post = algo.posterior(x, run.state)
+    np.testing.assert_allclose(post["responsibilities"].sum(-1).numpy(), 1.0)
+
+
+def test_cavi_algorithm_with_ascend_matches_numpy_elbo_and_bound():
+    s2p = 10.0
+    x = data(3, 1, 12, s2p, seed=9)
+    fam = BayesianGMM(3, s2p)
+    algo = fam.cavi()
+    run = ascend(lambda g: algo.init(x, g), lambda st: algo.step(x, st),
+                 lambda st: algo.objective(x, st), x.shape[0], AscentSettings(n_init=4))
+    st = run.state
+    assert isinstance(st, CaviState) and run.converged
+    assert run.max_decrease <= 1e-9 * abs(run.trace[-1])
+    ref = np_elbo(x.numpy(), st.m.numpy(), st.s2.numpy(), st.phi.numpy(), s2p)
+    assert run.trace[-1] == pytest.approx(ref, abs=1e-9)
+    assert run.trace[-1] <= brute_force_log_evidence(x.numpy(), 3, s2p)
+    # eqs. 7-8 at the fixed point: s2_k = 1 / (1/s2 + sum_i phi_ik), m_k = s2_k sum_i phi_ik x_i
+    lam = 1 / s2p + st.phi.sum(0)
+    np.testing.assert_allclose(st.s2.numpy(), (1 / lam).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(st.m.numpy(), ((st.phi.T @ x) / lam[:, None]).numpy(), atol=1e-6)
+
+
+def test_guides_take_a_typed_cavi_state():
+    x = data(2, 1, 10, seed=1)
+    fam = BayesianGMM(2, 10.0)
+    st = fam.cavi().init(x, torch.Generator().manual_seed(0))
+    with isolated(0):
+        tr = poutine.trace(mean_field_guide_from(st)).get_trace(x)
+    np.testing.assert_allclose(tr.nodes["mu"]["fn"].base_dist.loc.numpy(), st.m.numpy())
+    with pytest.raises(TypeError, match="^init: expected a models.gmm.CaviState"):
+        mean_field_guide_from({"m": st.m, "s2": st.s2, "phi": st.phi})
+
+
 # ----------------------------------------------------------------------------- MCMC hooks
 
 
@@ -321,7 +416,7 @@ def test_pointwise_log_likelihood_and_invariants():
     assert ll.shape == (2, 4, 15) and ll.dtype == torch.float64
     comp = stats.norm(mu.numpy()[:, :, None], 1).logpdf(x.numpy()[None, None, :, None, :]).sum(-1)
     np.testing.assert_allclose(ll.numpy(), logsumexp(comp, -1) - math.log(3), atol=1e-10)
-    inv = fam.mcmc_invariants({"mu": mu.numpy()}, x)
+    inv = fam.posterior_invariants({"mu": mu.numpy()}, x)
     assert inv["mu_sorted"].shape == (2, 4, 3, 2)
     assert (inv["mu_sorted"][..., 1:, 0] >= inv["mu_sorted"][..., :-1, 0]).all()
     np.testing.assert_allclose(inv["log_likelihood"].numpy(), ll.sum(-1).numpy())
@@ -392,11 +487,11 @@ def test_everything_runs_on_cuda():
     assert fam.log_evidence(x, "enumeration").value == pytest.approx(cpu, abs=1e-9)
     for method in ("quadrature", "importance"):
         assert math.isfinite(fam.log_evidence(x, method, num_samples=2000).value)
-    assert fam.exact_posterior_sorted_moments(x, num_samples=1000)["mean"].is_cuda
+    assert fam.exact_invariant_moments(x, num_samples=1000)["mu_sorted"].mean.is_cuda
     for engine in (em, cavi):
         r = engine.fit(fam, x, AscentSettings(max_iter=20), seed=0)
         assert r.device.startswith("cuda") and all(v.is_cuda for v in r.posterior.values())
-    for name, spec in fam.guides().items():
+    for name, spec in guides.for_family(fam).items():
         with isolated(0), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             guide = spec.build(fam, x, seed=0)

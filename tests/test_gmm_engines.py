@@ -19,6 +19,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from scipy import stats
 from scipy.special import logsumexp
 
+import guides
 import inference
 from guides.gmm import build_collapsed, mean_field_guide_from
 from inference import cavi, em, mcmc, svi
@@ -238,18 +239,18 @@ def test_nuts_matches_exact_sorted_posterior_k2(settings, rhat):
     assert r.diagnostics["divergences"] <= 0.01 * settings.num_chains * settings.num_samples
     check_nuts(r, mean, sd, mean_se=0.0)
     # the exact-moment hook of the family agrees with the brute force (both exact)
-    ex = fam.exact_posterior_sorted_moments(x, num_samples=200_000)
-    assert np.allclose(ex["mean"][:, 0].numpy(), mean, atol=5 * ex["mean_se"].max().item())
+    ex = fam.exact_invariant_moments(x, num_samples=200_000)["mu_sorted"]
+    assert np.allclose(ex.mean[:, 0].numpy(), mean, atol=5 * ex.mean_se.max().item())
 
 
 @pytest.mark.slow
 def test_nuts_matches_exact_sorted_posterior_k3():
     fam = BayesianGMM(3, 10.0, dim=1)
     x = fam.simulate(12, seed=2)[0]
-    ex = fam.exact_posterior_sorted_moments(x, num_samples=400_000, seed=1)
+    ex = fam.exact_invariant_moments(x, num_samples=400_000, seed=1)["mu_sorted"]
     r = inference.fit("mcmc", fam, x, mcmc.Settings(num_samples=2000, warmup=500), seed=0)
     assert r.diagnostics["r_hat_max"] < 1.01
-    check_nuts(r, ex["mean"][:, 0].numpy(), ex["sd"][:, 0].numpy(), ex["mean_se"][:, 0].numpy())
+    check_nuts(r, ex.mean[:, 0].numpy(), ex.sd[:, 0].numpy(), ex.mean_se[:, 0].numpy())
 
 
 # ----------------------------------------------------------------------------- dtype
@@ -290,7 +291,7 @@ def test_dtype_follows_the_data(engine, guide, settings, dtype):
 def test_elbo_evaluator_terms_follow_the_data_dtype(guide):
     # Every value and log density the ELBO evaluator sums (guide trace, model replayed on it).
     fam, x = overlapping()
-    spec = fam.guides()[guide]
+    spec = guides.for_family(fam)[guide]
     for dtype in (torch.float64, torch.float32):
         xd = x.to(dtype)
         with isolated(0):

@@ -90,9 +90,9 @@ def test_user_model_through_svi_iwae_and_gaps(data):
         )
     # IWAE is a lower bound in expectation: no point above the grid value by more than 4 SE, and
     # with 2000 samples from a trained encoder the average bias stays under 0.1 nats/point.
-    diff = est.per_point - exact
-    assert (diff <= 4 * est.se_per_point + 1e-6).all()
-    assert -0.1 < diff.mean().item() < 4 * est.total_se / len(exact)
+    diff = est.pointwise - exact
+    assert (diff <= 4 * est.details["pointwise_se"] + 1e-6).all()
+    assert -0.1 < diff.mean().item() < 4 * est.se / len(exact)
     mean = summary_row(gaps, "mean")
     # both gaps are KL divergences: non-negative up to Monte Carlo error
     assert mean["approximation_gap"] > -4 * mean["approximation_gap_se"]
@@ -102,6 +102,6 @@ def test_user_model_through_svi_iwae_and_gaps(data):
 def _guide_state(res):
     """The param-store state of the SVI fit, restricted to what ``pyro.get_param_store`` needs."""
     return {
-        "params": {k: v for k, v in res.state["params"].items()},
-        "constraints": {k: torch.distributions.constraints.real for k in res.state["params"]},
+        "params": {k: v for k, v in res.state.params.items()},
+        "constraints": {k: torch.distributions.constraints.real for k in res.state.params},
     }

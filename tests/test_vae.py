@@ -23,9 +23,10 @@ from guides.flow import LocalFlowGuide, PointwiseCoupling, build_flow
 from guides.semi_amortized import build_semi_amortized
 from inference.evidence import iwae, iwae_from_log_joint
 from inference.runtime import isolated
-from models import digits
+from inference.train_vae import train_vae
+from models.data import images as digits
 from models.fa import FactorAnalysis, FAParams
-from models.vae import VAE, train_vae
+from models.vae import VAE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -73,15 +74,15 @@ def test_linear_gaussian_vae_is_factor_analysis(fa_fit):
     torch.testing.assert_close(lp, oracle.expand(7, -1), atol=1e-8, rtol=0)
     # IWAE with the exact posterior as proposal: every weight equals p(x), zero spread
     est = iwae_from_log_joint(vae.log_joint, post, x, num_samples=16)
-    torch.testing.assert_close(est.per_point, oracle, atol=1e-8, rtol=0)
-    assert float(est.se_per_point.max()) < 1e-6
+    torch.testing.assert_close(est.pointwise, oracle, atol=1e-8, rtol=0)
+    assert float(est.details["pointwise_se"].max()) < 1e-6
     # the same through the Pyro model (traced site log-probs), with a Pyro guide
     def exact_guide(x, subsample_size=None):
         with pyro.plate("data", x.shape[0], dim=-1):
             pyro.sample("z", dist.MultivariateNormal(torch.tensor(mean), torch.tensor(cov)))
 
     est = iwae(vae.model, exact_guide, x, num_samples=8)
-    torch.testing.assert_close(est.per_point, oracle, atol=1e-8, rtol=0)
+    torch.testing.assert_close(est.pointwise, oracle, atol=1e-8, rtol=0)
 
 
 def test_as_factor_analysis_round_trip_and_fa_log_joint(fa_fit):
@@ -237,10 +238,10 @@ def test_training_improves_and_checkpoints(tmp_path):
     assert any(k.startswith("decoder$$$") for k in payload["params"])
     assert int(payload["step"]) == 160
     # ELBO <= IWAE_S bound (both for the trained decoder and encoder); 4 standard errors
-    guide = res.state["guide"]
+    guide = res.state.guide
     with isolated(0):
         est = iwae(vae.model, guide, x[:200], num_samples=500)
-    assert res.elbo <= est.total + 4 * math.hypot(res.elbo_se, est.total_se)
+    assert res.elbo <= est.value + 4 * math.hypot(res.elbo_se, est.se)
     assert res.n_data == 200 and res.bound == "elbo"
 
 
@@ -440,5 +441,5 @@ def test_family_guides_and_training_follow_cuda_data():
     assert vae.log_joint(x, torch.randn(3, 64, 2, device=dev)).is_cuda
     local = LocalFlowGuide(64, 2, like=x)
     assert local.distribution(x).rsample().is_cuda
-    sa = build_semi_amortized(vae, x, encoder=res.state["guide"], steps=2)
+    sa = build_semi_amortized(vae, x, encoder=res.state.guide, steps=2)
     assert sa.moments(x)[0].is_cuda

@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
+import guides
 from guides.base import GuideSpec
 from models.base import Evidence, ModelFamily
 from models.validate import as_data
@@ -45,7 +46,7 @@ class NormalMean(ModelFamily):
     def pointwise_log_likelihood(self, samples, x):
         return dist.Normal(samples["theta"].unsqueeze(-1), 1.0).log_prob(x)
 
-    def mcmc_invariants(self, samples, x):
+    def posterior_invariants(self, samples, x):
         return {"theta": samples["theta"]}
 
     def guides(self):
@@ -68,3 +69,6 @@ class NormalMean(ModelFamily):
         return {"normal": GuideSpec("normal", normal), "exact": GuideSpec("exact", exact)}
 
     default_guide = "normal"
+
+
+guides.register(NormalMean, NormalMean().guides, "normal")

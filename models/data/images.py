@@ -1,12 +1,12 @@
-"""Image data for the VAE: scikit-learn's bundled digits (no network) and the user's own arrays.
+"""Image data (for the VAE): scikit-learn's bundled digits (no network) and the user's own arrays.
 
 * :func:`load_digits` -- the 1797 8x8 images of ``sklearn.datasets.load_digits``, intensities
   0..16 scaled to [0, 1]. ``binarize=True`` applies a FIXED threshold: a pixel is 1 iff its
   intensity is >= 8/16 (deterministic, so the Bernoulli data are the same on every machine and
   seed). The train/test split is a seeded permutation (``numpy.random.default_rng(seed)``).
-* :func:`load_images` -- a ``.npy``/``.npz``/CSV file (via :func:`models.data.load_array`) of any
-  shape ``(n, ...)``, flattened to ``(n, D)``; values in [0, 255] are divided by 255; values in
-  [0, 1] are kept; anything else is min-max scaled (global min and max, reported).
+* :func:`load_images` -- a ``.npy``/``.npz``/CSV file (via :func:`models.data.arrays.load_array`)
+  of any shape ``(n, ...)``, flattened to ``(n, D)``; values in [0, 255] are divided by 255;
+  values in [0, 1] are kept; anything else is min-max scaled (global min and max, reported).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.data.arrays import load_array
 from models.validate import integer, probability
 
 #: the fixed binarization threshold for digits (intensity >= 8 of 16)
@@ -102,8 +103,6 @@ def load_images(path: str | Path, *, binarize: bool = False, threshold: float = 
     is read as labels when ``labels``. The image shape is ``shape[1:]`` for arrays of rank >= 3,
     else a square side when D is a perfect square, else (1, D).
     """
-    from models.data import load_array
-
     arr = np.asarray(load_array(path, name="data"), dtype=np.float64)
     if arr.ndim < 2:
         raise ValueError(f"data: expected an array of shape (n, ...), got shape {arr.shape}")

@@ -1,0 +1,147 @@
+"""Guides for any Pyro model: an autoguide for the global latents composed with local guides.
+
+The model is traced once. A latent site inside the data plate (``pyro.plate("data", ...)``) is
+*local*; any other latent site is *global*. The composed guide is
+
+    q(globals) q(locals | x) = A(globals) * prod_{local sites s} q_s(z_sn | x_n)
+
+with A one of Pyro's autoguides (``AutoNormal``, ``AutoMultivariateNormal``,
+``AutoLowRankMultivariateNormal``, ``AutoIAFNormal``; ``global_guide=``) over the global sites, and
+for each local site a guide of :data:`guides.LATENT_GUIDES` (``local=``, e.g. ``mean-field``,
+``mlp``) when the site is real-valued with one event dimension, else a per-point ``AutoNormal``
+restricted to that site. All local guides share one data plate, so minibatches line up. Discrete
+sites marked for enumeration stay out of q (they are summed out).
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
+
+GLOBAL_GUIDES = {
+    "auto-normal": AutoNormal,
+    "auto-mvn": AutoMultivariateNormal,
+    "auto-lowrank": AutoLowRankMultivariateNormal,
+    "auto-iaf": AutoIAFNormal,
+}
+
+
+def latent_sites(model, x, plate: str = "data") -> tuple[dict, dict, dict]:
+    """(global, local, enumerated) latent sites of ``model(x)`` by name (trace nodes)."""
+    with torch.no_grad(), pyro.poutine.block():
+        tr = poutine.trace(model).get_trace(x)
+    glob, loc, enum = {}, {}, {}
+    for name, s in tr.nodes.items():
+        if s["type"] != "sample" or s["is_observed"] or isinstance(s["fn"], _Subsample):
+            continue
+        if s["infer"].get("enumerate") == "parallel":
+            enum[name] = s
+        elif any(f.name == plate for f in s["cond_indep_stack"]):
+            loc[name] = s
+        else:
+            glob[name] = s
+    return glob, loc, enum
+
+
+class ComposedGuide(nn.Module):
+    """A global autoguide and per-site local guides, called like the model."""
+
+    kind = "composed"
+
+    def __init__(self, global_guide, local_guides: list, auto_local, plate: str = "data"):
+        super().__init__()
+        self.global_guide = global_guide
+        self.local_guides = nn.ModuleList(local_guides)
+        self.auto_local = auto_local
+        self.plate = plate
+
+    def forward(self, x, subsample_size=None):
+        if subsample_size is not None and self.local_guides and self.auto_local is not None:
+            raise ValueError(
+                "subsample_size: this composed guide mixes latent-guide and AutoNormal local "
+                "sites, whose minibatches would differ; use local='auto-normal' or no subsampling")
+        out = {}
+        if self.global_guide is not None:
+            out.update(self.global_guide(x, subsample_size=subsample_size) or {})
+        with pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as idx:
+            for g in self.local_guides:
+                g.register()
+                out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
+        if self.auto_local is not None:
+            out.update(self.auto_local(x, subsample_size=subsample_size) or {})
+        return out
+
+
+def _is_real_vector(site) -> bool:
+    fn = site["fn"]
+    return fn.event_dim == 1 and fn.support is constraints.real_vector or (
+        fn.event_dim == 1 and getattr(fn.support, "base_constraint", None) is constraints.real)
+
+
+def build_composed(family, x, *, local: str = "auto-normal", global_guide: str = "auto-normal",
+                   init_scale: float = 0.1, **local_options):
+    """``GuideSpec.build`` of a composed guide (see the module docstring)."""
+    from guides import spec as latent_spec
+
+    if global_guide not in GLOBAL_GUIDES:
+        raise ValueError(f"global_guide: must be one of {sorted(GLOBAL_GUIDES)}, got {global_guide!r}")
+    x = family.check_data(x)
+    glob, loc, _ = latent_sites(family.model, x)
+    if not glob and not loc:
+        raise ValueError(f"model: the {family.name} model has no latent site to guide")
+    gg = None
+    if glob:
+        cls = GLOBAL_GUIDES[global_guide]
+        kw = {} if cls is AutoIAFNormal else {"init_scale": init_scale}
+        gg = cls(poutine.block(family.model, expose=list(glob)), **kw)
+    local_guides, auto_names = [], []
+    for name, site in loc.items():
+        if local != "auto-normal" and _is_real_vector(site):
+            local_guides.append(latent_spec(local).build(
+                family, x, latent_dim=site["value"].shape[-1], site=name,
+                name=f"guide_{local}_{name}", **local_options))
+        else:
+            auto_names.append(name)
+    if local == "auto-normal" and local_options:
+        raise TypeError(f"guide_options: unknown option(s) {sorted(local_options)} for auto-normal")
+    auto_local = (AutoNormal(poutine.block(family.model, expose=auto_names), init_scale=init_scale)
+                  if auto_names else None)
+    return ComposedGuide(gg, local_guides, auto_local)
+
+
+def composed_specs() -> dict:
+    """GuideSpecs for any model: ``auto-normal`` / ``auto-mvn`` / ``auto-lowrank`` / ``auto-iaf``
+    (that autoguide over the globals, AutoNormal over the locals), and ``global+LOCAL`` names
+    for each per-point latent guide LOCAL (AutoNormal over the globals)."""
+    from guides import LATENT_GUIDES
+    from guides.base import GuideSpec
+
+    def with_global(g):
+        def build(family, x, **options):
+            return build_composed(family, x, global_guide=g, **options)
+        return build
+
+    def with_local(name):
+        def build(family, x, **options):
+            return build_composed(family, x, local=name, **options)
+        return build
+
+    specs = {g: GuideSpec(g, with_global(g), description=f"{GLOBAL_GUIDES[g].__name__} over the "
+                          "global latents, AutoNormal over the local ones") for g in GLOBAL_GUIDES}
+    for name, s in LATENT_GUIDES.items():
+        if name in ("exact", "semi-amortized"):
+            continue
+        specs[name] = GuideSpec(name, with_local(name), amortized=s.amortized,
+                                description=f"{s.description}; AutoNormal over the globals")
+    return specs
