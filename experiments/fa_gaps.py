@@ -45,7 +45,8 @@ from inference import cavi, em, gaps, mcmc, svi  # noqa: E402
 from inference.impute import column_mean_impute, importance_impute, rmse  # noqa: E402
 from models.bayes_fa import BayesianFactorAnalysis  # noqa: E402
 from models.data import load_array  # noqa: E402
-from models.fa import FactorAnalysis, FAParams, em_missing, impute  # noqa: E402
+from models.fa import FactorAnalysis, FAParams  # noqa: E402
+from models.fa_missing import em_missing, impute  # noqa: E402
 
 DEFAULT_GUIDES = "exact,mean-field,full-rank,linear-diag,linear-full,mlp"
 GAP_COLUMNS = [
@@ -152,7 +153,7 @@ def split(x, frac, seed):
 
 
 def params_of(result, kind, d) -> FAParams:
-    p = result.state["params"] if result.engine == "svi" else result.posterior
+    p = result.model_params() or result.posterior
     psi = p["sigma2"].reshape(1).expand(d) if kind == "ppca" else p["psi"]
     return FAParams(p["W"].detach(), p["mu"].detach(), psi.detach().clone())
 
@@ -198,7 +199,7 @@ def run_engines(args, x, kind, progress):
                 params[f"svi_{name}"] = p
                 evidences.append(FactorAnalysis(k, kind=kind, params=p).log_evidence(x))
             else:
-                trained[name] = r.state["guide"]
+                trained[name] = r.state.guide
                 evidences.append(ev_em)
             results.append(r)
     return results, evidences, params, fixed, trained

@@ -66,21 +66,24 @@ class ComposedGuide(nn.Module):
         self.plate = plate
 
     def forward(self, x, subsample_size=None):
-        if subsample_size is not None and self.local_guides and self.auto_local is not None:
-            raise ValueError(
-                "subsample_size: this composed guide mixes latent-guide and AutoNormal local "
-                "sites, whose minibatches would differ; use local='auto-normal' or no subsampling")
+        # one data plate (one minibatch) shared by every local part, the autoguide's included
+        self._plate = pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
+                                 device=x.device)
         out = {}
         if self.global_guide is not None:
             out.update(self.global_guide(x, subsample_size=subsample_size) or {})
-        with pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
-                        device=x.device) as idx:
-            for g in self.local_guides:
-                g.register()
-                out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
+        if self.local_guides:
+            with self._plate as idx:
+                for g in self.local_guides:
+                    g.register()
+                    out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
         if self.auto_local is not None:
             out.update(self.auto_local(x, subsample_size=subsample_size) or {})
         return out
+
+    def shared_plate(self, *args, **kwargs):
+        """``create_plates`` of the local autoguide: the plate this call opened."""
+        return self._plate
 
 
 def _is_real_vector(site) -> bool:
@@ -115,9 +118,11 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
             auto_names.append(name)
     if local == "auto-normal" and local_options:
         raise TypeError(f"guide_options: unknown option(s) {sorted(local_options)} for auto-normal")
-    auto_local = (AutoNormal(poutine.block(family.model, expose=auto_names), init_scale=init_scale)
-                  if auto_names else None)
-    return ComposedGuide(gg, local_guides, auto_local)
+    guide = ComposedGuide(gg, local_guides, None)
+    if auto_names:
+        guide.auto_local = AutoNormal(poutine.block(family.model, expose=auto_names),
+                                      init_scale=init_scale, create_plates=guide.shared_plate)
+    return guide
 
 
 def composed_specs() -> dict:

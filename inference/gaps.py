@@ -141,9 +141,8 @@ def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> 
     if log_evidence is None:
         require(family, PointwiseEvidence, "closed_form_elbo without log_evidence")
         log_evidence = family.log_evidence_pointwise(x)
-    lp = log_evidence
     loc, tril = guide.moments(x)
-    return lp - kl_divergence(_mvn(loc, tril), post)
+    return log_evidence - kl_divergence(_mvn(loc, tril), post)
 
 
 def gaussian_approximation_gap(cov: torch.Tensor, local_family: str) -> torch.Tensor:

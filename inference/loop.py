@@ -7,6 +7,8 @@ handling of a non-finite objective are :func:`models.ascent.ascend`'s.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from inference.result import FitResult, data_fields
@@ -36,6 +38,7 @@ def fit_closed_form(engine: str, family, x, settings: AscentSettings | None, see
             f"settings: {engine} takes inference.{engine}.Settings (AscentSettings), got "
             f"{type(settings).__name__}"
         )
+    family = copy.deepcopy(family)  # a fit never changes the caller's family
     x = family.check_data(x)
     algo = get(family)
     with isolated(seed), one_thread(x), Timer(x.device) as timer:

@@ -9,6 +9,7 @@ rotations, so their R-hat says nothing.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def fit(
     :class:`~models.capabilities.PosteriorInvariants`, else on every sampled site.
     """
     settings = check_settings(settings, Settings, "mcmc")
+    family = copy.deepcopy(family)
     x = family.check_data(x)
     model = family.mcmc_model if isinstance(family, McmcModel) else family.model
     if init_params is None and isinstance(family, McmcModel):
@@ -235,7 +237,7 @@ def _prepared(model, x, fix_params, family):
         model = poutine.substitute(model, data=fixed)
     with torch.no_grad():
         tr = poutine.trace(config_enumerate(model, default="parallel")).get_trace(x)
-    params = [k for k, s in tr.nodes.items() if s["type"] == "param"]
+    params = [k for k, s in tr.nodes.items() if s["type"] == "param" and k not in fixed]
     if params:
         raise ValueError(
             f"fix_params: the {family.name} model has learnable parameters {params} that NUTS "

@@ -77,6 +77,49 @@ class FitResult:
         if self.bound not in BOUNDS:
             raise ValueError(f"bound: must be one of {sorted(BOUNDS)}, got {self.bound!r}")
 
+    # -- a fit you can keep --------------------------------------------------------------------
+    def fitted(self):
+        """Context manager yielding ``(model, guide)`` with the fitted parameters (SVI fits)."""
+        from inference.persist import fitted_pair
+
+        return fitted_pair(self)
+
+    def elbo_estimate(self, x=None, *, num_particles: int = 1000, batch_size: int = 100,
+                      seed: int = 0):
+        """The ELBO of the fitted pair on ``x`` (default: nothing; pass the data), nats total."""
+        from inference.elbo import estimate_elbo
+        from inference.runtime import seed_everything
+
+        with self.fitted() as (model, guide):
+            seed_everything(seed)
+            spec = self.state.spec
+            x = self.state.family.check_data(x)
+            return estimate_elbo(model, guide, x, num_particles=num_particles,
+                                 batch_size=batch_size, collapsed=spec.collapsed,
+                                 enumerate=spec.collapsed or spec.enumerated,
+                                 max_plate_nesting=self.state.family.max_plate_nesting)
+
+    def iwae(self, x, *, num_samples: int = 1000, seed: int = 0):
+        """IWAE evidence estimate of ``x`` under the fitted model, with the fitted guide."""
+        from inference.evidence import iwae
+
+        with self.fitted() as (model, guide):
+            x = self.state.family.check_data(x)
+            return iwae(model, guide, x, num_samples=num_samples, seed=seed)
+
+    def save(self, folder):
+        """Save to ``folder`` (see :mod:`inference.persist`); returns the folder."""
+        from inference.persist import save
+
+        return save(self, folder)
+
+    @classmethod
+    def load(cls, folder, family=None, x=None) -> FitResult:
+        """Load a saved result; with ``family`` and ``x`` an SVI fit's guide is rebuilt."""
+        from inference.persist import load
+
+        return load(cls, folder, family, x)
+
     def model_params(self) -> dict[str, torch.Tensor]:
         """The fitted model parameters (``pyro.param`` sites of the model, constrained values)."""
         names = getattr(self.state, "model_param_names", ())

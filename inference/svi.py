@@ -19,6 +19,7 @@ a noisy trace is not called converged on a lucky window.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,15 +27,6 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import (
-    JitTrace_ELBO,
-    JitTraceEnum_ELBO,
-    JitTraceMeanField_ELBO,
-    Trace_ELBO,
-    TraceEnum_ELBO,
-    TraceMeanField_ELBO,
-)
-from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 import guides as guide_registry
@@ -51,7 +43,8 @@ from inference.elbo import estimate_elbo
 from inference.result import FitResult, check_settings, data_fields, site_is_plate
 from inference.runtime import Timer, isolated
 from inference.svi_settings import Settings
-from models.capabilities import LocalDensities, MissingCapability, PointwiseLogLikelihood
+from inference.svi_steps import PyroStep, direct_step, make_loss
+from models.capabilities import MissingCapability, PointwiseLogLikelihood
 
 
 @dataclass
@@ -81,111 +74,8 @@ class SviState:
     guide_param_names: tuple[str, ...]
     guide_options: dict
     run: SviRun
-
-
-def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
-    """The Pyro ELBO object for these settings (``collapsed``: any enumeration, model or guide)."""
-    o = settings.objective
-    kw = dict(
-        num_particles=o.num_particles,
-        vectorize_particles=o.vectorize_particles and o.num_particles > 1,
-        max_plate_nesting=max_plate_nesting,
-    )
-    if collapsed:
-        if o.mean_field_kl:
-            raise ValueError("mean_field_kl: does not apply to a guide that needs enumeration")
-        return (JitTraceEnum_ELBO if o.jit else TraceEnum_ELBO)(**kw)
-    if o.mean_field_kl:
-        return (JitTraceMeanField_ELBO if o.jit else TraceMeanField_ELBO)(**kw)
-    return (JitTrace_ELBO if o.jit else Trace_ELBO)(**kw)
-
-
-def _adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
-    o = settings.optimizer
-    gamma = o.lr_decay ** (1.0 / num_steps)
-    return ClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
-
-
-class _PyroStep:
-    """One gradient step of a Pyro ELBO on every param the model and guide touch (one ClippedAdam
-    over all of them: per-element the same update as ``pyro.optim.ClippedAdam``)."""
-
-    def __init__(self, model, guide, args, kwargs, loss, settings):
-        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
-        self.loss, self.settings = loss, settings
-        self.optimizer: ClippedAdam | None = None
-        self._seen: set[int] = set()
-
-    def prepare(self) -> None:
-        """Make the optimizer over the params one step would touch, in the same order (to load
-        a checkpointed optimizer state before the first step). Draws random numbers: the caller
-        restores the random state afterwards."""
-        with torch.no_grad(), poutine.trace(param_only=True) as cap:
-            gtr = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
-            poutine.replay(self.model, trace=gtr)(*self.args, **self.kwargs)
-        self._register([s["value"].unconstrained() for s in cap.trace.nodes.values()])
-
-    def __call__(self) -> float:
-        with poutine.trace(param_only=True) as cap:
-            value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
-        params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
-        self._register(params)
-        self.optimizer.step()
-        for p in params:
-            p.grad = None
-        return float(value)
-
-    def _register(self, params) -> None:
-        new = [p for p in params if id(p) not in self._seen]
-        if new:
-            self._seen.update(id(p) for p in new)
-            if self.optimizer is None:
-                self.optimizer = _adam(new, self.settings, self.settings.stopping.num_steps)
-            else:
-                self.optimizer.add_param_group({"params": new})
-
-
-def direct_step(family, guide, x: torch.Tensor, settings: Settings):
-    """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
-    Pyro's tracing (for speed on small networks).
-
-    Needs a :class:`~models.capabilities.LocalDensities` family (``log_joint(x, z) -> (..., n)``)
-    and ``guide.distribution(x, idx)`` (a reparameterizable q(z_n | x_n) with batch shape (B,)).
-    Per step: idx ~ a uniform minibatch of size B, z_p ~ q (P particles),
-    loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)], the unbiased estimate of -ELBO
-    that Trace_ELBO with plate subsampling computes. The optimized tensors are the param store's.
-    Returns the step function; its ``optimizer`` attribute is the ClippedAdam it uses.
-    """
-    if not isinstance(family, LocalDensities):
-        raise MissingCapability(
-            f"direct: the torch-native step needs the LocalDensities capability; the "
-            f"{family.name} family does not implement it")
-    if not callable(getattr(guide, "distribution", None)):
-        raise ValueError("direct: the guide has no distribution(x, idx)")
-    with torch.no_grad():
-        gtr = poutine.trace(guide).get_trace(x)
-        mtr = poutine.trace(family.model).get_trace(x)
-    names = {m["name"] for m in gtr.nodes.values() if m["type"] == "param"}
-    if settings.objective.learn_model_params:
-        names |= {m["name"] for m in mtr.nodes.values() if m["type"] == "param"}
-    params = [p for k, p in pyro.get_param_store().named_parameters() if k in names]
-    opt = _adam(params, settings, settings.stopping.num_steps)
-    n, batch = x.shape[0], settings.objective.subsample_size
-    particles = settings.objective.num_particles
-
-    def step():
-        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
-        xb = x if idx is None else x[idx]
-        q = guide.distribution(x, idx)
-        z = q.rsample((particles,))
-        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
-        opt.zero_grad()
-        (-elbo).backward()
-        opt.step()
-        return float(-elbo.detach())
-
-    step.optimizer = opt
-    return step
+    family: Any = None  # the fitted copy of the family (the caller's object is never changed)
+    store: dict | None = None  # pyro param store state: unconstrained params and constraints
 
 
 def run_svi(
@@ -216,7 +106,7 @@ def run_svi(
         model = poutine.block(model, hide_types=["param"])
     if step_fn is None:
         loss = make_loss(settings, collapsed, max_plate_nesting)
-        step_fn = _PyroStep(model, guide, args, kwargs, loss, settings)
+        step_fn = PyroStep(model, guide, args, kwargs, loss, settings)
     run = SviRun()
     with pyro.validation_enabled(settings.validate):
         _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume)
@@ -372,6 +262,7 @@ def fit(
     with the same settings (``checkpoint=..., checkpoint_every=N``) to continue from.
     """
     settings = check_settings(settings, Settings, "svi")
+    family = copy.deepcopy(family)  # a fit never changes the caller's family (e.g. a decoder)
     x = family.check_data(x)
     st = settings.stopping
     if st.val_data is not None:
@@ -411,6 +302,7 @@ def fit(
             max_plate_nesting=nest,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        store = _store_state()
         guide_names = _param_names(guide_fn, x)
         model_names = _param_names(family.model, x) - guide_names
         samples, log_lik = _posterior_draws(family, guide_fn, x, ev.num_posterior_samples)
@@ -434,7 +326,7 @@ def fit(
                      "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,
                      "diverged": run.diverged, "skipped_steps": run.skipped},
         state=SviState(guide_fn, spec, params, tuple(sorted(model_names)),
-                       tuple(sorted(guide_names)), guide_options, run),
+                       tuple(sorted(guide_names)), guide_options, run, family, store),
     )
 
 
@@ -466,6 +358,12 @@ def load_params_from(payload: dict, model, guide, x) -> None:
     if missing:
         raise KeyError(f"resume: parameters {missing} are not created by this model/guide")
     restore_params({k: v.to(store[k].device) for k, v in payload["params"].items()})
+
+
+def _store_state() -> dict:
+    state = pyro.get_param_store().get_state()
+    return {"params": {k: v.detach().clone() for k, v in state["params"].items()},
+            "constraints": dict(state["constraints"])}
 
 
 def _param_names(fn, x) -> set[str]:

@@ -39,7 +39,9 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     With ``val_data`` and ``patience`` it stops early on the held-out ELBO (evaluated every
     ``eval_every_epochs``) and restores the best parameters; ``checkpoint`` (a path) gets the
     param store's tensors every ``checkpoint_every_epochs`` (state dicts, ``weights_only``).
-    Returns the engine's FitResult (``state.guide`` is the trained encoder). Other keyword
+    ``family``'s decoder ends with the trained weights (on the data's device and dtype), so a
+    second call continues training. Returns the engine's FitResult (``state.guide`` is the
+    trained encoder, ``state.family`` the engine's fitted copy of ``family``). Other keyword
     arguments are fields of ``inference.svi.Settings`` (unknown names are errors there), over
     :data:`VAE_DEFAULTS`; ``direct`` defaults to whether the built guide supports the
     torch-native step (:func:`direct_capable`).
@@ -63,7 +65,10 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
         eval_particles=eval_particles, eval_batch=min(eval_particles, 50), progress=progress,
         **{**VAE_DEFAULTS, **settings},
     )
-    return svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options)
+    res = svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options)
+    # the engine fits a copy of the family; a VAE owns its decoder, so it keeps the trained one
+    family.to(x).load_state_dict(res.state.family.state_dict())
+    return res
 
 
 def direct_capable(family, x, guide, guide_options: dict | None = None) -> bool:

@@ -24,6 +24,7 @@ first.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -98,7 +99,9 @@ def newton(f, u: torch.Tensor, max_iter: int = 100, tol: float = 1e-10):
     iterations)."""
 
     def value(v):
-        out = float(f(v))
+        with warnings.catch_warnings():  # a trial point may overflow; it is rejected below
+            warnings.simplefilter("ignore", UserWarning)
+            out = float(f(v))
         return out if math.isfinite(out) else math.inf  # e.g. C not positive definite
 
     def hessian(v):

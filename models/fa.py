@@ -134,7 +134,7 @@ class FactorAnalysis(LocalLatentFamily):
 
     def _register_params(self, x: torch.Tensor) -> None:
         """The ``pyro.param`` sites W, mu, psi (PPCA: sigma2), started from all of ``x``."""
-        n, d = x.shape
+        d = x.shape[1]
         k, kind, min_var = self.latent_dim, self.kind, self.min_var
         cache: dict = {}
 

@@ -143,13 +143,19 @@ class BayesianGMM(ModelFamily):
         ``(..., K, d)``: batch ``(..., 1)`` (broadcasts against the data plate), event (d,)."""
         return dist.MixtureSameFamily(self.assignment_prior(mu), self.component(mu.unsqueeze(-3)))
 
+    # The densities below skip Pyro's argument checks: x is checked data, and a non-finite mu
+    # must give a non-finite value (stopped by models.ascent.ascend), not an error; the checks
+    # also cost more than the arithmetic in EM's objective.
+
     def log_prior(self, mu: torch.Tensor) -> torch.Tensor:
         """log p(mu) summed over the K components of mu ``(..., K, d)`` (eq. 1), shape (...)."""
-        return self.mean_prior(mu).log_prob(mu).sum(-1)
+        with pyro.validation_enabled(False):
+            return self.mean_prior(mu).log_prob(mu).sum(-1)
 
     def log_likelihood(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """log p(x_i | mu) = log sum_k (1/K) N(x_i; mu_k, I) for mu ``(..., K, d)``: ``(..., n)``."""
-        return self.likelihood(mu).log_prob(x)
+        with pyro.validation_enabled(False):
+            return self.likelihood(mu).log_prob(x)
 
     def log_joint(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """log p(x, mu) with c summed out (eq. 5), every constant kept; mu ``(..., K, d)``."""

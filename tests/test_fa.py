@@ -7,8 +7,21 @@ import torch
 from scipy.stats import multivariate_normal, norm
 from sklearn.decomposition import FactorAnalysis as SkFA
 
+import guides
 from inference import em
 from inference.runtime import isolated
+from models.capabilities import (
+    ClosedFormCAVI,
+    ClosedFormEM,
+    CoordinateAscent,
+    ExactImputation,
+    ExactLocalPosterior,
+    GaussianPosterior,
+    LocalDensities,
+    PointwiseEvidence,
+    PyroFamily,
+    Simulator,
+)
 from models.fa import FactorAnalysis, FAParams, fit_em, ppca_ml
 
 
@@ -194,6 +207,43 @@ def test_pyro_model_log_prob_is_log_joint():
     assert len(pyro.get_param_store()) == 0
 
 
+def test_learnable_params_get_gradients_through_the_model():
+    """Without fixed params the model's densities read the param store: the trace's log
+    probability is log_joint at the stored values, and its gradient reaches W, mu and psi."""
+    x = FactorAnalysis(2, params=random_params(d=5, k=2, seed=4)).sample(30, seed=0)
+    for kind, noise in (("fa", "psi"), ("ppca", "sigma2")):
+        fam = FactorAnalysis(2, kind=kind)
+        with isolated(0):
+            tr = pyro.poutine.trace(fam.model).get_trace(x)
+            assert {"W", "mu", noise} <= {k for k, v in tr.nodes.items() if v["type"] == "param"}
+            lp = tr.log_prob_sum()
+            lp_value = float(lp.detach())
+            store = pyro.get_param_store()
+            W, mu = store["W"].detach(), store["mu"].detach()
+            psi = store[noise].detach().expand(5)
+            z = tr.nodes["z"]["value"]
+            ref = norm.logpdf(z.numpy()).sum() + norm.logpdf(
+                x.numpy(), (z @ W.T + mu).numpy(), psi.sqrt().numpy()).sum()
+            assert lp_value == pytest.approx(ref, rel=1e-12)
+            assert float(fam.log_joint(x, z).sum().detach()) == pytest.approx(ref, rel=1e-12)
+            lp.backward()
+            for _, p in store.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_capabilities_and_guides():
+    fam = FactorAnalysis(2, params=random_params(d=6, k=2))
+    for c in (PyroFamily, Simulator, PointwiseEvidence, LocalDensities, ExactLocalPosterior,
+              ClosedFormEM, ClosedFormCAVI, ExactImputation):
+        assert isinstance(fam, c), c.__name__
+    assert not hasattr(fam, "guides") and not hasattr(fam, "default_guide")
+    assert "exact" in guides.for_family(fam) and guides.default_for(fam) == "mean-field"
+    assert isinstance(fam.em(), CoordinateAscent) and isinstance(fam.cavi(), CoordinateAscent)
+    assert (fam.em().bound, fam.cavi().bound) == ("log-likelihood", "elbo")
+    x = fam.sample(4, seed=0)
+    assert isinstance(fam.exact_posterior(x), GaussianPosterior)
+
+
 def test_simulate_and_sample_statistics():
     fam = FactorAnalysis(2, dim=4)
     x1, t1 = fam.simulate(20000, seed=5)
@@ -252,7 +302,7 @@ def test_em_engine_ppca_reports_sigma2(data):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    from models.fa import em_missing, impute
+    from models.fa_missing import em_missing, impute
 
     fam = FactorAnalysis(2, dim=6)
     x, truth = fam.simulate(300, seed=0)

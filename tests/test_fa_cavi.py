@@ -1,5 +1,6 @@
 """CAVI on FA with fixed parameters, variational Bayes and NUTS on the Bayesian FA."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy.stats import multivariate_normal
 from inference import cavi, mcmc
 from inference.runtime import isolated
 from models.bayes_fa import BayesianFactorAnalysis
-from models.fa import FactorAnalysis, FAParams, fit_em, one_thread
+from models.fa import FactorAnalysis, FAParams, fit_em
+from models.numerics import one_thread
 
 
 def fixed_family(d=6, k=3, seed=0):
@@ -45,11 +47,12 @@ def test_cavi_elbo_matches_monte_carlo_off_optimum():
     fam, p = fixed_family(d=4, k=2, seed=3)
     x = fam.sample(10, seed=0)
     g = torch.Generator().manual_seed(0)
-    state = fam.cavi_init(x, g)
-    state["v"] = torch.tensor([0.3, 2.0], dtype=torch.float64)
-    closed = fam.cavi_objective(x, state)
+    algo = fam.cavi()
+    state = algo.init(x, g)
+    state = dataclasses.replace(state, v=torch.tensor([0.3, 2.0], dtype=torch.float64))
+    closed = algo.objective(x, state)
     S = 40000
-    q = dist.Normal(state["m"], state["v"].sqrt()).to_event(1)
+    q = dist.Normal(state.m, state.v.sqrt()).to_event(1)
     z = q.sample((S,))
     vals = (fam.log_joint(x, z) - q.log_prob(z)).sum(-1)
     mc, se = float(vals.mean()), float(vals.std() / math.sqrt(S))
@@ -72,9 +75,10 @@ def vb_monte_carlo(fam, x, state, S=20000, seed=0):
     """E_q[log p(x, z, W, mu, tau) - log q] by sampling, with torch distributions throughout."""
     torch.manual_seed(seed)
     k = fam.latent_dim
-    q_tau = dist.Gamma(torch.tensor(state["a"], dtype=x.dtype).expand_as(state["b"]), state["b"])
-    q_w = dist.MultivariateNormal(state["Wm"], state["WS"])
-    q_z = dist.MultivariateNormal(state["m"], state["Sz"])
+    q_tau = dist.Gamma(torch.tensor(state.tau_shape, dtype=x.dtype).expand_as(state.tau_rate),
+                       state.tau_rate)
+    q_w = dist.MultivariateNormal(state.w_loc, state.w_cov)
+    q_z = dist.MultivariateNormal(state.z_loc, state.z_cov)
     tau, wt, z = q_tau.sample((S,)), q_w.sample((S,)), q_z.sample((S,))
     W, mu = wt[..., :k], wt[..., k]
     logp = (dist.Normal(0.0, fam.alpha**-0.5).log_prob(W).sum((-1, -2))
@@ -96,8 +100,9 @@ def test_vb_elbo_monotone_and_closed_form(bfa_data):
     assert r.diagnostics["max_decrease"] <= 1e-10 * abs(r.elbo)
     assert len(r.trace) > 3 and r.trace[-1] > r.trace[0]
     # the closed-form ELBO against a Monte Carlo estimate, at the optimum and at the start
-    for state in (r.state, fam.cavi_init(x, torch.Generator().manual_seed(1))):
-        closed = fam.cavi_objective(x, state)
+    algo = fam.cavi()
+    for state in (r.state, algo.init(x, torch.Generator().manual_seed(1))):
+        closed = algo.objective(x, state)
         with one_thread(x):
             mc, se = vb_monte_carlo(fam, x, state)
         assert abs(mc - closed) < 5 * se, (mc, closed, se)
@@ -123,7 +128,7 @@ def test_bayes_fa_likelihood_and_invariants():
     C = W @ W.T + np.diag(1 / tau.numpy())
     np.testing.assert_allclose(ll[1, 2].numpy(), multivariate_normal(mu, C).logpdf(x.numpy()),
                                rtol=1e-11)
-    inv = fam.mcmc_invariants(samples, x)
+    inv = fam.posterior_invariants(samples, x)
     assert inv["cov"].shape == (2, 3, 10) and inv["log_lik"].shape == (2, 3)
     # values, not just shapes: the upper triangle of C (numpy) and the scipy total log-likelihood
     np.testing.assert_allclose(inv["cov"][1, 2].numpy(), C[np.triu_indices(4)], rtol=1e-12)
@@ -131,7 +136,7 @@ def test_bayes_fa_likelihood_and_invariants():
         multivariate_normal(mu, C).logpdf(x.numpy()).sum(), rel=1e-11)
     # rotating W leaves every invariant unchanged
     R = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
-    inv2 = fam.mcmc_invariants({**samples, "W": samples["W"] @ R}, x)
+    inv2 = fam.posterior_invariants({**samples, "W": samples["W"] @ R}, x)
     assert torch.allclose(inv["cov"], inv2["cov"])
     assert torch.allclose(inv["log_lik"], inv2["log_lik"])
     # the collapsed Pyro model's likelihood term equals the exact marginal

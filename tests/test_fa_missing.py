@@ -7,15 +7,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from models.fa import (
-    FactorAnalysis,
-    FAParams,
-    em_missing,
-    fit_em,
-    impute,
-    multiple_impute,
-    observed_loglik,
-)
+from models.fa import FactorAnalysis, FAParams, fit_em
+from models.fa_missing import em_missing, impute, multiple_impute, observed_loglik
 
 
 def setup(n=40, d=6, k=2, frac=0.3, seed=0):
@@ -60,6 +53,15 @@ def test_impute_matches_numpy_conditioning():
             np.testing.assert_allclose(pc.cov.numpy(), cov, atol=1e-10)
             seen.add(r)
     assert seen == {r for r in range(40) if mask[r].any()}
+    # the family's ExactImputation capability: the same conditional means
+    fam = FactorAnalysis(2, params=p)
+    for r in range(40):
+        if mask[r].any():
+            mean, _ = numpy_conditional(xm[r].numpy(), mask[r].numpy(), p)
+            np.testing.assert_allclose(fam.impute_exact(xm)[r, mask[r]].numpy(), mean, atol=1e-10)
+    assert torch.equal(fam.impute_exact(xm)[obs], x[obs])
+    with pytest.raises(ValueError, match="^params"):
+        FactorAnalysis(2).impute_exact(xm)
 
 
 def test_observed_loglik_matches_scipy():

@@ -127,6 +127,21 @@ def test_mean_field_and_full_rank_gaps_closed_form():
     np.testing.assert_allclose(fr.elbo_amortized, mf.elbo_amortized)
 
 
+def test_gaussian_approximation_gap_matches_numpy():
+    """The closed form of the best mean-field / full-rank gap, from a posterior covariance built
+    in numpy (L^-1, L = I + W^T Psi^-1 W), against the numpy formula on L."""
+    _, _, truth = fa_data()
+    W, _, psi = np_params(truth)
+    cov = torch.as_tensor(np.linalg.inv(np.eye(W.shape[1]) + W.T @ (W / psi[:, None])))
+    got = gaps.gaussian_approximation_gap(cov, "mean-field")
+    assert float(got) == pytest.approx(np_mean_field_gap(truth), abs=1e-12)
+    batched = gaps.gaussian_approximation_gap(cov.expand(3, -1, -1), "mean-field")
+    assert batched.shape == (3,) and torch.allclose(batched, got.expand(3))
+    assert float(gaps.gaussian_approximation_gap(cov, "full-rank")) == 0.0
+    with pytest.raises(ValueError, match="^local_family:"):
+        gaps.gaussian_approximation_gap(cov, "local-flow")
+
+
 def test_converged_linear_full_encoder_has_no_amortization_gap():
     fam, x, truth = fa_data()
     with isolated(0):
@@ -152,7 +167,7 @@ def test_svi_trained_linear_full_encoder_amortization_gap_small():
     s = svi.Settings(num_steps=1000, lr=0.05, lr_decay=0.05, num_particles=4, eval_particles=10,
                      num_posterior_samples=0, learn_model_params=False)
     r = svi.fit(fam, x, s, guide=guides.spec("linear-full"), seed=0)
-    df = gaps.decompose_gaps(fam, x, r.state["guide"], "full-rank")
+    df = gaps.decompose_gaps(fam, x, r.state.guide, "full-rank")
     row = gaps.summary_row(df)
     assert 0 <= row["amortization_gap"] < 0.03
 
@@ -217,7 +232,7 @@ def test_global_latent_is_rejected():
     fam = NormalMean()
     x = torch.randn(5, dtype=torch.float64)
     with isolated(0):
-        g = fam.guides()["normal"].build(fam, x)
+        g = guides.for_family(fam)["normal"].build(fam, x)
         with pytest.raises(ValueError, match="outside plate 'data'"):
             log_weights(fam.model, g, x, num_particles=3)
 

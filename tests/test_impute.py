@@ -1,7 +1,7 @@
 """Generic imputation by importance resampling (inference/impute.py).
 
 Oracles: the exact conditional Gaussian of FA, written out in numpy here
-(E[x_m | x_o] = mu_m + C_mo C_oo^-1 (x_o - mu_o), C = W W^T + Psi) and models.fa.impute; for a
+(E[x_m | x_o] = mu_m + C_mo C_oo^-1 (x_o - mu_o), C = W W^T + Psi) and models.fa_missing.impute; for a
 non-Gaussian model (Bernoulli likelihood, scalar z), quadrature on a fine grid of z.
 """
 
@@ -16,7 +16,8 @@ import torch
 import guides
 from inference.impute import column_mean_impute, importance_impute, rmse
 from inference.runtime import isolated
-from models.fa import FactorAnalysis, impute
+from models.fa import FactorAnalysis
+from models.fa_missing import impute
 
 
 def fa_missing(n=60, d=6, k=2, frac=0.3, seed=1):

@@ -79,7 +79,7 @@ def test_direct_step_on_the_vae_has_the_loss_and_gradients_of_trace_elbo(likelih
     vae = VAE(6, 2, hidden=(5,), likelihood=likelihood, seed=1)
     # a step that does not move (lr 1e-12) and does not clip the gradients it reports
     s = svi.Settings(subsample_size=10, lr=1e-12, lr_decay=1.0, clip_norm=None, num_particles=1)
-    reps = 1500
+    reps = 600
     with isolated(0):
         guide = guides.make("mlp", vae, x, hidden=(4,))
         assert supports_direct(guide)

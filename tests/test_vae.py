@@ -18,12 +18,25 @@ from scipy.stats import norm
 from sklearn.datasets import load_digits as sk_load_digits
 from sklearn.decomposition import FactorAnalysis as SkFA
 
-from guides.amortized import build_mlp
+import guides
+from guides.amortized import build_mlp, encoder_from_config, supports_direct
 from guides.flow import LocalFlowGuide, PointwiseCoupling, build_flow
 from guides.semi_amortized import build_semi_amortized
 from inference.evidence import iwae, iwae_from_log_joint
+from inference.impute import pseudo_gibbs_impute
 from inference.runtime import isolated
-from inference.train_vae import train_vae
+from inference.train_vae import direct_capable, train_vae
+from models.capabilities import (
+    ClosedFormEM,
+    ExactEvidence,
+    ExactLocalPosterior,
+    LocalDensities,
+    McmcModel,
+    PointwiseLogLikelihood,
+    PosteriorInvariants,
+    PyroFamily,
+    Simulator,
+)
 from models.data import images as digits
 from models.fa import FactorAnalysis, FAParams
 from models.vae import VAE
@@ -243,6 +256,117 @@ def test_training_improves_and_checkpoints(tmp_path):
         est = iwae(vae.model, guide, x[:200], num_samples=500)
     assert res.elbo <= est.value + 4 * math.hypot(res.elbo_se, est.se)
     assert res.n_data == 200 and res.bound == "elbo"
+
+
+# ----------------------------------------------------------------------------- contract
+def test_capabilities_and_guides_come_from_the_contract():
+    vae = VAE(6, 2, hidden=(5,))
+    for c in (PyroFamily, LocalDensities, Simulator, McmcModel, PosteriorInvariants,
+              PointwiseLogLikelihood):
+        assert isinstance(vae, c), c.__name__
+    for c in (ExactLocalPosterior, ExactEvidence, ClosedFormEM):
+        assert not isinstance(vae, c), c.__name__
+    assert not hasattr(vae, "guides") and not hasattr(vae, "default_guide")
+    assert vae.mcmc_init(torch.zeros(3, 6)) is None
+    specs = guides.for_family(vae)
+    assert "exact" not in specs and {"mlp", "flow", "local-flow", "semi-amortized"} <= set(specs)
+    assert guides.default_for(vae) == "mlp"
+
+
+def test_mcmc_model_has_the_model_density_with_constant_weights():
+    vae = VAE(6, 2, hidden=(5,), likelihood="gaussian", seed=3)
+    x, z = torch.randn(4, 6), torch.randn(4, 2)
+    logp = []
+    for fn in (vae.model, vae.mcmc_model):
+        tr = poutine.trace(poutine.condition(fn, data={"z": z})).get_trace(x)
+        tr.compute_log_prob()
+        logp.append(tr.nodes["x"]["log_prob"] + tr.nodes["z"]["log_prob"])
+    torch.testing.assert_close(logp[0], logp[1])
+    assert logp[0].requires_grad and not logp[1].requires_grad
+    # z is diagnosed as is, with the total log likelihood of each draw
+    draws = {"z": torch.randn(2, 3, 4, 2)}
+    inv = vae.posterior_invariants(draws, x)
+    assert torch.equal(inv["z"], draws["z"]) and inv["log_lik"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("mlp", {"hidden": (5, 3), "activation": "tanh"}), ("linear-full", {}),
+    ("linear-diag", {"init_scale": 0.5}), ("flow", {"hidden": (4,), "flow": "coupling"}),
+])
+def test_encoder_rebuilds_from_its_config(name, options):
+    vae = VAE(6, 3, hidden=(5,), likelihood="gaussian")
+    x = torch.randn(7, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    enc = guides.make(name, vae, x, **options)
+    _perturb(enc, 0.1, 3)
+    config = enc.config
+    assert config["data_dim"] == 6 and config["latent_dim"] == 3
+    # plain values only (saved next to the weights with torch.save, loaded weights_only)
+    assert all(isinstance(v, str | int | float | bool | list | type(None))
+               for v in config.values())
+    back = encoder_from_config(config, like=x)
+    back.load_state_dict(enc.state_dict())
+    assert type(back) is type(enc) and back.config == config
+    z = torch.randn(5, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(back.distribution(x).log_prob(z), enc.distribution(x).log_prob(z))
+    with pytest.raises(ValueError, match="^config:"):
+        encoder_from_config({**config, "type": "Nope"}, like=x)
+
+
+def test_direct_step_is_chosen_from_the_built_guide():
+    vae = VAE(6, 2, hidden=(5,))
+    x = (torch.rand(10, 6) < 0.5).float()
+
+    def plain(x, subsample_size=None):
+        pass
+
+    state = torch.random.get_rng_state()
+    for name in guides.for_family(vae):
+        options = {"encoder_grad": "full"} if name == "semi-amortized" else {}
+        assert direct_capable(vae, x, name, options), name
+    assert torch.equal(torch.random.get_rng_state(), state)  # probe builds leave the RNG alone
+    assert not supports_direct(plain) and not direct_capable(vae, x, plain)
+
+
+# ----------------------------------------------------------------------------- imputation
+def test_pseudo_gibbs_with_the_exact_posterior_gives_the_gaussian_conditional(fa_fit):
+    """With q(z | x) = p(z | x) pseudo-Gibbs is a Gibbs sampler of p(z, x_mis | x_obs); its
+    average of E[x_mis | z] converges to E[x_mis | x_obs] of N(mu, W W^T + Psi)."""
+    X, sk = fa_fit
+    vae = fa_vae(sk)
+    W, psi, mu = sk.components_.T, sk.noise_variance_, sk.mean_
+    rows = X[:3]
+    mask = np.zeros(rows.shape, dtype=bool)
+    mask[0, [1, 4]] = mask[1, [0, 2, 5]] = mask[2, 3] = True
+    cov = W @ W.T + np.diag(psi)
+    want = rows.copy()
+    for i in range(3):
+        m, o = mask[i], ~mask[i]
+        want[i, m] = mu[m] + cov[np.ix_(m, o)] @ np.linalg.solve(cov[np.ix_(o, o)],
+                                                                 rows[i, o] - mu[o])
+
+    class Exact:
+        def distribution(self, x):
+            mean, S = numpy_posterior(sk, x.numpy())
+            return dist.MultivariateNormal(torch.tensor(mean), torch.tensor(S))
+
+    # 400 independent chains per row (copies), 60 sweeps, the first 20 discarded
+    copies = 400
+    x = torch.tensor(np.repeat(rows, copies, axis=0))
+    m = torch.tensor(np.repeat(mask, copies, axis=0))
+    x_nan = torch.where(m, torch.tensor(math.nan, dtype=torch.float64), x)
+    out = pseudo_gibbs_impute(vae, Exact(), x_nan, steps=60, burn_in=20, seed=0)
+    assert torch.equal(out[~m], x[~m])  # observed entries kept
+    per_chain = out.reshape(3, copies, -1)
+    est, se = per_chain.mean(1), per_chain.std(1) / math.sqrt(copies)
+    for i in range(3):
+        z = (est[i, mask[i]] - torch.tensor(want[i, mask[i]])) / se[i, mask[i]]
+        # chains are independent: a 5-sd bound on each of the 6 imputed entries
+        assert z.abs().max() < 5, (i, z)
+    # the same seed gives the same imputation
+    torch.testing.assert_close(
+        pseudo_gibbs_impute(vae, Exact(), x_nan[:5], steps=4, burn_in=1, seed=2),
+        pseudo_gibbs_impute(vae, Exact(), x_nan[:5], steps=4, burn_in=1, seed=2))
 
 
 # ----------------------------------------------------------------------------- digits data

@@ -1,0 +1,130 @@
+"""The gradient steps of the SVI engine: Pyro's ELBOs and the torch-native (direct) step.
+
+Both return the loss of the step and expose the ClippedAdam they use as ``.optimizer`` (its state
+goes into checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.optim.clipped_adam import ClippedAdam
+
+from inference.svi_settings import Settings
+from models.capabilities import LocalDensities, MissingCapability
+
+
+def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
+    """The Pyro ELBO object for these settings (``collapsed``: any enumeration, model or guide)."""
+    o = settings.objective
+    kw = dict(
+        num_particles=o.num_particles,
+        vectorize_particles=o.vectorize_particles and o.num_particles > 1,
+        max_plate_nesting=max_plate_nesting,
+    )
+    if collapsed:
+        if o.mean_field_kl:
+            raise ValueError("mean_field_kl: does not apply to a guide that needs enumeration")
+        return (JitTraceEnum_ELBO if o.jit else TraceEnum_ELBO)(**kw)
+    if o.mean_field_kl:
+        return (JitTraceMeanField_ELBO if o.jit else TraceMeanField_ELBO)(**kw)
+    return (JitTrace_ELBO if o.jit else Trace_ELBO)(**kw)
+
+
+def adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
+    o = settings.optimizer
+    gamma = o.lr_decay ** (1.0 / num_steps)
+    return ClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
+
+
+class PyroStep:
+    """One gradient step of a Pyro ELBO on every param the model and guide touch (one ClippedAdam
+    over all of them: per-element the same update as ``pyro.optim.ClippedAdam``)."""
+
+    def __init__(self, model, guide, args, kwargs, loss, settings):
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.loss, self.settings = loss, settings
+        self.optimizer: ClippedAdam | None = None
+        self._seen: set[int] = set()
+
+    def prepare(self) -> None:
+        """Make the optimizer over the params one step would touch, in the same order (to load
+        a checkpointed optimizer state before the first step). Draws random numbers: the caller
+        restores the random state afterwards."""
+        with torch.no_grad(), poutine.trace(param_only=True) as cap:
+            gtr = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+            poutine.replay(self.model, trace=gtr)(*self.args, **self.kwargs)
+        self._register([s["value"].unconstrained() for s in cap.trace.nodes.values()])
+
+    def __call__(self) -> float:
+        with poutine.trace(param_only=True) as cap:
+            value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
+        params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
+        self._register(params)
+        self.optimizer.step()
+        for p in params:
+            p.grad = None
+        return float(value)
+
+    def _register(self, params) -> None:
+        new = [p for p in params if id(p) not in self._seen]
+        if new:
+            self._seen.update(id(p) for p in new)
+            if self.optimizer is None:
+                self.optimizer = adam(new, self.settings, self.settings.stopping.num_steps)
+            else:
+                self.optimizer.add_param_group({"params": new})
+
+
+def direct_step(family, guide, x: torch.Tensor, settings: Settings):
+    """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
+    Pyro's tracing (for speed on small networks).
+
+    Needs a :class:`~models.capabilities.LocalDensities` family (``log_joint(x, z) -> (..., n)``)
+    and ``guide.distribution(x, idx)`` (a reparameterizable q(z_n | x_n) with batch shape (B,)).
+    Per step: idx ~ a uniform minibatch of size B, z_p ~ q (P particles),
+    loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)], the unbiased estimate of -ELBO
+    that Trace_ELBO with plate subsampling computes. The optimized tensors are the param store's.
+    Returns the step function; its ``optimizer`` attribute is the ClippedAdam it uses.
+    """
+    if not isinstance(family, LocalDensities):
+        raise MissingCapability(
+            f"direct: the torch-native step needs the LocalDensities capability; the "
+            f"{family.name} family does not implement it")
+    if not callable(getattr(guide, "distribution", None)):
+        raise ValueError("direct: the guide has no distribution(x, idx)")
+    with torch.no_grad():
+        gtr = poutine.trace(guide).get_trace(x)
+        mtr = poutine.trace(family.model).get_trace(x)
+    names = {m["name"] for m in gtr.nodes.values() if m["type"] == "param"}
+    if settings.objective.learn_model_params:
+        names |= {m["name"] for m in mtr.nodes.values() if m["type"] == "param"}
+    params = [p for k, p in pyro.get_param_store().named_parameters() if k in names]
+    opt = adam(params, settings, settings.stopping.num_steps)
+    n, batch = x.shape[0], settings.objective.subsample_size
+    particles = settings.objective.num_particles
+
+    def step():
+        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
+        xb = x if idx is None else x[idx]
+        q = guide.distribution(x, idx)
+        z = q.rsample((particles,))
+        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
+        opt.zero_grad()
+        (-elbo).backward()
+        opt.step()
+        return float(-elbo.detach())
+
+    step.optimizer = opt
+    return step
