@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from guides.local import LatentGuide, _data, _latent_dim, no_extra
-from models.base import require
+from models.capabilities import ExactLocalPosterior, require
 
 
 class ExactPosteriorGuide(LatentGuide):
@@ -22,7 +22,7 @@ class ExactPosteriorGuide(LatentGuide):
 
     def __init__(self, family, latent_dim, *, params=None, site="z", plate="data", name=None):
         super().__init__(latent_dim, site=site, plate=plate, name=name)
-        require(family, "the exact-posterior guide", ("exact_posterior",), "an exact posterior")
+        require(family, ExactLocalPosterior, "the exact-posterior guide")
         self.family = family
         self.params = params
 

@@ -51,11 +51,11 @@ def _initial(family: BayesianGMM, x, seed: int | None, init: CaviState | None):
     return m, s, family.responsibilities(x, m)
 
 
-def _unpack(state: CaviState):
+def _unpack(state: CaviState, field: str = "init"):
     """(m, s, phi) of a CAVI state, detached (s = sqrt(s2), the sd of q(mu_k))."""
     if not isinstance(state, CaviState):
         raise TypeError(
-            f"init: expected a models.gmm.CaviState (CAVI's state), got {type(state).__name__}"
+            f"{field}: expected a models.gmm.CaviState (CAVI's state), got {type(state).__name__}"
         )
     return state.m.detach(), state.s2.sqrt().detach(), state.phi.detach()
 
@@ -115,7 +115,7 @@ def mean_field_guide_from(state: CaviState, *, fixed: bool = True, enumerate_c: 
     values of ``pyro.param`` sites (to warm-start SVI; use a fresh param store).
     ``enumerate_c``: as in :func:`build_mean_field`.
     """
-    m, s, phi = _unpack(state)
+    m, s, phi = _unpack(state, "state")
     return _mean_field(m, s, phi, fixed=fixed, enumerate_c=enumerate_c)
 
 

@@ -288,7 +288,7 @@ class BayesianFactorAnalysis(ModelFamily):
         read off :meth:`stats_model` (the NUTS target's own sites) plus the log-Jacobians of
         the bijections ``biject_to(support)`` of its sites: Pyro's potential energy in u."""
         stats = SuffStats.of(x)
-        start = self._vb_start(x)
+        start = self.vb_start(x)
         start = {name: start[name] for name in ("W", "mu", "tau")}
         sites = self._trace(start, stats).nodes
         bij = {name: biject_to(sites[name]["fn"].support) for name in start}
@@ -325,7 +325,7 @@ class BayesianFactorAnalysis(ModelFamily):
         with poutine.block():
             return poutine.trace(poutine.condition(self.stats_model, values)).get_trace(stats)
 
-    def _vb_start(self, x: torch.Tensor) -> dict:
+    def vb_start(self, x: torch.Tensor) -> dict:
         """The VB fit after ``init_sweeps`` CAVI sweeps (seed 0; fewer only if the ELBO stops
         changing exactly), run by :func:`models.ascent.ascend`: W = E_q[W] rotated to its
         identified representative, put exactly in its support (upper part 0, diagonal at least
@@ -350,12 +350,12 @@ class BayesianFactorAnalysis(ModelFamily):
         used, drawn per chain (seed + chain) uniformly in (-2, 2)^D in the whitened coordinates,
         i.e. within 2 Laplace sd of the mode along each: dispersed starts, as R-hat assumes
         (this also fits the coordinates, :meth:`mcmc_coordinates`). Otherwise the
-        VB fit (:meth:`_vb_start`) in unconstrained coordinates, the same for every chain."""
+        VB fit (:meth:`vb_start`) in unconstrained coordinates, the same for every chain."""
         x = self.check_data(x)
         if self._whitened():
             self._stats(x)
             return None
-        vb = self._vb_start(x)
+        vb = self.vb_start(x)
         W = FreeToLoadings(*vb["W"].shape).inv(vb["W"]) if self.identify else vb["W"]
         init = {"W": W, "mu": vb["mu"], "tau": torch.log(vb["tau"])}
         if not self.collapse_z:

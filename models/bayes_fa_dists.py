@@ -1,4 +1,4 @@
-"""Constraints, transforms and distributions of the Bayesian factor analysis (:mod:`models.bayes_fa`).
+"""Constraints, transforms and distributions of the Bayesian FA (:mod:`models.bayes_fa`).
 
 * :class:`LowerTrapezoidal`: d x k matrices, zero above the diagonal, positive on it; its bijection
   from R^m is :class:`FreeToLoadings` (registered with ``biject_to`` / ``transform_to``).

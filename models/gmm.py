@@ -255,20 +255,12 @@ class BayesianGMM(ModelFamily):
         x = self.check_data(x)
         S = integer(num_samples, "num_samples", minimum=2)
         gen = torch.Generator().manual_seed(integer(seed, "seed", minimum=0))
-        draws = gmm_evidence.exact_posterior_draws(
-            self, x.to(torch.float64), S, gen, max_assignments
-        )
+        draws = gmm_evidence.exact_posterior_draws(self, x.double(), S, gen, max_assignments)
         mu = sorted_means(draws)
         mean, sd = mu.mean(0), mu.std(0)
-        return {
-            "mu_sorted": Moments(
-                mean=mean.to(x.dtype),
-                sd=sd.to(x.dtype),
-                mean_se=(sd / math.sqrt(S)).to(x.dtype),
-                sd_se=(sd / math.sqrt(2 * S)).to(x.dtype),
-                num_samples=S,
-            )
-        }
+        se, sd_se = sd / math.sqrt(S), sd / math.sqrt(2 * S)
+        moments = (v.to(x.dtype) for v in (mean, sd, se, sd_se))
+        return {"mu_sorted": Moments(*moments, num_samples=S)}
 
     # ------------------------------------------------------------------ closed-form algorithms
 

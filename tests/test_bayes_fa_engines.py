@@ -339,7 +339,8 @@ def test_vb_guide_draws_every_latent_site_of_the_model_from_q():
     state = dataclasses.replace(state, w_cov=S * scale)
     guide = fam.vb_guide(state)
     model_tr = pyro.poutine.trace(fam.model).get_trace(x)
-    latent = {k for k, s in model_tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
+    latent = {k for k, s in model_tr.nodes.items()
+              if s["type"] == "sample" and not s["is_observed"]}
     guide_tr = pyro.poutine.trace(guide).get_trace(x)
     assert {k for k, s in guide_tr.nodes.items() if s["type"] == "sample"} == latent
     # the joint law of (w_i, mu_i) under the guide is q(W~_i) (numpy moments of 40k draws)
@@ -410,7 +411,7 @@ def test_nuts_runs_on_unscaled_and_integer_data(transform):
     x, _ = FactorAnalysis(2, dim=5).simulate(60, seed=1)
     x = 100 * x if transform == "times100" else (100 * x).round()
     fam = BayesianFactorAnalysis(2)
-    start = fam._vb_start(x)
+    start = fam.vb_start(x)
     L = start["W"]
     assert bool(LowerTrapezoidal(5, 2).check(L)) and bool((torch.triu(L, 1) == 0).all())
     coords = fam.mcmc_coordinates(x)

@@ -21,12 +21,12 @@ from scipy import optimize, stats
 from scipy.special import logsumexp
 
 import guides
-from guides.gmm import mean_field_guide_from
+from guides.gmm import build_collapsed, mean_field_guide_from
 from inference import cavi, em
 from inference.elbo import estimate_elbo
 from inference.runtime import isolated
-from models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
 from models.ascent import AscentSettings, ascend
+from models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
 from models.gmm import BayesianGMM, CaviState, MapState, label_symmetry_term, sorted_means
 
 # ----------------------------------------------------------------------------- numpy references
@@ -401,8 +401,10 @@ def test_guides_take_a_typed_cavi_state():
     with isolated(0):
         tr = poutine.trace(mean_field_guide_from(st)).get_trace(x)
     np.testing.assert_allclose(tr.nodes["mu"]["fn"].base_dist.loc.numpy(), st.m.numpy())
-    with pytest.raises(TypeError, match="^init: expected a models.gmm.CaviState"):
+    with pytest.raises(TypeError, match="^state: expected a models.gmm.CaviState"):
         mean_field_guide_from({"m": st.m, "s2": st.s2, "phi": st.phi})
+    with pytest.raises(TypeError, match="^init: expected a models.gmm.CaviState"):
+        build_collapsed(fam, x, init={"m": st.m})
 
 
 # ----------------------------------------------------------------------------- MCMC hooks
