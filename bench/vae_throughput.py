@@ -81,7 +81,7 @@ def run_plain(x, steps, seed, *, analytic_kl=False):
             idx = torch.randperm(n, generator=gen)[:BATCH]
             xb = x[idx]
             h = enc.body(xb)
-            loc, scale = enc.loc_net(h), enc._scale(enc.scale_net(h))
+            loc, scale = enc.loc_net(h), enc.positive_scale(enc.scale_net(h))
             z = loc + scale * torch.randn_like(loc)
             logits, _ = vae.decoder(z)
             ll = -torch.nn.functional.binary_cross_entropy_with_logits(

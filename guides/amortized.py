@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guides.local import LatentGuide, _data, _latent_dim, no_extra
+from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
 from models.numerics import ACTIVATIONS, inverse_softplus
 from models.validate import integer, non_negative, positive
 
@@ -75,7 +75,8 @@ class EncoderGuide(LatentGuide):
             raise ValueError(f"data: encoder expects {self.data_dim} features, got {rows.shape[1]}")
         return rows
 
-    def _scale(self, raw):
+    def positive_scale(self, raw):
+        """softplus(raw) + min_scale: a scale head's output as a standard deviation."""
         return F.softplus(raw) + self.min_scale
 
     def _init_scale_head(self, layer: nn.Linear, diag_index=None):
@@ -117,10 +118,10 @@ class LinearEncoderGuide(EncoderGuide):
         loc = self.loc_net(h)
         raw = self.scale_net(h)
         if self.diagonal:
-            return loc, torch.diag_embed(self._scale(raw))
+            return loc, torch.diag_embed(self.positive_scale(raw))
         k = self.latent_dim
         diag = self.tril_rows == self.tril_cols
-        vals = torch.where(diag, self._scale(raw), raw)
+        vals = torch.where(diag, self.positive_scale(raw), raw)
         tril = raw.new_zeros(raw.shape[0], k, k)
         tril[:, self.tril_rows, self.tril_cols] = vals
         return loc, tril
@@ -153,13 +154,13 @@ class MLPEncoderGuide(EncoderGuide):
 
     def moments(self, x, idx=None):
         h = self.body(self._inputs(x, idx))
-        return self.loc_net(h), torch.diag_embed(self._scale(self.scale_net(h)))
+        return self.loc_net(h), torch.diag_embed(self.positive_scale(self.scale_net(h)))
 
     def distribution(self, x, idx=None):
         import pyro.distributions as dist
 
         h = self.body(self._inputs(x, idx))
-        return dist.Normal(self.loc_net(h), self._scale(self.scale_net(h))).to_event(1)
+        return dist.Normal(self.loc_net(h), self.positive_scale(self.scale_net(h))).to_event(1)
 
 
 def encoder_from_config(config: dict, *, like: torch.Tensor) -> EncoderGuide:
@@ -181,8 +182,8 @@ def _linear_builder(full: bool, label: str):
     def build(family, x, *, latent_dim=None, site="z", plate="data", name=None, init_scale=1.0,
               min_scale=1e-6, **options):
         no_extra(options, label)
-        x = _data(family, x)
-        return LinearEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), full=full,
+        x = data_of(family, x)
+        return LinearEncoderGuide(data_dim_of(x), latent_dim_of(family, latent_dim), full=full,
                                   like=x, init_scale=init_scale, min_scale=min_scale, site=site,
                                   plate=plate, name=name)
 
@@ -199,7 +200,7 @@ def build_mlp(family, x, *, latent_dim=None, hidden=(64,), activation="softplus"
               plate="data", name=None, init_scale=1.0, min_scale=1e-6, **options):
     """``GuideSpec.build`` of the MLP encoder (diagonal Gaussian)."""
     no_extra(options, "mlp")
-    x = _data(family, x)
-    return MLPEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), hidden=hidden,
+    x = data_of(family, x)
+    return MLPEncoderGuide(data_dim_of(x), latent_dim_of(family, latent_dim), hidden=hidden,
                            activation=activation, like=x, init_scale=init_scale,
                            min_scale=min_scale, site=site, plate=plate, name=name)

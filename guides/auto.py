@@ -38,7 +38,8 @@ GLOBAL_GUIDES = {
 
 def latent_sites(model, x, plate: str = "data") -> tuple[dict, dict, dict]:
     """(global, local, enumerated) latent sites of ``model(x)`` by name (trace nodes)."""
-    with torch.no_grad(), pyro.poutine.block():
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
         tr = poutine.trace(model).get_trace(x)
     glob, loc, enum = {}, {}, {}
     for name, s in tr.nodes.items():

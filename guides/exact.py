@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from guides.local import LatentGuide, _data, _latent_dim, no_extra
+from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
 from models.capabilities import ExactLocalPosterior, require
 
 
@@ -44,6 +44,6 @@ def build_exact(family, x, *, latent_dim=None, params=None, site="z", plate="dat
                 **options):
     """``GuideSpec.build`` of the exact-posterior guide."""
     no_extra(options, "exact")
-    _data(family, x)
-    return ExactPosteriorGuide(family, _latent_dim(family, latent_dim), params=params, site=site,
+    data_of(family, x)
+    return ExactPosteriorGuide(family, latent_dim_of(family, latent_dim), params=params, site=site,
                                plate=plate, name=name)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from guides.amortized import EncoderGuide, data_dim_of, encoder_body
-from guides.local import LocalGuide, _data, _latent_dim, no_extra
+from guides.local import LocalGuide, data_of, latent_dim_of, no_extra
 from models.numerics import ACTIVATIONS
 from models.validate import choice, integer
 
@@ -133,7 +133,7 @@ class FlowEncoderGuide(EncoderGuide):
         """(loc, scale) of the base Gaussian and the encoder input rows."""
         rows = self._inputs(x, idx)
         h = self.body(rows)
-        return self.loc_net(h), self._scale(self.scale_net(h)), rows
+        return self.loc_net(h), self.positive_scale(self.scale_net(h)), rows
 
     def distribution(self, x, idx=None):
         loc, scale, rows = self.base(x, idx)
@@ -274,8 +274,8 @@ def build_flow(family, x, *, latent_dim=None, hidden=(64,), activation="softplus
                name=None, init_scale=1.0, min_scale=1e-6, **options):
     """``GuideSpec.build`` of the amortized flow encoder."""
     no_extra(options, "flow")
-    x = _data(family, x)
-    return FlowEncoderGuide(data_dim_of(x), _latent_dim(family, latent_dim), hidden=hidden,
+    x = data_of(family, x)
+    return FlowEncoderGuide(data_dim_of(x), latent_dim_of(family, latent_dim), hidden=hidden,
                             activation=activation, flow=flow, num_flows=num_flows,
                             flow_hidden=flow_hidden, conditional=conditional, like=x,
                             init_scale=init_scale, min_scale=min_scale, site=site, plate=plate,
@@ -286,8 +286,8 @@ def build_local_flow(family, x, *, latent_dim=None, num_layers=4, hidden=16, ini
                      seed=0, site="z", plate="data", name=None, **options):
     """``GuideSpec.build`` of the per-data-point flow (q*_Flow)."""
     no_extra(options, "local-flow")
-    x = _data(family, x)
-    return LocalFlowGuide(x.shape[0], _latent_dim(family, latent_dim), like=x,
+    x = data_of(family, x)
+    return LocalFlowGuide(x.shape[0], latent_dim_of(family, latent_dim), like=x,
                           num_layers=num_layers, hidden=hidden, init_scale=init_scale, seed=seed,
                           site=site, plate=plate, name=name)
 

@@ -168,15 +168,15 @@ def no_extra(options: dict, guide: str) -> None:
         raise TypeError(f"guide_options: unknown option(s) {sorted(options)} for guide {guide!r}")
 
 
-def _latent_dim(family, latent_dim):
+def latent_dim_of(family, latent_dim):
     if latent_dim is None:
-        latent_dim = getattr(family, "latent_dim", None)
+        latent_dim = getattr(family, "latent_dim", None)  # LocalDensities, or a user family's attribute
     if latent_dim is None:
         raise ValueError("latent_dim: the family has no latent_dim attribute; pass latent_dim=")
     return integer(latent_dim, "latent_dim", minimum=1)
 
 
-def _data(family, x):
+def data_of(family, x):
     if family is not None and callable(getattr(family, "check_data", None)):
         return family.check_data(x)
     return as_data(x, "data")
@@ -186,8 +186,8 @@ def _local_builder(cls, label: str):
     def build(family, x, *, latent_dim=None, site="z", plate="data", name=None, init_scale=1.0,
               **options):
         no_extra(options, label)
-        x = _data(family, x)
-        return cls(x.shape[0], _latent_dim(family, latent_dim), like=x, init_scale=init_scale,
+        x = data_of(family, x)
+        return cls(x.shape[0], latent_dim_of(family, latent_dim), like=x, init_scale=init_scale,
                    site=site, plate=plate, name=name)
 
     build.__name__ = f"build_{label.replace('-', '_')}"

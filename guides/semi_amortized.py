@@ -32,7 +32,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
-from guides.local import LatentGuide, _data, _latent_dim, no_extra
+from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
 from models.validate import choice, integer, non_negative, positive
 
 ENCODER_GRADS = ("none", "straight-through", "full")
@@ -132,14 +132,14 @@ def build_semi_amortized(family, x, *, encoder=None, latent_dim=None, steps=10, 
     """``GuideSpec.build``: wraps ``encoder`` (a trained amortized guide with ``moments``), or a
     new MLP encoder built with ``encoder_options`` (then ``encoder_grad`` must not be "none")."""
     no_extra(options, "semi-amortized")
-    x = _data(family, x)
+    x = data_of(family, x)
     if encoder is None:
         from guides.amortized import build_mlp
 
         if encoder_grad == "none":
             raise ValueError("encoder_grad: a new (untrained) encoder needs 'straight-through' "
                              "or 'full' so that it learns; or pass encoder=")
-        encoder = build_mlp(family, x, latent_dim=_latent_dim(family, latent_dim),
+        encoder = build_mlp(family, x, latent_dim=latent_dim_of(family, latent_dim),
                             **(encoder_options or {}))
     return SemiAmortizedGuide(family, encoder, steps=steps, inner_lr=inner_lr, momentum=momentum,
                               inner_particles=inner_particles, max_grad_norm=max_grad_norm,

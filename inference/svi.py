@@ -335,9 +335,11 @@ def check_coverage(family, guide_fn, x, spec: GuideSpec) -> None:
     guide that enumerates): else an error naming the uncovered sites."""
     from guides.auto import latent_sites
 
-    glob, loc, enum = latent_sites(family.model, x)
-    with torch.no_grad(), poutine.block():
-        gtr = poutine.trace(guide_fn).get_trace(x)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the training draws stay those of the seed
+        glob, loc, enum = latent_sites(family.model, x)
+        with torch.no_grad(), poutine.block():
+            gtr = poutine.trace(guide_fn).get_trace(x)
     sampled = {k for k, s in gtr.nodes.items() if s["type"] == "sample" and not site_is_plate(s)}
     needed = set(glob) | set(loc) | (set() if (spec.collapsed or spec.enumerated) else set(enum))
     missing = sorted(needed - sampled)

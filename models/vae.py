@@ -18,10 +18,14 @@ parameters and :meth:`VAE.load_factor_analysis` sets them.
 
 The decoder is a ``torch.nn.Module`` registered with ``pyro.module(module_name, ...)`` (default
 "decoder"), so SVI trains it and its ``state_dict`` is what gets saved (:meth:`VAE.save`, loaded
-with ``weights_only=True``). The family owns its decoder: fitting it twice continues from the
-weights of the first fit; make one family per trained model, and give families that share a
-param store different ``module_name``s (engines isolate the store, so this matters only when
-calling Pyro code by hand).
+with ``weights_only=True``). The family owns its decoder: the SVI engine fits a copy of the family,
+and the VAE trainer (``inference.train_vae``) writes the trained weights back, so training twice
+continues from the first run; give families that share a param store different
+``module_name``s (engines isolate the store, so this matters only when calling Pyro code by hand).
+
+Densities: ``local_prior(x)`` (N(0, I) per row) and ``observation_dist(z)`` are the objects the
+Pyro model samples from; ``log_joint`` and ``log_likelihood`` are built from them by
+:class:`models.base.LocalLatentFamily`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import LocalLatentFamily
+from models.fa_params import FAParams
 from models.numerics import ACTIVATIONS, inverse_softplus, mlp
 from models.validate import as_data, choice, integer, positive
 
@@ -244,8 +249,6 @@ class VAE(LocalLatentFamily):
 
     def as_factor_analysis(self):
         """FAParams(W (D, k), mu (D,), psi (D,)) of the linear-Gaussian decoder: same model."""
-        from models.fa import FAParams
-
         self._check_fa()
         with torch.no_grad():
             W = self.decoder.out.weight.detach().clone()
