@@ -27,7 +27,6 @@ from guides.amortized import (
 from guides.base import GuideSpec
 from guides.exact import ExactPosteriorGuide, build_exact
 from guides.flow import FlowEncoderGuide, LocalFlowGuide, build_flow, build_local_flow
-from models.capabilities import ExactLocalPosterior, LocalDensities
 from guides.local import (
     FullRankGuide,
     LatentGuide,
@@ -36,6 +35,7 @@ from guides.local import (
     build_full_rank,
     build_mean_field,
 )
+from models.capabilities import ExactLocalPosterior, LocalDensities
 
 #: The per-data-point latent guides, by name.
 LATENT_GUIDES: dict[str, GuideSpec] = {
