@@ -72,7 +72,8 @@ class PyroStep:
             value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
         params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
         self._register(params)
-        self.optimizer.step()
+        if self.optimizer is not None:  # a guide and model without parameters: nothing to move
+            self.optimizer.step()
         for p in params:
             p.grad = None
         return float(value)

@@ -10,12 +10,12 @@ from models.capabilities import (
     GaussianPosterior,
     MissingCapability,
     Moments,
-    capabilities,
+    capabilities_of,
     has,
     require,
 )
 
 __all__ = [
     "BOUNDS", "Evidence", "GaussianPosterior", "LocalLatentFamily", "MissingCapability",
-    "ModelFamily", "Moments", "capabilities", "has", "require",
+    "ModelFamily", "Moments", "capabilities_of", "has", "require",
 ]

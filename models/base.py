@@ -21,7 +21,7 @@ from models.capabilities import (
     GaussianPosterior,
     MissingCapability,
     Moments,
-    capabilities,
+    capabilities_of,
     has,
     require,
 )
@@ -47,7 +47,7 @@ class ModelFamily:
         return {}
 
     def capabilities(self) -> list[str]:
-        return capabilities(self)
+        return capabilities_of(self)
 
 
 class LocalLatentFamily(ModelFamily):
@@ -87,5 +87,5 @@ class LocalLatentFamily(ModelFamily):
 
 __all__ = [
     "BOUNDS", "CAPABILITIES", "Evidence", "GaussianPosterior", "LocalLatentFamily",
-    "MissingCapability", "ModelFamily", "Moments", "capabilities", "has", "require",
+    "MissingCapability", "ModelFamily", "Moments", "capabilities_of", "has", "require",
 ]

@@ -249,7 +249,7 @@ CAPABILITIES = (
 )
 
 
-def capabilities(family) -> list[str]:
+def capabilities_of(family) -> list[str]:
     """Names of the capabilities ``family`` implements."""
     return [c.__name__ for c in CAPABILITIES if isinstance(family, c)]
 
