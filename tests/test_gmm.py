@@ -377,7 +377,7 @@ def test_em_algorithm_with_ascend_reaches_scipy_map():
 
 def test_cavi_algorithm_with_ascend_matches_numpy_elbo_and_bound():
     s2p = 10.0
-    x = data(3, 1, 12, s2p, seed=9)
+    x = data(3, 1, 8, s2p, seed=9)  # 3^8 assignments for the brute-force evidence
     fam = BayesianGMM(3, s2p)
     algo = fam.cavi()
     run = ascend(lambda g: algo.init(x, g), lambda st: algo.step(x, st),

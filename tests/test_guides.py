@@ -153,7 +153,7 @@ def test_guide_only_svi_reaches_the_mean_field_optimum():
     s = svi.Settings(num_steps=800, lr=0.05, lr_decay=0.05, num_particles=8, eval_particles=10,
                      num_posterior_samples=0, learn_model_params=False)
     r = svi.fit(fam, x, s, guide=guides.spec("mean-field"), seed=1)
-    loc, tril = r.state["guide"].moments(x)
+    loc, tril = r.state.guide.moments(x)
     sd = tril.diagonal(dim1=-2, dim2=-1).detach().numpy()
     post_sd = np.sqrt(np.diag(np.linalg.inv(L)))
     assert np.abs(loc.detach().numpy() - mean).max() < 0.25 * post_sd.min()
