@@ -64,4 +64,6 @@ def _setting_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-__all__ = ["BOUNDS", "ENGINES", "FitResult", "engine", "fit"]
+__all__ = ["BOUNDS", "ENGINES", "FitResult", "cavi", "em", "engine", "fit", "mcmc", "svi"]
+
+from inference import cavi, em, mcmc, svi  # noqa: E402  (``inference.svi.Settings`` after ``import inference``)

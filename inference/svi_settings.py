@@ -71,7 +71,7 @@ class Stopping:
     num_steps: int = 3000
     tol: float = 0.0
     converged_tol: float = 2e-3
-    window: int = 200
+    window: int = 500
     val_data: Any = None
     val_particles: int = 20
     eval_every: int = 0
