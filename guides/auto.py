@@ -82,6 +82,27 @@ class ComposedGuide(nn.Module):
             out.update(self.auto_local(x, subsample_size=subsample_size) or {})
         return out
 
+    def local_part(self, x, subsample_size=None):
+        """The guide of the local sites alone (q(z | x) with the globals left to the caller)."""
+        self._plate = pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
+                                 device=x.device)
+        out = {}
+        if self.local_guides:
+            with self._plate as idx:
+                for g in self.local_guides:
+                    g.register()
+                    out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
+        if self.auto_local is not None:
+            out.update(self.auto_local(x, subsample_size=subsample_size) or {})
+        return out
+
+    def global_median(self, x) -> dict:
+        """The global guide's median of each global site (empty without global sites)."""
+        if self.global_guide is None:
+            return {}
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.global_guide.median(x).items()}
+
     def shared_plate(self, *args, **kwargs):
         """``create_plates`` of the local autoguide: the plate this call opened."""
         return self._plate
@@ -146,6 +167,8 @@ def composed_specs() -> dict:
     specs = {g: GuideSpec(g, with_global(g), description=f"{GLOBAL_GUIDES[g].__name__} over the "
                           "global latents, AutoNormal over the local ones") for g in GLOBAL_GUIDES}
     for name, s in LATENT_GUIDES.items():
+        # semi-amortized refines q with family.log_joint(x, z), which is not defined for a
+        # model with global latents (it would need them conditioned on): not composed
         if name in ("exact", "semi-amortized"):
             continue
         specs[name] = GuideSpec(name, with_local(name), amortized=s.amortized,

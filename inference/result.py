@@ -99,13 +99,29 @@ class FitResult:
                                  enumerate=spec.collapsed or spec.enumerated,
                                  max_plate_nesting=self.state.family.max_plate_nesting)
 
-    def iwae(self, x, *, num_samples: int = 1000, seed: int = 0):
-        """IWAE evidence estimate of ``x`` under the fitted model, with the fitted guide."""
+    def iwae(self, x, *, num_samples: int = 1000, seed: int = 0, fixed: dict | None = None,
+             latent: str = "z"):
+        """IWAE evidence estimate of ``x`` under the fitted model, with the fitted guide.
+
+        Global latents are conditioned on ``fixed`` (default: the fitted global guide's median),
+        and ``details["conditioned_on"]`` says so: the estimate is then of log p(x | globals).
+        """
         from inference.evidence import iwae
 
         with self.fitted() as (model, guide):
-            x = self.state.family.check_data(x)
-            return iwae(model, guide, x, num_samples=num_samples, seed=seed)
+            fam = self.state.family
+            x = fam.check_data(x)
+            local = guide
+            if callable(getattr(guide, "global_median", None)):
+                if fixed is None:
+                    fixed = guide.global_median(x)
+                local = guide.local_part
+            ev = iwae(model, local, x, num_samples=num_samples, seed=seed, fixed=fixed or None,
+                      latent=latent, max_plate_nesting=fam.max_plate_nesting)
+        if fixed:
+            ev.details["conditioned_on"] = {k: v.detach().cpu() for k, v in fixed.items()}
+            ev.method = f"{ev.method} | globals fixed"
+        return ev
 
     def save(self, folder):
         """Save to ``folder`` (see :mod:`inference.persist`); returns the folder."""

@@ -206,3 +206,16 @@ class OnlyDiscrete(ModelFamily):
 def test_nuts_without_a_continuous_latent_is_an_error(data):
     with pytest.raises(ValueError, match="no continuous latent site"):
         inference.fit("mcmc", OnlyDiscrete(), data, mcmc.Settings(num_samples=5, warmup=5))
+
+
+def test_iwae_of_a_kept_fit_conditions_on_the_globals(data):
+    """With theta fixed at t, log p(x | t) = sum_n log N(x_n; t, 1 + v): the IWAE of the fitted
+    local guide must sit below it (a bound) and close to it (the local posterior is Gaussian)."""
+    res = inference.fit("svi", ShiftedNoise(), data, seed=0, guide="full-rank", num_steps=1500,
+                        lr=0.05, eval_particles=100)
+    ev = res.iwae(data, num_samples=500)
+    t = float(ev.details["conditioned_on"]["theta"])
+    exact = float(dist.Normal(t, math.sqrt(1 + V)).log_prob(data[:, 0]).sum())
+    assert "globals fixed" in ev.method
+    assert ev.value <= exact + 4 * ev.se + 1e-6
+    assert (exact - ev.value) / data.shape[0] < 0.02
