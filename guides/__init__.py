@@ -14,6 +14,7 @@ Options (keyword arguments of ``make`` / ``guide_options`` of the SVI engine): `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from guides.amortized import (
@@ -121,7 +122,10 @@ def for_family(family) -> dict[str, GuideSpec]:
     if found is not None:
         return found[0]
     if isinstance(family, LocalDensities):
-        return latent_guides(exact=isinstance(family, ExactLocalPosterior))
+        specs = latent_guides(exact=isinstance(family, ExactLocalPosterior))
+        if family.discrete_sites:  # per-point guides leave the enumerated sites to be summed out
+            specs = {k: dataclasses.replace(s, collapsed=True) for k, s in specs.items()}
+        return specs
     from guides.auto import composed_specs
 
     return composed_specs()

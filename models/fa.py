@@ -40,6 +40,10 @@ class FactorAnalysis(LocalLatentFamily):
     CAVI, gap decompositions); without, the model registers ``pyro.param`` sites ``W``, ``mu`` and
     ``psi`` (PPCA: one ``sigma2``), initialized from the data (``init="pca"``, the PPCA closed
     form, or ``init="random"``), and every density reads the values in the param store.
+
+    ``min_var``: EM keeps each noise variance >= ``min_var`` times its column's sample variance
+    (:func:`models.fa_linalg.variance_floor`; relative, so a fit to data times c is the fit to
+    the data, rescaled); the learned ``pyro.param`` psi of SVI is kept > ``min_var`` itself.
     """
 
     max_plate_nesting = 1
@@ -128,9 +132,11 @@ class FactorAnalysis(LocalLatentFamily):
         if self.params is not None:
             p = self.params
             return tuple(t.to(device=ref.device, dtype=ref.dtype) for t in (p.W, p.mu, p.psi))
-        if not self._learned():
-            raise ValueError("params: none given and the family holds none (fit first: fit_em)")
-        return self._store_params()
+        try:  # pyro.param goes through the handlers: fixed values (substitute) are seen too
+            return self._store_params()
+        except KeyError:
+            raise ValueError(
+                "params: none given and the family holds none (fit first: fit_em)") from None
 
     def _register_params(self, x: torch.Tensor) -> None:
         """The ``pyro.param`` sites W, mu, psi (PPCA: sigma2), started from all of ``x``."""
