@@ -25,6 +25,19 @@ total / n with the Monte Carlo SE sqrt(sum_n se_n^2) / n, i.e. the uncertainty g
 points; its ``*_se_points`` columns hold sd_n(value_n) / sqrt(n), the SE of the mean as an
 estimate of the expectation over the data distribution (between-point spread plus MC noise).
 The optimization error of q*_F is not in the SEs: check ``converged`` in ``DataFrame.attrs``.
+
+Diagnostics carried by every estimate: per point, the importance-sampling ESS and the PSIS k-hat
+(:mod:`inference.diagnostics`) of the log weights of q and of q*_F (``num_particles`` draws;
+drawn also on the closed-form path), and the ESS / k-hat of the evidence estimate when it kept
+them. A row is flagged (``flagged``, reasons in ``flags``) when a gap is below zero by more than
+3 standard errors (plus :data:`inference.gap_table.GAP_SLACK` nats per point for closed-form values, whose optimizer
+error has no SE) or a k-hat exceeds 0.7; a flagged decomposition also raises a ``UserWarning``
+naming the guide. ``local_family`` defaults to the family matching the amortized guide
+(:func:`matching_local_family`). ``log_evidence`` takes the library's :class:`Evidence` objects,
+exact or estimated; with several estimates at hand (AIS, IWAE: both stochastic lower bounds),
+:func:`tightest_evidence` picks the larger and keeps a BDMC upper bound beside it. The closed-form
+pieces are in :mod:`inference.gap_closed_form`, the table and its flags in
+:mod:`inference.gap_table`.
 """
 
 from __future__ import annotations
@@ -35,24 +48,33 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import kl_divergence
 
 import guides as guide_registry
 from guides import LatentGuide, LocalGuide
-from inference.pointwise import caller_scope, pointwise_elbo
+from inference.diagnostics import (
+    evidence_weight_diagnostics,
+    importance_ess,
+    pareto_khat,
+    tightest_evidence,
+)
+from inference.gap_closed_form import (
+    closed_form_available,
+    closed_form_elbo,
+    detached_posterior,
+    exact_posterior_mvn,
+    gaussian_approximation_gap,
+    mvn,
+)
+from inference.gap_table import DIAGNOSTICS, GAP_SLACK, GAPS, QUANTITIES, frame, warn_if_flagged
+from inference.pointwise import caller_scope, log_weights
 from models.capabilities import (
     Evidence,
-    ExactLocalPosterior,
     MissingCapability,
     PointwiseEvidence,
     require,
 )
 from models.validate import choice, integer, non_negative, positive
-
-QUANTITIES = (
-    "log_evidence", "elbo_q_star", "elbo_amortized",
-    "approximation_gap", "amortization_gap", "inference_gap",
-)
 
 
 @dataclass
@@ -101,65 +123,13 @@ class GapTerms:
     estimator: str
     evidence_method: str
     settings: dict
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)  # DIAGNOSTICS -> (n,)
 
     def frame(self) -> pd.DataFrame:
-        return _frame(self)
+        return frame(self)
 
 
-# -- helpers other tools reuse -------------------------------------------------------------------
-def closed_form_available(family, x, *guides_) -> bool:
-    """Whether the closed-form path applies: the family has a Gaussian exact local posterior
-    (:class:`ExactLocalPosterior`) and exact per-point evidences (:class:`PointwiseEvidence`), and
-    every guide is a Gaussian :class:`guides.LatentGuide` (its ``distribution`` is a
-    MultivariateNormal or an Independent Normal; flows are not)."""
-    if not (isinstance(family, ExactLocalPosterior) and isinstance(family, PointwiseEvidence)):
-        return False
-    return all(_is_gaussian(g, x) for g in guides_)
-
-
-def _is_gaussian(guide, x) -> bool:
-    if not isinstance(guide, LatentGuide):
-        return False
-    with torch.no_grad():
-        d = guide.distribution(x, torch.zeros(1, dtype=torch.long, device=x.device))
-    while isinstance(d, Independent):
-        d = d.base_dist
-    return isinstance(d, MultivariateNormal | Normal)
-
-
-def exact_posterior_mvn(family, x) -> MultivariateNormal:
-    """p(z_n | x_n) of a family with :class:`ExactLocalPosterior`, as one MultivariateNormal."""
-    require(family, ExactLocalPosterior, "the closed-form gap decomposition")
-    mean, cov = family.exact_posterior(x)
-    return MultivariateNormal(mean, covariance_matrix=cov, validate_args=False)
-
-
-def closed_form_elbo(family, x, guide, *, posterior=None, log_evidence=None) -> torch.Tensor:
-    """L_n[q] = log p(x_n) - KL(q(z | x_n) || p(z | x_n)) per point (n,), exact for Gaussian q
-    and a Gaussian posterior (the ELBO identity log p(x) = L[q] + KL(q || p(z | x)))."""
-    post = posterior if posterior is not None else exact_posterior_mvn(family, x)
-    if log_evidence is None:
-        require(family, PointwiseEvidence, "closed_form_elbo without log_evidence")
-        log_evidence = family.log_evidence_pointwise(x)
-    loc, tril = guide.moments(x)
-    return log_evidence - kl_divergence(_mvn(loc, tril), post)
-
-
-def gaussian_approximation_gap(cov: torch.Tensor, local_family: str) -> torch.Tensor:
-    """Closed-form approximation gap of the best member of F for a Gaussian posterior N(m, cov).
-
-    mean-field: min_q KL = 1/2 (sum_j log Lambda_jj - log det Lambda), Lambda = cov^-1 (the
-    optimal factor j is N(m_j, 1 / Lambda_jj)); full-rank: 0 (the posterior is in F).
-    """
-    if local_family == "full-rank":
-        return cov.new_zeros(cov.shape[:-2])
-    if local_family != "mean-field":
-        raise ValueError(f"local_family: closed form known for mean-field and full-rank, got "
-                         f"{local_family!r}")
-    prec = torch.cholesky_inverse(torch.linalg.cholesky(cov))
-    return 0.5 * (prec.diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(prec))
-
-
+# -- the evidence and the local family ---------------------------------------------------------
 def resolve_log_evidence(family, x, log_evidence=None):
     """(values (n,), se (n,), method) from a tensor/array (n,), a (values, se) pair, an Evidence
     holding ``details['pointwise']`` (and optionally ``details['pointwise_se']``), or, by default,
@@ -173,10 +143,7 @@ def resolve_log_evidence(family, x, log_evidence=None):
                 "per-data-point estimate instead, e.g. an IWAE with many samples or AIS Evidence)")
         values = family.log_evidence_pointwise(x)
     elif isinstance(log_evidence, Evidence):
-        if "pointwise" not in log_evidence.details:
-            raise ValueError("log_evidence: an Evidence needs details['pointwise'] (n,) values "
-                             "for a per-data-point decomposition")
-        values = log_evidence.details["pointwise"]
+        values = _pointwise_of(family, x, log_evidence)
         se = log_evidence.details.get("pointwise_se")
         method = log_evidence.method
     elif isinstance(log_evidence, tuple) and len(log_evidence) == 2:
@@ -199,6 +166,34 @@ def resolve_log_evidence(family, x, log_evidence=None):
             raise ValueError("log_evidence: standard errors must be >= 0")
         se = se.expand(n)
     return values.detach(), se.detach(), method
+
+
+def _pointwise_of(family, x, ev: Evidence):
+    """Per-point values of an Evidence: ``details['pointwise']``, or, for an exact total, the
+    family's exact ``log_evidence_pointwise`` when it adds up to that total."""
+    if "pointwise" in ev.details:
+        return ev.details["pointwise"]
+    if ev.exact and isinstance(family, PointwiseEvidence):
+        values = family.log_evidence_pointwise(x)
+        if abs(float(values.double().sum()) - ev.value) <= 1e-6 * max(1.0, abs(ev.value)):
+            return values
+        raise ValueError(f"log_evidence: the exact total {ev.value:.6f} is not the {family.name} "
+                         f"family's log evidence of these data ({float(values.sum()):.6f})")
+    raise ValueError("log_evidence: an Evidence needs details['pointwise'] (n,) values "
+                     "for a per-data-point decomposition")
+
+
+def matching_local_family(guide) -> str:
+    """The local family q*_F is taken from by default: the one the guide's own q lies in.
+    A diagonal-Gaussian guide (``mean-field``, ``linear-diag``, ``mlp``, ``semi-amortized``) ->
+    ``mean-field``; a full-covariance Gaussian (``linear-full``, ``full-rank``, ``exact``) ->
+    ``full-rank``; a flow (``flow``, ``local-flow``) -> ``local-flow``."""
+    if not isinstance(guide, LatentGuide):
+        raise ValueError(f"local_family: cannot tell the family of a {type(guide).__name__} "
+                         "guide; pass local_family= (e.g. 'mean-field' or 'full-rank')")
+    if guide.kind in ("flow", "local-flow"):
+        return "local-flow"
+    return "mean-field" if guide.diagonal else "full-rank"
 
 
 # -- optimizing a guide with the model fixed ---------------------------------------------------
@@ -225,7 +220,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
         raise MissingCapability(
             f"method: closed-form needs the {family.name} family's ExactLocalPosterior and "
             "PointwiseEvidence capabilities, and a Gaussian guides.LatentGuide")
-    post = posterior if posterior is not None else _detached_posterior(family, x)
+    post = posterior if posterior is not None else detached_posterior(family, x)
     lp = family.log_evidence_pointwise(x).detach()
     guide.register()  # syncs the module with the param store; then its tensors are the leaves
     params = [p for p in guide.parameters() if p.requires_grad]
@@ -239,7 +234,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
     def closure():
         opt.zero_grad()
         loc, tril = guide.moments(x)
-        loss = kl_divergence(_mvn(loc, tril), post).sum()
+        loss = kl_divergence(mvn(loc, tril), post).sum()
         loss.backward()
         return loss
 
@@ -249,7 +244,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
         before, out.steps = out.steps, int(opt.state[params[0]].get("n_iter", out.steps))
         with torch.no_grad():
             loc, tril = guide.moments(x)
-            kl = float(kl_divergence(_mvn(loc, tril), post).sum())
+            kl = float(kl_divergence(mvn(loc, tril), post).sum())
         out.trace.append(float(lp.sum()) - kl)
         if not math.isfinite(loss):
             out.message = "objective became non-finite"
@@ -263,18 +258,8 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
     return out
 
 
-def _mvn(loc, tril):
-    # no argument validation: the guides' parametrizations give valid Cholesky factors
-    return MultivariateNormal(loc, scale_tril=tril, validate_args=False)
-
-
-def _detached_posterior(family, x):
-    with torch.no_grad():
-        return exact_posterior_mvn(family, x)
-
-
 # -- the decomposition --------------------------------------------------------------------------
-def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evidence=None,
+def gap_terms(family, x, amortized_guide, local_family=None, *, log_evidence=None,
               optimizer: str = "auto", estimator: str = "auto",
               settings: QStarSettings | None = None, num_particles: int = 1000,
               particle_batch: int | None = None, data_batch: int | None = None, seed: int = 0,
@@ -287,6 +272,8 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
     settings = settings or QStarSettings()
     if not callable(amortized_guide):
         raise TypeError("amortized_guide: must be a fitted guide (callable), e.g. from guides.make")
+    if local_family is None:
+        local_family = matching_local_family(amortized_guide)
     lspec = _local_spec(family, local_family)
     options = {"site": "z", "name": f"qstar_{lspec.name}"}
     if isinstance(amortized_guide, LatentGuide):
@@ -307,6 +294,10 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
         lp, lp_se, ev_method = resolve_log_evidence(family, x, log_evidence)
         run = optimize_guide(family, x, q_star, method=optimizer, settings=settings)
         with torch.no_grad():
+            kw = dict(num_particles=num_particles, particle_batch=particle_batch,
+                      data_batch=data_batch, max_plate_nesting=family.max_plate_nesting)
+            w_star = log_weights(family.model, q_star, x, **kw)
+            w_q = log_weights(family.model, amortized_guide, x, **kw)
             if estimator == "closed-form":
                 post = exact_posterior_mvn(family, x)
                 exact_lp = family.log_evidence_pointwise(x)
@@ -315,12 +306,14 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
                                        log_evidence=exact_lp)
                 l_star_se, l_q_se = torch.zeros_like(l_star), torch.zeros_like(l_q)
             else:
-                kw = dict(num_particles=num_particles, particle_batch=particle_batch,
-                          data_batch=data_batch, max_plate_nesting=family.max_plate_nesting)
-                est_star = pointwise_elbo(family.model, q_star, x, **kw)
-                est_q = pointwise_elbo(family.model, amortized_guide, x, **kw)
-                l_star, l_star_se = est_star.value, est_star.se
-                l_q, l_q_se = est_q.value, est_q.se
+                root = math.sqrt(num_particles)
+                l_star, l_star_se = w_star.mean(0), w_star.std(0) / root
+                l_q, l_q_se = w_q.mean(0), w_q.std(0) / root
+    ev_ess, ev_khat = evidence_weight_diagnostics(log_evidence, x.shape[0])
+    diag = {"ess_amortized": importance_ess(w_q, axis=0),
+            "khat_amortized": pareto_khat(w_q, axis=0),
+            "ess_q_star": importance_ess(w_star, axis=0), "khat_q_star": pareto_khat(w_star, axis=0),
+            "log_evidence_ess": ev_ess, "log_evidence_khat": ev_khat}
     values = {
         "log_evidence": lp, "elbo_q_star": l_star, "elbo_amortized": l_q,
         "approximation_gap": lp - l_star, "amortization_gap": l_star - l_q,
@@ -337,21 +330,28 @@ def gap_terms(family, x, amortized_guide, local_family="mean-field", *, log_evid
                             else type(amortized_guide).__name__),
         "local_family": lspec.name, "optimizer": run.method, "estimator": estimator,
         "num_particles": num_particles if estimator == "mc" else 0,
+        "diagnostic_particles": num_particles,
         "q_star_converged": run.converged, "q_star_steps": run.steps,
         "q_star_message": run.message, "seed": seed,
     }
-    return GapTerms({k: v.detach() for k, v in values.items()},
-                    {k: v.detach() for k, v in se.items()}, q_star, run, estimator, ev_method, info)
+    terms = GapTerms({k: v.detach() for k, v in values.items()},
+                     {k: v.detach() for k, v in se.items()}, q_star, run, estimator, ev_method,
+                     info, diag)
+    warn_if_flagged(terms)
+    return terms
 
 
-def decompose_gaps(family, x, amortized_guide, local_family="mean-field",
+def decompose_gaps(family, x, amortized_guide, local_family=None,
                    **options) -> pd.DataFrame:
     """One call: the per-point, total and mean approximation / amortization / inference gaps.
 
     Returns a DataFrame with a row per data point (``scope == "point"``, ``index`` = row of x),
     then a ``total`` row (sums) and a ``mean`` row (per datum); for every quantity in
     :data:`QUANTITIES` a value column and ``<quantity>_se``; ``<quantity>_se_points`` on the mean
-    row (see the module docstring). ``DataFrame.attrs`` holds how it was computed.
+    row (see the module docstring); the :data:`DIAGNOSTICS` columns (per point; on the total and
+    mean rows the largest k-hat and smallest ESS over the points) and ``flagged`` / ``flags``.
+    ``DataFrame.attrs`` holds how it was computed. ``local_family``: default
+    :func:`matching_local_family`.
     Options are those of :func:`gap_terms`: ``log_evidence`` (per-point tensor, (values, se) or an
     Evidence with ``details['pointwise']``; default ``family.log_evidence_pointwise``),
     ``optimizer``, ``estimator``, ``settings`` (:class:`QStarSettings`), ``num_particles``,
@@ -386,21 +386,9 @@ def _hypot(a, b):
     return (a.pow(2) + b.pow(2)).sqrt()
 
 
-def _frame(terms: GapTerms) -> pd.DataFrame:
-    vals = {k: v.double().cpu().numpy() for k, v in terms.values.items()}
-    ses = {k: v.double().cpu().numpy() for k, v in terms.se.items()}
-    n = len(vals["log_evidence"])
-    cols = {"scope": ["point"] * n, "index": np.arange(n)}
-    for q in QUANTITIES:
-        cols[q], cols[f"{q}_se"] = vals[q], ses[q]
-    df = pd.DataFrame(cols)
-    total = {"scope": "total", "index": -1}
-    mean = {"scope": "mean", "index": -1}
-    for q in QUANTITIES:
-        var = float((ses[q] ** 2).sum())
-        total[q], total[f"{q}_se"] = float(vals[q].sum()), math.sqrt(var)
-        mean[q], mean[f"{q}_se"] = float(vals[q].mean()), math.sqrt(var) / n
-        mean[f"{q}_se_points"] = float(vals[q].std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    df = pd.concat([df, pd.DataFrame([total, mean])], ignore_index=True)
-    df.attrs.update({**terms.settings, "evidence_method": terms.evidence_method, "n": n})
-    return df
+__all__ = [
+    "DIAGNOSTICS", "GAPS", "GAP_SLACK", "QUANTITIES", "GapTerms", "OptimizeRun", "QStarSettings",
+    "closed_form_available", "closed_form_elbo", "decompose_gaps", "exact_posterior_mvn",
+    "gap_terms", "gaussian_approximation_gap", "matching_local_family", "optimize_guide",
+    "resolve_log_evidence", "summary_row", "tightest_evidence",
+]

@@ -2,6 +2,9 @@ import pyro
 import pytest
 import torch
 
+#: lines that statistical tests add for the end-of-run table (``report`` fixture)
+REPORT = pytest.StashKey[list]()
+
 
 def pytest_configure(config):
     # The suite's models are small: one torch thread avoids OpenMP overhead on 2 busy cores.
@@ -24,3 +27,18 @@ def _fresh_pyro_state():
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def report(request):
+    """A list: lines appended here are printed in a section at the end of the run (e.g. the
+    simulation-based calibration table of tests/test_sbc.py under ``make test-slow``)."""
+    return request.config.stash.setdefault(REPORT, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(REPORT, [])
+    if lines:
+        terminalreporter.section("statistical checks")
+        for line in lines:
+            terminalreporter.write_line(line)

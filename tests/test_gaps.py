@@ -10,10 +10,13 @@ and the mean-field approximation gap 1/2 (sum_j log L_jj - log det L), L = I + W
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
 import guides
+from inference import diagnostics as D
 from inference import gaps
 from inference.pointwise import log_weights, pointwise_elbo
 from inference.runtime import isolated
@@ -266,3 +269,92 @@ def test_non_gaussian_guides_never_take_the_closed_form_path():
                                  num_particles=20, optimizer="svi",
                                  settings=gaps.QStarSettings(steps=5))
     assert df.attrs["estimator"] == "mc" and df.attrs["local_family"] == "skew"
+
+
+# -- gap tools that protect the user (issue 8, section 6) ----------------------------------------
+def test_local_family_defaults_to_the_guides_own_family():
+    """A converged full-covariance encoder against the default family: no negative amortization
+    gap (against mean-field it would be -(mean-field gap), as in the test above)."""
+    fam, x, truth = fa_data()
+    with isolated(0):
+        full = guides.make("linear-full", fam, x)
+        gaps.optimize_guide(fam, x, full, method="closed-form",
+                            settings=gaps.QStarSettings(steps=2000, tol=1e-10))
+        df = gaps.decompose_gaps(fam, x, full)
+        diag = gaps.decompose_gaps(fam, x, guides.make("linear-diag", fam, x), num_particles=50)
+    assert df.attrs["local_family"] == "full-rank" and diag.attrs["local_family"] == "mean-field"
+    assert gaps.summary_row(df)["amortization_gap"] > -1e-6 and not df.flagged.any()
+    assert gaps.matching_local_family(guides.make("mlp", fam, x)) == "mean-field"
+    assert gaps.matching_local_family(guides.make("flow", fam, x)) == "local-flow"
+    with pytest.raises(ValueError, match="^local_family:"):
+        gaps.matching_local_family(lambda x: None)
+
+
+def test_every_estimate_carries_ess_and_khat():
+    fam, x, truth = fa_data(n=20)
+    with isolated(0):
+        exact = guides.make("exact", fam, x)
+        df = gaps.decompose_gaps(fam, x, exact, "full-rank", num_particles=200)
+    pts = df[df.scope == "point"]
+    for col in gaps.DIAGNOSTICS:
+        assert col in df.columns
+    # q = p(z | x): every weight equal, k-hat -inf, ESS = S
+    assert (pts.khat_amortized == -np.inf).all()
+    np.testing.assert_allclose(pts.ess_amortized, 200.0)
+    assert pts.log_evidence_ess.isna().all()  # an exact evidence has no weights
+    assert not df.flagged.any() and df.attrs["diagnostic_particles"] == 200
+
+
+def test_a_bad_evidence_estimate_is_flagged_and_warned_about():
+    """An IWAE from the prior with 3 samples (ESS ~1) sits far below log p(x): the approximation
+    gap comes out negative by many SEs, which the table flags and a warning names."""
+    from inference.evidence import iwae
+
+    fam, x, truth = fa_data(n=30)
+    with isolated(0):
+        enc = guides.make("linear-diag", fam, x)
+
+        def prior_guide(x, subsample_size=None):
+            with pyro.plate("data", x.shape[0], dim=-1):
+                pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+
+        bad = iwae(fam.model, prior_guide, x, num_samples=3, seed=0)
+        assert bad.details["min_ess"] < 3
+        with pytest.warns(UserWarning, match="guide 'linear-diag'.*approximation_gap"):
+            df = gaps.decompose_gaps(fam, x, enc, log_evidence=bad, num_particles=100)
+    mean = gaps.summary_row(df)
+    assert mean["approximation_gap"] < -3 * mean["approximation_gap_se"]
+    assert mean["flagged"] and "approximation_gap" in mean["flags"]
+    assert df.attrs["evidence_method"] == "iwae"
+    assert np.isfinite(df[df.scope == "point"].log_evidence_ess).all()
+
+
+def test_a_narrow_guide_is_flagged_by_khat():
+    """An encoder whose q is 10x narrower than p(z | x): k-hat of its weights ~1 - 0.01 > 0.7."""
+    fam, x, truth = fa_data(n=15)
+    with isolated(0):
+        exact = guides.make("exact", fam, x)
+        narrow = guides.make("full-rank", fam, x)
+        loc, tril = exact.moments(x)
+        narrow.set_moments(loc, 0.1 * tril)
+        with pytest.warns(UserWarning, match="guide 'full-rank'.*khat_amortized"):
+            df = gaps.decompose_gaps(fam, x, narrow, num_particles=1000)
+    pts = df[df.scope == "point"]
+    assert (pts.khat_amortized > 0.7).mean() > 0.8 and pts.flagged.mean() > 0.8
+
+
+def test_library_evidence_objects_are_accepted():
+    fam, x, truth = fa_data(n=10)
+    with isolated(0):
+        enc = guides.make("linear-full", fam, x)
+        ev = fam.log_evidence(x)
+        total_only = Evidence(ev.value, 0.0, "exact", 10)
+        a = gaps.decompose_gaps(fam, x, enc, log_evidence=total_only, num_particles=50)
+        np.testing.assert_allclose(a[a.scope == "point"].log_evidence, np_log_evidence(x, truth))
+        with pytest.raises(ValueError, match="^log_evidence: the exact total"):
+            gaps.decompose_gaps(fam, x, enc, log_evidence=Evidence(ev.value + 1, 0.0, "exact", 10))
+        picked = gaps.decompose_gaps(fam, x, enc, num_particles=50,
+                                     log_evidence=D.tightest_evidence(
+                                         Evidence(ev.value - 1, 0.1, "ais", 10,
+                                                  {"pointwise": ev.pointwise - 0.1}), ev))
+        assert picked.attrs["evidence_method"] == "exact"

@@ -1,0 +1,138 @@
+"""Figures every study draws the same way: objective traces and MCMC trace / rank plots.
+
+``elbo_traces.png`` (:func:`plot_bounds`): the left panel holds only lower bounds on log p(x)
+(``elbo``, ``elbo-collapsed``, ``iwae``, ``ais``) per data point, with the log evidence as a
+horizontal line; objectives that are not bounds (EM's MAP objective log p(x, theta), the exact
+log-likelihood log p(x | theta_t) that EM climbs) get their own panel. Legends say which
+parameters a row used (``[fixed-em]``, ``[learned]``, from ``result.settings['params']``) and,
+when the results come from several models, the model.
+
+``<prefix>_trace.png`` / ``<prefix>_rank.png`` (:func:`plot_mcmc`): ArviZ trace and rank plots
+(Vehtari et al. 2021) of the scalar quantities with the largest R-hat (at most
+``max_quantities``), so a long vector of invariants still gives a readable figure.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from inference.reference import mcmc_table  # noqa: E402
+from inference.result import to_numpy  # noqa: E402
+from models.capabilities import Evidence  # noqa: E402
+
+#: objectives that are lower bounds on log p(x)
+LOWER_BOUNDS = ("elbo", "elbo-collapsed", "iwae", "ais")
+#: objectives drawn on the second panel (not bounds on log p(x))
+OTHER_OBJECTIVES = ("log-joint-map", "log-likelihood")
+
+
+def label_of(result, with_model: bool = False) -> str:
+    """``engine/guide [params] (bound)``, with the model first when ``with_model``."""
+    params = result.settings.get("params") if isinstance(result.settings, dict) else None
+    text = f"{result.engine}/{result.guide}" + (f" [{params}]" if params else "")
+    text += f" ({result.bound})"
+    return f"{result.model}: {text}" if with_model else text
+
+
+def bounds_figure(results, title: str = "objective per data point", log_evidence=None,
+                  evidence_label: str | None = None):
+    """The figure of :func:`plot_bounds` (returned, not saved). ``log_evidence``: an Evidence
+    or a number (total nats; drawn per data point of the first bound's ``n_data``)."""
+    bounds = [r for r in results if r.trace and r.bound in LOWER_BOUNDS]
+    others = [r for r in results if r.trace and r.bound in OTHER_OBJECTIVES]
+    with_model = len({r.model for r in results}) > 1
+    panels = [("lower bounds on log p(x)", bounds)] + (
+        [("objectives that are not bounds on log p(x)", others)] if others else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    ev = log_evidence.value if isinstance(log_evidence, Evidence) else log_evidence
+    for ax, (name, rs) in zip(axes[0], panels):
+        finals = []
+        for i, r in enumerate(rs):  # past 10 lines the colours repeat: change the line style
+            y = np.asarray(r.trace, dtype=np.float64) / r.n_data
+            ax.plot(np.arange(1, len(y) + 1), y, lw=1, ls=("-", "--", ":", "-.")[i // 10 % 4],
+                    label=label_of(r, with_model))
+            finals.append(y[-1])
+        if ev is not None and rs is bounds and bounds:
+            method = log_evidence.method if isinstance(log_evidence, Evidence) else "given"
+            line = ev / bounds[0].n_data
+            ax.axhline(line, color="k", ls="--", lw=1,
+                       label=evidence_label or f"log p(x) ({method}) = {line:.5g}")
+            finals.append(line)
+        if finals:
+            lo, hi = min(finals), max(finals)
+            pad = max(hi - lo, 0.05 * max(1.0, abs(hi)))
+            ax.set_ylim(lo - 1.5 * pad, hi + 0.3 * pad)
+        ax.set_xscale("log")
+        ax.set_xlabel("iteration / step (log scale)")
+        ax.set_ylabel("nats per data point")
+        ax.set_title(name, fontsize=9)
+        if rs:
+            ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bounds(results, path: Path, title: str = "objective per data point", log_evidence=None,
+                evidence_label: str | None = None) -> Path:
+    """Write ``elbo_traces.png`` (module docstring) to ``path``."""
+    fig = bounds_figure(results, title, log_evidence, evidence_label)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_mcmc(samples: dict, out: Path, prefix: str = "mcmc", var_names=None,
+              max_quantities: int = 8) -> list[Path]:
+    """ArviZ trace and rank plots of the ``max_quantities`` scalar components with the largest
+    R-hat among ``samples[var_names]`` (name -> (chain, draw, ...)); returns the two paths."""
+    import arviz as az
+
+    table = mcmc_table(samples, var_names)
+    chosen = table["quantity"].head(max_quantities).tolist()
+    series = {}
+    for v in (var_names or list(samples)):
+        full = np.asarray(to_numpy(samples[v]), dtype=np.float64)
+        for idx in np.ndindex(*full.shape[2:]):
+            name = f"{v}[{','.join(map(str, idx))}]" if idx else v
+            if name in chosen:
+                series[name] = full[(slice(None), slice(None), *idx)]
+    idata = az.from_dict(posterior={k: series[k] for k in chosen})
+    paths = []
+    rows = len(chosen)
+    axes = az.plot_trace(idata, compact=False, figsize=(10, 1.6 * rows + 0.6))
+    fig = np.ravel(axes)[0].figure
+    fig.tight_layout()
+    paths.append(Path(out) / f"{prefix}_trace.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    cols = min(4, rows)
+    axes = az.plot_rank(idata, figsize=(3.2 * cols, 2.4 * math.ceil(rows / cols) + 0.4))
+    fig = np.ravel(axes)[0].figure
+    fig.tight_layout()
+    paths.append(Path(out) / f"{prefix}_rank.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def mcmc_outputs(samples: dict, out: Path, var_names=None, prefix: str = "mcmc",
+                 max_quantities: int = 8):
+    """``<prefix>_diagnostics.csv`` (R-hat, bulk/tail ESS, MCSE per scalar quantity, worst
+    first; :func:`inference.reference.mcmc_table`) and the trace and rank plots of
+    :func:`plot_mcmc`; returns the table."""
+    table = mcmc_table(samples, var_names)
+    table.to_csv(Path(out) / f"{prefix}_diagnostics.csv", index=False)
+    plot_mcmc(samples, out, prefix, var_names, max_quantities)
+    return table
+
+
+__all__ = ["LOWER_BOUNDS", "OTHER_OBJECTIVES", "bounds_figure", "label_of", "mcmc_outputs",
+           "plot_bounds", "plot_mcmc"]
