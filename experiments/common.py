@@ -1,11 +1,13 @@
-"""What every experiment script shares: flags, output folder, run.json, tables and plots."""
+"""What every experiment script shares: settings and flags (``experiments.study``), the run's
+folder (``experiments.rundir``), run.json, the command-line error boundary, tables and plots."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from inference.runtime import resolve_device  # noqa: E402
+from experiments import rundir, study  # noqa: E402
+from experiments.study import CliError  # noqa: E402
+from inference.runtime import resolve_device, validate_seed  # noqa: E402
 
 SUMMARY_COLUMNS = [
     "model",
@@ -41,39 +45,83 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>)")
-    p.add_argument("--data", type=Path, default=None, help="CSV (header row) or .npy/.npz file")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (small models run faster on one)",
-    )
-    return p
+def settings(cls, argv, prog: str, description: str):
+    """The study's settings (``cls``, a :class:`StudySettings`) from defaults, ``--quick``,
+    ``--config`` and flags; with ``--resume``, the interrupted run's saved settings."""
+    s, explicit = study.resolve(cls, argv, prog, description)
+    if s.resume is None:
+        return s
+    if s.config is not None:
+        raise CliError("--resume: cannot be combined with --config (a resumed run keeps the "
+                       "settings it was started with)")
+    tmp, saved = rundir.find_resume(s.resume, prog)
+    resumed = study.from_saved(cls, saved, explicit)
+    if resumed.out is None or rundir.incomplete_path(Path(resumed.out)) != tmp:
+        raise CliError(f"--resume: {str(tmp)!r} was moved from where its run wrote it "
+                       f"({resumed.out}{rundir.SUFFIX}); move it back to resume")
+    resumed.resume = tmp
+    return resumed
 
 
-def setup(args, name: str) -> tuple[Path, torch.device, torch.dtype]:
-    """Check the common flags, create the output folder; return (out, device, dtype)."""
-    if args.seed < 0:
-        raise SystemExit("--seed: must be >= 0")
+def setup(args, name: str) -> tuple[torch.device, torch.dtype]:
+    """Check the settings every study has and ``--out`` (creating nothing); set the torch
+    threads; return (device, dtype). The run's folder is made by :func:`open_run`."""
+    try:
+        validate_seed(args.seed)
+    except ValueError:
+        raise args.error("seed", f"must be an integer in [0, 2**63 - 1], got {args.seed}") from None
+    args.at_least("checkpoint_every", 0)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads: must be >= 1")
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out is not None else Path("runs") / name
-    out.mkdir(parents=True, exist_ok=True)
+        args.at_least("threads", 1)
+    if args.out is None:
+        args.out = Path("runs") / name
+    rundir.check_out(Path(args.out), overwrite=args.overwrite, resuming=args.resume is not None)
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
-        raise SystemExit(f"--{exc}") from exc
-    return out, device, getattr(torch, args.dtype)
+        raise CliError(f"--{exc}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device, getattr(torch, args.dtype)
+
+
+def data_error(exc: Exception) -> CliError:
+    """A data loader's ValueError/OSError as the ``--data`` error (one line)."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"cannot read {str(exc.filename)!r} ({exc.strerror})"
+    if text.startswith("--data"):
+        return CliError(text)
+    if text.startswith("data:"):
+        return CliError(f"--{text}")
+    return CliError(f"--data: {text}")
+
+
+def field_error(args, exc: Exception, flags: dict[str, str]) -> CliError:
+    """An error raised by a family or an engine's settings (``"field: text"``) as a CLI error
+    naming the flag (``flags``: field -> setting name): ``--prior-var: prior_var: ...``."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    name = text.split(":", 1)[0].strip()
+    if name in flags:
+        return CliError(f"{args.flag(flags[name])}: {text}")
+    return CliError(text)
+
+
+def open_run(args, name: str) -> Path:
+    """Create the run's working folder ``<out>.incomplete`` (reopened with ``--resume``) after
+    every check has passed; return it. :func:`finish` renames it to ``--out``."""
+    folder = rundir.open_run(Path(args.out), name, args.values(), resume=args.resume is not None)
+    return folder.path
+
+
+def checkpointing(args, label: str) -> tuple[dict, Path | None]:
+    """(SVI settings for checkpoints of the fit ``label``, checkpoint to resume from or None)."""
+    folder = rundir.current()
+    if not args.checkpoint_every or folder is None:
+        return {}, None
+    path = folder.checkpoint(label)
+    return ({"checkpoint": path, "checkpoint_every": args.checkpoint_every},
+            path if path.is_file() else None)
 
 
 def versions() -> dict:
@@ -88,25 +136,130 @@ def versions() -> dict:
         "arviz": arviz.__version__,
         "numpy": numpy.__version__,
         "pandas": pd.__version__,
+        "matplotlib": matplotlib.__version__,
         "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
 
 
-def write_run_json(out: Path, args, device, extra: dict | None = None) -> Path:
-    payload = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seed": args.seed,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "versions": versions(),
-        **(extra or {}),
-    }
-    path = out / "run.json"
-    path.write_text(json.dumps(payload, indent=2, default=_json_default))
-    return path
+def machine(device: torch.device) -> dict:
+    """CPU model, core count, torch threads, and the GPU model when the run used one."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu, "hostname": platform.node()}
+
+
+def git_commit() -> dict:
+    """The project's git commit (and whether the tree had uncommitted changes), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd):
+        r = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True,
+                           timeout=10, check=True)
+        return r.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def finish(out: Path, args, device, extra: dict | None = None) -> Path:
+    """Write run.json (settings and where each came from, seed, device, dtype, machine, git
+    commit, library versions, ``extra``, the list of files) and rename the run's folder into
+    place as ``--out``. Returns the final folder."""
+    folder = rundir.current()
+    if folder is None or folder.path != Path(out):
+        raise RuntimeError("finish: no open run folder (call common.open_run first)")
+
+    def write(path: Path, files: list[str]) -> None:
+        payload = {
+            "study": folder.study,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": args.values(),
+            "setting_sources": dict(args.sources),
+            "config_file": None if args.config is None else str(args.config),
+            "resumed": folder.resumed,
+            "seed": args.seed,
+            "device": str(device),
+            "dtype": args.dtype,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "machine": machine(device),
+            "git": git_commit(),
+            "versions": versions(),
+            **(extra or {}),
+            "files": files,
+        }
+        text = json.dumps(_strict(payload), indent=2, default=_json_default, allow_nan=False)
+        path.write_text(text)
+
+    rundir.finish(folder, write)
+    return folder.out
+
+
+def entry(prog: str, fn, argv) -> int:
+    """Run a study's ``fn(argv)`` as a command: a :class:`CliError` (or a ``SystemExit`` with a
+    message) is printed as at most three lines ``prog: message`` on stderr and re-raised with
+    exit status 2; any failure removes the run's unfinished folder; torch's thread count is
+    restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return fn(argv) or 0
+    except CliError as exc:
+        rundir.abort()
+        _print_error(prog, exc.message)
+        raise
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        rundir.abort()
+        if isinstance(exc.code, str):
+            msg = exc.code.removeprefix(f"{prog}: ")
+            _print_error(prog, msg)
+            raise CliError(msg) from None
+        raise
+    except KeyboardInterrupt:
+        note = rundir.abort(interrupted=True)
+        if note:
+            print(f"{prog}: {note}", file=sys.stderr)
+        raise
+    except BaseException:
+        rundir.abort()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _print_error(prog: str, message: str) -> None:
+    lines = [ln for ln in str(message).splitlines() if ln.strip()] or ["error"]
+    text = "\n".join([f"{prog}: {lines[0]}", *lines[1:3]])
+    print(text[:2000], file=sys.stderr)
+
+
+def _strict(o):
+    """NaN and infinities as null (strict JSON, readable by any parser), recursively."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_strict(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return _strict(o.tolist())
+    if type(o).__module__ == "numpy" and hasattr(o, "tolist"):  # numpy scalars and arrays
+        return _strict(o.tolist())
+    return o
 
 
 def _json_default(o):

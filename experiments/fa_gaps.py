@@ -23,6 +23,14 @@ rotation-invariant C = W W^T + Psi, mu and the log-likelihood; divergences) go t
 summary.csv (``diag_*``), its draws to mcmc.nc (ArviZ netCDF). posterior.csv: posterior mean/sd
 of each upper-triangle entry of C under NUTS and VB (closed-form moments), the EM estimate and,
 for simulated data, the truth.
+
+Diagnostics: summary.csv adds each variational fit's PSIS k-hat (``khat`` over all latents,
+``khat_max_point`` / ``khat_frac_points_above`` per data point; Yao et al. 2018), gaps.csv the
+k-hat / ESS of q's and q*'s weights and ``flagged`` / ``flags``; reference.csv compares C under
+VB, EM, SVI with learned parameters and the truth with NUTS (mean error, sd ratio,
+1-Wasserstein), and each fixed-parameter guide's q(z | x) with the exact p(z | x); NUTS adds
+mcmc_diagnostics.csv, mcmc_trace.png and mcmc_rank.png; elbo_traces.png separates bounds from
+EM's log-likelihood and labels fixed ([fixed-em]) and learned ([learned]) parameters.
 """
 
 from __future__ import annotations
@@ -40,15 +48,29 @@ import torch  # noqa: E402
 
 import guides  # noqa: E402
 import inference  # noqa: E402
-from experiments import common  # noqa: E402
-from inference import cavi, em, gaps, mcmc, svi  # noqa: E402
+from experiments import common, plots  # noqa: E402
+from experiments.fa_settings import (  # noqa: E402, F401  (the settings, re-exported)
+    DEFAULT_GUIDES,
+    ENGINES,
+    FIELD_FLAGS,
+    STUDY_GUIDES,
+    Settings,
+    check,
+    parse,
+)
+from inference import cavi, diagnostics, em, gaps, mcmc, svi  # noqa: E402
 from inference.impute import column_mean_impute, importance_impute, rmse  # noqa: E402
+from inference.reference import (  # noqa: E402
+    REFERENCE_COLUMNS,
+    guide_draws,
+    local_reference_table,
+    reference_table,
+)
 from models.bayes_fa import BayesianFactorAnalysis  # noqa: E402
 from models.data import load_array  # noqa: E402
 from models.fa import FactorAnalysis, FAParams  # noqa: E402
 from models.fa_missing import em_missing, impute  # noqa: E402
 
-DEFAULT_GUIDES = "exact,mean-field,full-rank,linear-diag,linear-full,mlp"
 GAP_COLUMNS = [
     "guide", "amortized", "local_family", "n", "log_evidence", "log_evidence_se",
     "elbo_q_star", "elbo_q_star_se", "elbo_amortized", "elbo_amortized_se",
@@ -56,77 +78,12 @@ GAP_COLUMNS = [
     "inference_gap", "inference_gap_se", "closed_form_approximation_gap",
     "approximation_gap_exact", "amortization_gap_exact", "inference_gap_exact",
     "q_star_optimizer", "q_star_converged", "num_particles", "unit",
+    "khat_amortized", "khat_q_star", "ess_amortized", "flagged", "flags",
 ]
 POSTERIOR_COLUMNS = [
     "quantity", "i", "j", "nuts_mean", "nuts_sd", "nuts_mcse", "nuts_ess_bulk", "nuts_r_hat",
     "vb_mean", "vb_sd", "em", "truth",
 ]
-
-
-def parse(argv):
-    p = common.base_parser("fa_gaps", __doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=300, help="simulated data points (default 300)")
-    p.add_argument("--dim", type=int, default=8, help="data dimension d (default 8)")
-    p.add_argument("--latent-dim", type=int, default=2, help="latent dimension k (default 2)")
-    p.add_argument("--model", choices=["fa", "ppca"], default="fa")
-    p.add_argument("--missing-frac", type=float, default=0.2,
-                   help="fraction of test entries hidden for the imputation study (default 0.2)")
-    p.add_argument("--test-frac", type=float, default=0.2, help="held-out rows (default 0.2)")
-    p.add_argument("--guides", default=DEFAULT_GUIDES, help=f"comma list of {guides.names()}")
-    p.add_argument("--joint-guides", default="mean-field,linear-full,mlp",
-                   help="guides also trained jointly with the parameters ('' for none)")
-    p.add_argument("--steps", type=int, default=2000, help="SVI steps per fit (default 2000)")
-    p.add_argument("--lr", type=float, default=0.02, help="SVI learning rate (default 0.02)")
-    p.add_argument("--hidden", default="32", help="MLP encoder hidden sizes, comma list")
-    p.add_argument("--eval-particles", type=int, default=500, help="particles per ELBO estimate")
-    p.add_argument("--is-particles", type=int, default=2000,
-                   help="particles for importance-resampling imputation (default 2000)")
-    p.add_argument("--em-iter", type=int, default=2000, help="max EM / CAVI iterations")
-    p.add_argument("--qstar-optimizer", choices=["auto", "svi"], default="auto",
-                   help="how q* is optimized: auto = L-BFGS on the closed form (FA), svi = generic")
-    p.add_argument("--nuts-samples", type=int, default=1000,
-                   help="NUTS draws per chain, Bayesian FA (default 1000: the largest R-hat over "
-                        "all invariants, 45 at d = 8, stays < 1.01 only with ~500 effective draws "
-                        "per chain; folded (tail) quantities get an ESS of about half the draws)")
-    p.add_argument("--nuts-warmup", type=int, default=140,
-                   help="NUTS warmup steps per chain (default 140; below 150 Pyro adapts the "
-                        "mass matrix on one window of 75%% of the warmup, at 150 on 25 draws)")
-    p.add_argument("--chains", type=int, default=3, help="NUTS chains (default 3)")
-    p.add_argument("--nuts-depth", type=int, default=3,
-                   help="NUTS max tree depth (default 3: in the identified, whitened "
-                        "coordinates a U-turn takes ~7 leapfrog steps)")
-    p.add_argument("--no-nuts", action="store_true", help="skip NUTS on the Bayesian FA")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.dim = min(args.n, 60), min(args.dim, 5)
-        args.steps, args.eval_particles, args.is_particles = min(args.steps, 40), 50, 300
-        args.em_iter = min(args.em_iter, 300)
-        args.nuts_samples, args.nuts_warmup = min(args.nuts_samples, 30), min(args.nuts_warmup, 30)
-        args.chains, args.nuts_depth = min(args.chains, 2), min(args.nuts_depth, 4)
-    checks = (("--n", args.n, 10), ("--dim", args.dim, 2), ("--steps", args.steps, 1),
-              ("--latent-dim", args.latent_dim, 1), ("--eval-particles", args.eval_particles, 2),
-              ("--is-particles", args.is_particles, 2), ("--em-iter", args.em_iter, 1),
-              ("--nuts-samples", args.nuts_samples, 4), ("--nuts-warmup", args.nuts_warmup, 0),
-              ("--chains", args.chains, 1), ("--nuts-depth", args.nuts_depth, 1))
-    for name, v, lo in checks:
-        if v < lo:
-            raise SystemExit(f"{name}: must be >= {lo}, got {v}")
-    for name, v in (("--missing-frac", args.missing_frac), ("--test-frac", args.test_frac)):
-        if not 0 < v < 1:
-            raise SystemExit(f"{name}: must lie in (0, 1), got {v}")
-    for flag, text in (("--guides", args.guides), ("--joint-guides", args.joint_guides)):
-        try:
-            names = guides.parse_names(text) if text.strip() or flag == "--guides" else []
-        except ValueError as exc:
-            raise SystemExit(f"{flag}: {str(exc).split(': ', 1)[-1]}") from exc
-        setattr(args, "guide_list" if flag == "--guides" else "joint_list", names)
-    try:
-        args.hidden_sizes = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    except ValueError as exc:
-        raise SystemExit(f"--hidden: expected a comma list of integers, got {args.hidden!r}") from exc
-    if args.latent_dim >= args.dim and args.data is None:
-        raise SystemExit(f"--latent-dim: must be < --dim ({args.dim}), got {args.latent_dim}")
-    return args
 
 
 def load_data(args, device, dtype):
@@ -135,13 +92,22 @@ def load_data(args, device, dtype):
         fam = FactorAnalysis(args.latent_dim, kind=args.model, dim=args.dim)
         x, truth = fam.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
         return x, truth, {"simulated": True}
-    arr = torch.as_tensor(load_array(args.data), dtype=dtype, device=device)
-    if arr.dim() != 2:
-        raise SystemExit(f"--data: expected a 2-D array (n, d), got shape {tuple(arr.shape)}")
+    try:
+        raw = load_array(args.data, name="--data")
+    except (OSError, ValueError) as exc:
+        raise common.data_error(exc) from None
+    if raw.ndim != 2:
+        raise common.CliError(f"--data: expected a 2-D array (n, d), got shape {raw.shape}")
+    if raw.dtype.kind not in "biuf":
+        raise common.CliError(f"--data: expected real numbers, got dtype {raw.dtype}")
+    arr = torch.as_tensor(raw, dtype=dtype, device=device)
     keep = ~torch.isnan(arr).any(1)
     x = arr[keep]
     if x.shape[0] < 10:
-        raise SystemExit(f"--data: only {x.shape[0]} complete rows")
+        raise common.CliError(f"--data: only {x.shape[0]} complete rows (the study needs 10)")
+    if args.latent_dim >= x.shape[1]:
+        raise args.error("latent_dim", f"must be < the number of data columns ({x.shape[1]}), "
+                         f"got {args.latent_dim}")
     return x, None, {"data_file": str(args.data), "rows_with_nan_dropped": int((~keep).sum())}
 
 
@@ -176,10 +142,11 @@ def run_engines(args, x, kind, progress):
     results.append(em_res)
     evidences.append(ev_em)
     params["em"] = p_em
-    cavi_res = inference.fit("cavi", fixed, x, em.Settings(max_iter=args.em_iter, tol=1e-12),
-                             seed=args.seed)
-    results.append(cavi_res)
-    evidences.append(ev_em)
+    if "cavi" in args.engine_list:
+        cavi_res = inference.fit("cavi", fixed, x, em.Settings(max_iter=args.em_iter, tol=1e-12),
+                                 seed=args.seed)
+        results.append(cavi_res)
+        evidences.append(ev_em)
     trained = {}
     for mode, names in (("fixed-em", args.guide_list), ("learned", args.joint_list)):
         for name in names:
@@ -192,7 +159,9 @@ def run_engines(args, x, kind, progress):
                              eval_particles=args.eval_particles, eval_batch=100,
                              learn_model_params=mode == "learned", num_posterior_samples=0,
                              progress=progress)
-            r = svi.fit(family, x, s, seed=args.seed, guide=guides.spec(name), guide_options=opts)
+            ck, resume = common.checkpointing(args, f"svi-{mode}-{name}")
+            r = svi.fit(family, x, s.replace(**ck) if ck else s, seed=args.seed,
+                        guide=guides.spec(name), guide_options=opts, resume=resume)
             r.settings["params"] = mode
             if mode == "learned":
                 p = params_of(r, kind, d)
@@ -206,16 +175,18 @@ def run_engines(args, x, kind, progress):
 
 
 def run_bayes(args, x, progress):
-    """Variational Bayes (CAVI, closed-form ELBO) and, unless ``--no-nuts``, NUTS on the
-    Bayesian FA with its default priors (W_ij ~ N(0, 1), mu_i ~ N(0, 10^2), tau_i ~ Gamma(1, 1):
-    weak for data on a unit scale). Returns (family, vb result, NUTS result or None)."""
+    """Variational Bayes (CAVI, closed-form ELBO; with cavi in ``--engines``) and NUTS (with mcmc,
+    unless ``--no-nuts``) on the Bayesian FA with its default priors (W_ij ~ N(0, 1),
+    mu_i ~ N(0, 10^2), tau_i ~ Gamma(1, 1): weak for data on a unit scale). Returns (family,
+    VB result or None, NUTS result or None)."""
     fam = BayesianFactorAnalysis(args.latent_dim)
-    vb = inference.fit("cavi", fam, x, cavi.Settings(max_iter=args.em_iter, tol=1e-10),
-                       seed=args.seed)
-    vb.guide = "vb"
-    vb.settings["params"] = "posterior"
-    nuts = None
-    if not args.no_nuts:
+    vb = nuts = None
+    if "cavi" in args.engine_list:
+        vb = inference.fit("cavi", fam, x, cavi.Settings(max_iter=args.em_iter, tol=1e-10),
+                           seed=args.seed)
+        vb.guide = "vb"
+        vb.settings["params"] = "posterior"
+    if "mcmc" in args.engine_list:
         s = mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
                           num_chains=args.chains, max_tree_depth=args.nuts_depth,
                           progress=progress)
@@ -259,7 +230,6 @@ def posterior_table(x, vb, nuts, p_em: FAParams, truth) -> pd.DataFrame:
 
     d = x.shape[1]
     iu = torch.triu_indices(d, d)
-    vb_mean, vb_sd = vb_covariance_moments(vb.posterior)
     df = pd.DataFrame({"quantity": [f"C[{i},{j}]" for i, j in iu.T.tolist()],
                        "i": iu[0].numpy(), "j": iu[1].numpy()})
     nan = np.full(len(df), np.nan)
@@ -274,8 +244,12 @@ def posterior_table(x, vb, nuts, p_em: FAParams, truth) -> pd.DataFrame:
     else:
         for col in ("nuts_mean", "nuts_sd", "nuts_mcse", "nuts_ess_bulk", "nuts_r_hat"):
             df[col] = nan
-    df["vb_mean"] = vb_mean[iu[0], iu[1]].double().cpu().numpy()
-    df["vb_sd"] = vb_sd[iu[0], iu[1]].double().cpu().numpy()
+    if vb is not None:
+        vb_mean, vb_sd = vb_covariance_moments(vb.posterior)
+        df["vb_mean"] = vb_mean[iu[0], iu[1]].double().cpu().numpy()
+        df["vb_sd"] = vb_sd[iu[0], iu[1]].double().cpu().numpy()
+    else:
+        df["vb_mean"], df["vb_sd"] = nan, nan
     df["em"] = p_em.covariance()[iu[0], iu[1]].double().cpu().numpy()
     df["truth"] = (truth.covariance()[iu[0], iu[1]].double().cpu().numpy()
                    if truth is not None else nan)
@@ -301,7 +275,7 @@ def gap_table(args, fixed, x, trained):
     cf_gap = {local: closed_form_gap(fixed, x, local) for local in ("mean-field", "full-rank")}
     qs = gaps.QStarSettings(steps=2000 if args.qstar_optimizer == "auto" else max(args.steps, 200))
     for name, guide in trained.items():
-        local = "mean-field" if guide.diagonal else "full-rank"
+        local = gaps.matching_local_family(guide)  # diagonal -> mean-field, full -> full-rank
         common_kw = dict(optimizer=args.qstar_optimizer, settings=qs, seed=args.seed)
         mc = gaps.decompose_gaps(fixed, x, guide, local, estimator="mc",
                                  num_particles=args.eval_particles, particle_batch=250, **common_kw)
@@ -317,10 +291,60 @@ def gap_table(args, fixed, x, trained):
             row[q], row[f"{q}_se"] = m[q], m[f"{q}_se"]
         for q in ("approximation_gap", "amortization_gap", "inference_gap"):
             row[f"{q}_exact"] = e[q]
+        # PSIS k-hat (largest over points) and IS ESS (smallest) of q's weights; flags of both
+        row.update(khat_amortized=m["khat_amortized"], khat_q_star=m["khat_q_star"],
+                   ess_amortized=m["ess_amortized"], flagged=m["flagged"] or e["flagged"],
+                   flags="; ".join(f for f in (m["flags"], e["flags"]) if f) or "none")
         rows.append(row)
         pts = mc[mc.scope == "point"].assign(guide=name, local_family=local)
         points.append(pts)
-    return pd.DataFrame(rows, columns=GAP_COLUMNS), pd.concat(points, ignore_index=True)
+    return (pd.DataFrame(rows, columns=GAP_COLUMNS),
+            pd.concat(points, ignore_index=True) if points else pd.DataFrame())
+
+
+def reference_frame(args, x, fixed, bayes_fam, vb, nuts, params, truth, trained):
+    """reference.csv. C = W W^T + Psi (upper triangle; rotation-invariant) under VB (draws from
+    q), EM, SVI with learned parameters and the truth (point estimates) against NUTS on the
+    Bayesian FA; and each guide trained with EM's parameters fixed against the exact p(z | x)
+    (:func:`inference.reference.local_reference_table`)."""
+    frames = []
+    if nuts is not None:
+        S = args.eval_particles
+        draws = {"mcmc/nuts": nuts.samples["cov"].flatten(0, 1)}
+        if vb is not None:
+            q = diagnostics.cavi_guide(vb, bayes_fam, x)
+            z = guide_draws(q, x, num_samples=S, max_plate_nesting=bayes_fam.max_plate_nesting,
+                            seed=args.seed)
+            inv = bayes_fam.posterior_invariants({k: v.unsqueeze(0) for k, v in z.items()}, x)
+            draws["cavi/vb"] = inv["cov"][0]
+        d = x.shape[1]
+        iu = torch.triu_indices(d, d)
+        points = {"em": params["em"], **({"truth": truth} if truth is not None else {})}
+        points.update({f"svi/{k[4:]} [learned]": p for k, p in params.items()
+                       if k.startswith("svi_")})
+        for name, p in points.items():
+            draws[name] = p.covariance()[iu[0], iu[1]][None]
+        frames.append(reference_table(draws, "mcmc/nuts",
+                                      [f"C[{i},{j}]" for i, j in iu.T.tolist()]).assign(
+                                          aggregate=""))
+    if trained:
+        frames.append(local_reference_table(fixed, x, trained, num_samples=args.eval_particles,
+                                            seed=args.seed))
+    return (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=[*REFERENCE_COLUMNS, "aggregate"]))
+
+
+def print_reference(reference):
+    """Per method: the worst |mean error| (in reference sds), sd ratio range and largest W1."""
+    rows = []
+    for (method, ref), g in reference.groupby(["method", "reference"], sort=False):
+        rows.append({"method": method, "reference": ref, "quantities": len(g),
+                     "max_abs_mean_error_in_ref_sd": g.mean_error_in_ref_sd.abs().max(),
+                     "sd_ratio_min": g.sd_ratio.min(), "sd_ratio_max": g.sd_ratio.max(),
+                     "w1_in_ref_sd_max": g.w1_in_ref_sd.max()})
+    df = pd.DataFrame(rows)
+    common.print_table(df, list(df.columns), title="posteriors against the reference "
+                                                   "(reference.csv, summarized per method)")
 
 
 def imputation_table(args, x_train, x_test, kind, p_em, truth, trained):
@@ -441,7 +465,7 @@ def save_params(path, params: dict, truth, trained):
 
 def run(args) -> dict:
     t0 = time.perf_counter()
-    out, device, dtype = common.setup(args, "fa_gaps")
+    device, dtype = common.setup(args, "fa_gaps")
     progress = not (args.no_progress or args.quick)
     x_all, truth, data_info = load_data(args, device, dtype)
     x, x_test = split(x_all, args.test_frac, args.seed)
@@ -449,21 +473,27 @@ def run(args) -> dict:
     try:
         FactorAnalysis(args.latent_dim, kind=kind).check_data(x)
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"fa_gaps: {exc}") from exc
+        raise common.data_error(exc) from None
+    out = common.open_run(args, "fa_gaps")
     print(f"{kind.upper()}: n={x.shape[0]} train + {x_test.shape[0]} test, d={x.shape[1]}, "
           f"k={args.latent_dim}, device={device}, dtype={dtype}")
 
     results, evidences, params, fixed, trained = run_engines(args, x, kind, progress)
-    _, vb, nuts = run_bayes(args, x, progress)
-    bayes = [vb] + ([nuts] if nuts is not None else [])
+    bayes_fam, vb, nuts = run_bayes(args, x, progress)
+    bayes = [r for r in (vb, nuts) if r is not None]
     results += bayes
     evidences += [None] * len(bayes)
     summary = summary_table(results, evidences, evidences[0])
+    psis = diagnostics.psis_frame(  # PSIS k-hat of each variational fit (q rebuilt for CAVI/VB)
+        results, x, family_of=lambda r: bayes_fam if r.model == bayes_fam.name else fixed,
+        num_samples=args.eval_particles, seed=args.seed)
+    summary = pd.concat([summary, psis], axis=1)
     summary.to_csv(out / "summary.csv", index=False)
 
     gap_df, gap_points = gap_table(args, fixed, x, trained)
-    gap_df.to_csv(out / "gaps.csv", index=False)
-    gap_points.to_csv(out / "gaps_points.csv", index=False)
+    if trained:  # guides trained with the EM parameters fixed (svi in --engines)
+        gap_df.to_csv(out / "gaps.csv", index=False)
+        gap_points.to_csv(out / "gaps_points.csv", index=False)
 
     imp_df, mask, filled, p_gaps = imputation_table(args, x, x_test, kind, params["em"], truth,
                                                     trained)
@@ -472,17 +502,23 @@ def run(args) -> dict:
     keys = save_params(out / "params.pt", params, truth, trained)
     post_df = posterior_table(x, vb, nuts, params["em"], truth)
     post_df.to_csv(out / "posterior.csv", index=False)
+    reference = reference_frame(args, x, fixed, bayes_fam, vb, nuts, params, truth, trained)
+    reference.to_csv(out / "reference.csv", index=False)
     if nuts is not None:
         nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
+        plots.mcmc_outputs(nuts.samples, out, ["cov", "mu", "log_lik"])
     n, d, k = x.shape[0], x.shape[1], args.latent_dim
     ml_pd = evidences[0].per_datum
     n_free = free_parameters(d, k)
     bic_pd = ml_pd - 0.5 * n_free * np.log(n) / n
 
-    common.plot_traces(results, out / "elbo_traces.png", f"{kind.upper()}: objective per datum")
-    plot_gaps(gap_df, out / "gaps.png")
+    plots.plot_bounds(results, out / "elbo_traces.png", f"{kind.upper()}: objective per datum",
+                      evidences[0], f"log p(x | EM's parameters) = {evidences[0].per_datum:.5g}")
+    if trained:
+        plot_gaps(gap_df, out / "gaps.png")
     plot_imputation(x_test, mask, filled, out / "imputation_scatter.png")
-    common.write_run_json(out, args, device, {
+    final = common.finish(out, args, device, {
+        "engines": args.engine_list, "guides": args.guide_list, "joint_guides": args.joint_list,
         "data": data_info, "n_train": x.shape[0], "n_test": x_test.shape[0],
         "log_evidence_em": vars(evidences[0]) | {"details": {}},
         "closed_form_mean_field_gap_per_datum": closed_form_gap(fixed, x),
@@ -491,10 +527,11 @@ def run(args) -> dict:
         "messages": {f"{r.engine}/{r.guide}/{r.settings.get('params', '')}": r.message
                      for r in results},
         "bayes_fa": {
-            "priors": {k_: vb.settings[k_] for k_ in ("alpha", "a0", "b0", "mu_scale")},
-            "vb": {"bound": vb.bound, "elbo": vb.elbo, "elbo_per_datum": vb.elbo_per_datum,
-                   "converged": vb.converged, "iterations": len(vb.trace),
-                   "message": vb.message},
+            "priors": {k_: bayes[0].settings[k_] for k_ in ("alpha", "a0", "b0", "mu_scale")}
+            if bayes else None,
+            "vb": None if vb is None else {
+                "bound": vb.bound, "elbo": vb.elbo, "elbo_per_datum": vb.elbo_per_datum,
+                "converged": vb.converged, "iterations": len(vb.trace), "message": vb.message},
             "nuts": None if nuts is None else {
                 **nuts.diagnostics, "converged": nuts.converged,
                 "converged_rule": f"r_hat <= {nuts.settings['rhat_max']} and bulk/tail ESS >= "
@@ -513,30 +550,30 @@ def run(args) -> dict:
     })
 
     common.print_table(summary, ["engine", "guide", "params", "bound", "elbo_per_datum", "elbo_se",
-                                 "log_evidence", "gap_per_datum", "seconds", "converged"],
+                                 "log_evidence", "gap_per_datum", "khat", "khat_max_point",
+                                 "seconds", "converged"],
                        title=f"{kind.upper()} engines (nats; gap = log p(x) - ELBO, row's params)")
-    common.print_table(gap_df, ["guide", "local_family", "approximation_gap",
-                                "approximation_gap_se", "closed_form_approximation_gap",
-                                "amortization_gap", "amortization_gap_se", "inference_gap"],
-                       title="gap decomposition (nats per data point, Monte Carlo ± SE)")
+    if trained:
+        common.print_table(gap_df, ["guide", "local_family", "approximation_gap",
+                                    "approximation_gap_se", "closed_form_approximation_gap",
+                                    "amortization_gap", "amortization_gap_se", "inference_gap"],
+                           title="gap decomposition (nats per data point, Monte Carlo ± SE)")
+    if len(reference):
+        print_reference(reference)
     common.print_table(imp_df, ["method", "rmse", "n_missing", "seconds"],
                        title="imputation of held-out entries (RMSE)")
-    print_bayes(summary, ml_pd, bic_pd, n_free, post_df, nuts)
-    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/ "
+    if bayes:
+        print_bayes(summary, ml_pd, bic_pd, n_free, post_df, nuts)
+    print(f"\nwrote {', '.join(sorted(p.name for p in final.iterdir()))} to {final}/ "
           f"in {time.perf_counter() - t0:.1f} s")
-    return {"summary": summary, "gaps": gap_df, "imputation": imp_df, "out": out}
+    return {"summary": summary, "gaps": gap_df, "imputation": imp_df, "out": final}
 
 
 def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    threads = torch.get_num_threads()
-    if args.threads is None:
-        args.threads = 1  # tiny tensors: one thread avoids OpenMP barriers (restored afterwards)
-    try:
-        run(args)
-    finally:
-        torch.set_num_threads(threads)
-    return 0
+    """The command line: exit status 2 with one line naming the flag on a bad setting; torch's
+    thread count is restored afterwards."""
+    argv = sys.argv[1:] if argv is None else argv
+    return common.entry("fa_gaps", lambda a: run(parse(a)) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ for the exact moments). Every ELBO is in nats with all constants; ``gap`` is
 log p(x) - ELBO; log K! is printed beside it, because a unimodal q over mu sits on one of K! label
 modes and cannot beat log p(x) - log K! when they are separated.
 
+Diagnostics: summary.csv adds the PSIS k-hat of each variational fit (``khat``, joint over mu and
+any sampled c; > 0.7: q is not reliable for importance-weighted estimates; Yao et al. 2018);
+reference.csv compares every engine's sorted means with the reference posterior (exact draws
+when n is small, else NUTS: mean error, sd ratio, 1-Wasserstein distance), and posterior.csv
+carries the same columns; NUTS writes mcmc_diagnostics.csv (R-hat, bulk/tail ESS per quantity),
+mcmc_trace.png and mcmc_rank.png; elbo_traces.png draws the bounds beside log p(x), and EM's MAP
+objective on its own panel.
+
 Defaults (n = 100, K = 3) take ~20 s of CPU on one thread; ``--quick`` (n <= 30, tiny settings,
 rough numbers) takes a few seconds and is what the smoke test runs.
 """
@@ -18,51 +26,83 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
+import guides
 import inference
-from experiments import common
-from guides.gmm import mean_field_guide_from
-from inference import em, mcmc, svi
+from experiments import common, plots
+from experiments.study import StudySettings, list_engines_guides, setting
+from guides.gmm import guide_specs, mean_field_guide_from
+from inference import diagnostics, em, mcmc, svi
 from inference.elbo import estimate_elbo
+from inference.reference import REFERENCE_COLUMNS, reference_table
 from inference.runtime import isolated
 from models.data import load_array
 from models.gmm import MAX_ASSIGNMENTS, BayesianGMM, sorted_means
+from models.gmm_evidence import exact_posterior_draws
 
 SVI_GUIDES = ("mean-field", "collapsed", "auto-normal", "auto-mvn")
+ENGINES = ("em", "cavi", "svi", "mcmc")
 
 
-def parse(argv):
-    p = common.base_parser("gmm_engines", __doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100, help="number of simulated points (default 100)")
-    p.add_argument("--K", type=int, default=3, help="number of components (default 3)")
-    p.add_argument("--dim", type=int, default=1, help="data dimension d (default 1)")
-    p.add_argument("--prior-var", type=float, default=10.0, help="prior variance s2 of the means")
-    p.add_argument("--restarts", type=int, default=5, help="EM/CAVI random restarts")
-    p.add_argument("--svi-steps", type=int, default=500)
-    p.add_argument("--svi-lr", type=float, default=0.2, help="initial Adam learning rate")
-    p.add_argument(
-        "--svi-lr-decay",
-        type=float,
-        default=0.005,
-        help="total decay of the learning rate over the run (0.2 -> 0.001 by default)",
-    )
-    p.add_argument("--svi-particles", type=int, default=4, help="particles per SVI gradient")
-    p.add_argument("--nuts-samples", type=int, default=500, help="NUTS draws per chain")
-    p.add_argument("--nuts-warmup", type=int, default=300)
-    p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--no-jit", action="store_true", help="NUTS without the compiled potential")
-    p.add_argument("--eval-particles", type=int, default=2000, help="particles per ELBO estimate")
-    p.set_defaults(threads=1)
-    args = p.parse_args(argv)
-    if args.quick:  # a smoke run: every engine and file, seconds not minutes, rough numbers
-        args.n = min(args.n, 30)
-        args.svi_steps, args.nuts_samples, args.nuts_warmup = 60, 40, 40
-        args.chains, args.eval_particles, args.restarts = 2, 200, 2
-        args.no_jit = True  # compiling the potential costs more than 100 tiny NUTS steps
+@dataclass
+class Settings(StudySettings):
+    """The study's settings (flags, ``--config`` keys); ``--quick`` defaults: a few seconds."""
+
+    engines: str = setting(",".join(ENGINES), f"engines, comma list of {', '.join(ENGINES)}",
+                           comma_list=True)
+    guides: str = setting(",".join(SVI_GUIDES), "SVI guides, comma list of "
+                          + ", ".join(guide_specs()), comma_list=True)
+    threads: int | None = setting(1, "torch CPU threads (small models run faster on one)",
+                                  kind=int)
+    n: int = setting(100, "number of simulated points", quick=30)
+    K: int = setting(3, "number of components")
+    dim: int = setting(1, "data dimension d of simulated data")
+    prior_var: float = setting(10.0, "prior variance s2 of the means")
+    restarts: int = setting(5, "EM/CAVI random restarts", quick=2)
+    svi_steps: int = setting(500, "SVI steps per fit", quick=60)
+    svi_lr: float = setting(0.2, "initial Adam learning rate")
+    svi_lr_decay: float = setting(
+        0.005, "total decay of the learning rate over the run (0.2 -> 0.001 by default)")
+    svi_particles: int = setting(4, "particles per SVI gradient")
+    nuts_samples: int = setting(500, "NUTS draws per chain", quick=40)
+    nuts_warmup: int = setting(300, "NUTS warmup steps per chain", quick=40)
+    chains: int = setting(4, "NUTS chains", quick=2)
+    jit: bool = setting(True, "NUTS with the compiled potential (compiling costs more than 100 "
+                        "tiny NUTS steps)", quick=False, negatable=True)
+    eval_particles: int = setting(2000, "particles per ELBO estimate", quick=200)
+
+
+def parse(argv) -> Settings:
+    """Settings from defaults, --quick, --config and flags, checked before any work."""
+    args = common.settings(Settings, argv, "gmm_engines", __doc__.splitlines()[0])
+    check(args)
     return args
+
+
+def check(args: Settings) -> None:
+    """Every check the flags allow on their own, naming the flag (data-dependent ones follow in
+    :func:`run`, still before any work)."""
+    if args.data is None:
+        args.at_least("n", 1)
+        args.at_least("dim", 1)
+    args.at_least("K", 1)
+    for name in ("restarts", "svi_steps", "svi_particles", "nuts_samples", "chains"):
+        args.at_least(name, 1)
+    args.at_least("nuts_warmup", 0)
+    args.at_least("eval_particles", 2)
+    args.finite_positive("svi_lr")
+    args.finite_positive("svi_lr_decay")
+
+
+#: engine-settings field -> study flag, to name the flag in errors raised by the engines
+FIELD_FLAGS = {"lr": "svi_lr", "lr_decay": "svi_lr_decay", "num_particles": "svi_particles",
+               "num_steps": "svi_steps", "num_samples": "nuts_samples", "warmup": "nuts_warmup",
+               "num_chains": "chains", "n_init": "restarts", "eval_particles": "eval_particles",
+               "K": "K", "prior_var": "prior_var", "dim": "dim", "n": "n"}
 
 
 def load_data(args, family, device, dtype):
@@ -71,13 +111,16 @@ def load_data(args, family, device, dtype):
         try:
             x, truth = family.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
         except (TypeError, ValueError) as exc:
-            raise SystemExit(f"gmm_engines: --{exc}") from exc
+            raise common.field_error(args, exc, FIELD_FLAGS) from None
         return x, {"true_means": sorted_means(truth["mu"]).tolist()}
     try:
         arr = load_array(args.data, name="--data")
+    except (OSError, ValueError) as exc:
+        raise common.data_error(exc) from None
+    try:
         x = family.check_data(torch.as_tensor(arr, dtype=dtype, device=device))
-    except (OSError, TypeError, ValueError) as exc:
-        raise SystemExit(f"gmm_engines: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise common.data_error(exc) from None
     return x, {"data_file": str(args.data)}
 
 
@@ -102,14 +145,14 @@ def engine_settings(args, progress: bool):
         num_samples=args.nuts_samples,
         warmup=args.nuts_warmup,
         num_chains=args.chains,
-        jit=not args.no_jit,
+        jit=args.jit,
         progress=progress,
     )
     return ascent, s, m
 
 
 def run(args) -> dict:
-    out, device, dtype = common.setup(args, "gmm_engines")
+    device, dtype = common.setup(args, "gmm_engines")
     progress = not (args.no_progress or args.quick)
     try:  # bad flags fail here, naming the field, before any work
         family = BayesianGMM(
@@ -117,9 +160,11 @@ def run(args) -> dict:
         )
         ascent, s, m = engine_settings(args, progress)
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"gmm_engines: {exc}") from exc
+        raise common.field_error(args, exc, FIELD_FLAGS) from None
+    engines, svi_guides = list_engines_guides(args, ENGINES, guides.for_family(family))
     x, data_info = load_data(args, family, device, dtype)
     n = x.shape[0]
+    out = common.open_run(args, "gmm_engines")
     print(f"Bayesian GMM: n={n}, d={x.shape[1]}, K={args.K}, s2={args.prior_var}, device={device}")
 
     evidence = family.log_evidence(x)
@@ -128,39 +173,55 @@ def run(args) -> dict:
         + (f" ± {evidence.se:.4f}" if evidence.se else "")
     )
 
-    results = [
-        inference.fit("em", family, x, ascent, seed=args.seed),
-        inference.fit("cavi", family, x, ascent, seed=args.seed),
-    ]
-    cavi_res = results[-1]
-    with isolated(args.seed):  # c sampled too: a plain Monte Carlo check of eq. 9
-        check = estimate_elbo(
-            family.model,
-            mean_field_guide_from(cavi_res.state, enumerate_c=False),
-            x,
-            num_particles=args.eval_particles,
-            batch_size=200,
-        )
-    cavi_res.diagnostics["elbo_mc"] = check.value
-    cavi_res.diagnostics["elbo_mc_se"] = check.se
+    results, cavi_res, check, nuts = [], None, None, None
+    if "em" in engines:
+        results.append(inference.fit("em", family, x, ascent, seed=args.seed))
+    if "cavi" in engines:
+        cavi_res = inference.fit("cavi", family, x, ascent, seed=args.seed)
+        results.append(cavi_res)
+        with isolated(args.seed):  # c sampled too: a plain Monte Carlo check of eq. 9
+            check = estimate_elbo(
+                family.model,
+                mean_field_guide_from(cavi_res.state, enumerate_c=False),
+                x,
+                num_particles=args.eval_particles,
+                batch_size=200,
+            )
+        cavi_res.diagnostics["elbo_mc"] = check.value
+        cavi_res.diagnostics["elbo_mc_se"] = check.se
 
-    for name in SVI_GUIDES:
-        results.append(inference.fit("svi", family, x, s, seed=args.seed, guide=name))
-    nuts = inference.fit("mcmc", family, x, m, seed=args.seed)
-    results.append(nuts)
+    for name in svi_guides:
+        ck, resume = common.checkpointing(args, f"svi-{name}")
+        fit_s = s.replace(**ck) if ck else s
+        results.append(
+            inference.fit("svi", family, x, fit_s, seed=args.seed, guide=name, resume=resume))
+    if "mcmc" in engines:
+        nuts = inference.fit("mcmc", family, x, m, seed=args.seed)
+        results.append(nuts)
 
     summary = common.summary_frame(results, evidence)
     summary["log_K_factorial"] = family.label_symmetry_term()
+    psis = diagnostics.psis_frame(results, x, family_of=lambda r: family,
+                                  num_samples=args.eval_particles, seed=args.seed)
+    summary = pd.concat([summary, psis], axis=1)  # PSIS k-hat of each variational fit
     summary.to_csv(out / "summary.csv", index=False)
 
     posterior, draws = posterior_table(family, x, results, args)
+    reference = reference_frame(family, x, draws, args)
+    reference.to_csv(out / "reference.csv", index=False)
+    posterior = posterior.merge(
+        reference[["method", "quantity", "mean_error", "sd_ratio", "w1"]].rename(
+            columns={"method": "engine"}), on=["engine", "quantity"], how="left")
     posterior.to_csv(out / "posterior.csv", index=False)
-    nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
-    common.plot_traces(results, out / "elbo_traces.png", "GMM: objective per data point")
-    common.plot_marginals(
-        draws, "mcmc/nuts", out / "posterior_marginals.png", "posterior of the sorted means"
-    )
-    common.write_run_json(
+    if nuts is not None:
+        nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
+        plots.mcmc_outputs(nuts.samples, out, ["mu_sorted", "log_lik_total"])
+    plots.plot_bounds(results, out / "elbo_traces.png", "GMM: objective per data point", evidence)
+    if nuts is not None:  # the histograms are drawn over the NUTS reference
+        common.plot_marginals(
+            draws, "mcmc/nuts", out / "posterior_marginals.png", "posterior of the sorted means"
+        )
+    final = common.finish(
         out,
         args,
         device,
@@ -168,8 +229,10 @@ def run(args) -> dict:
             "log_evidence": vars(evidence),
             "data": data_info,
             "n": n,
-            "cavi_elbo_closed_form": cavi_res.elbo,
-            "cavi_elbo_mc": [check.value, check.se],
+            "engines": engines,
+            "guides": svi_guides,
+            "cavi_elbo_closed_form": None if cavi_res is None else cavi_res.elbo,
+            "cavi_elbo_mc": None if check is None else [check.value, check.se],
             "diagnostics": {f"{r.engine}/{r.guide}": r.diagnostics for r in results},
             "messages": {f"{r.engine}/{r.guide}": r.message for r in results},
         },
@@ -187,21 +250,46 @@ def run(args) -> dict:
             "log_evidence",
             "gap",
             "log_K_factorial",
+            "khat",
             "seconds",
             "converged",
         ],
-        title="GMM engines (nats; gap = log p(x) - ELBO)",
+        title="GMM engines (nats; gap = log p(x) - ELBO; khat: PSIS, > 0.7 unreliable)",
     )
-    print(
-        f"\nCAVI closed-form ELBO {cavi_res.elbo:.4f} vs Monte Carlo {check.value:.4f} ± {check.se:.4f}"
-    )
-    print(
-        f"NUTS: R-hat max {nuts.diagnostics.get('r_hat_max', math.nan):.3f}, "
-        f"ESS bulk min {nuts.diagnostics.get('ess_bulk_min', math.nan):.0f}, "
-        f"divergences {nuts.diagnostics['divergences']} (on sorted means and log likelihood)"
-    )
-    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
-    return {"summary": summary, "posterior": posterior, "out": out, "results": results}
+    if len(reference):
+        common.print_table(
+            reference, ["method", "quantity", "mean_error", "sd_ratio", "w1"],
+            title=f"posterior of the sorted means against the {reference.reference.iloc[0]} "
+                  "reference (reference.csv)")
+    if check is not None:
+        print(f"\nCAVI closed-form ELBO {cavi_res.elbo:.4f} vs Monte Carlo {check.value:.4f} "
+              f"± {check.se:.4f}")
+    if nuts is not None:
+        print(
+            f"NUTS: R-hat max {nuts.diagnostics.get('r_hat_max', math.nan):.3f}, "
+            f"ESS bulk min {nuts.diagnostics.get('ess_bulk_min', math.nan):.0f}, "
+            f"divergences {nuts.diagnostics['divergences']} (on sorted means and log likelihood)"
+        )
+    print(f"\nwrote {', '.join(sorted(p.name for p in final.iterdir()))} to {final}/")
+    return {"summary": summary, "posterior": posterior, "out": final, "results": results}
+
+
+def reference_frame(family, x, draws, args) -> pd.DataFrame:
+    """reference.csv: every engine's draws of the sorted means against the reference posterior
+    (exact draws from the mixture over assignments when n is small, else NUTS), by
+    :func:`inference.reference.reference_table`; empty when there is neither."""
+    draws = dict(draws)
+    if args.K ** max(x.shape[0] - 1, 0) <= MAX_ASSIGNMENTS:
+        g = torch.Generator().manual_seed(args.seed)
+        draws["exact"] = sorted_means(exact_posterior_draws(family, x.double(), 20_000, g))
+        ref = "exact"
+    elif "mcmc/nuts" in draws:
+        ref = "mcmc/nuts"
+    else:
+        return pd.DataFrame(columns=REFERENCE_COLUMNS)
+    flat = {k: v.reshape(v.shape[0], -1) for k, v in draws.items()}
+    names = [f"mu_sorted[{j}]" for j in range(flat[ref].shape[1])]
+    return reference_table(flat, ref, names)
 
 
 def posterior_table(family, x, results, args):
@@ -237,9 +325,12 @@ def posterior_table(family, x, results, args):
             }
         )
         ref_name = "exact"
-    else:
-        ref = frames[-1].copy()
+    elif "mcmc/nuts" in draws:
+        ref = common.posterior_summary({"mu_sorted": draws["mcmc/nuts"]}, "mcmc/nuts")
         ref_name = "mcmc/nuts"
+    else:  # too many points for the exact moments and NUTS not run (--engines): no reference
+        ref = pd.DataFrame({"quantity": [], "mean": [], "sd": []})
+        ref_name = "none"
     table = pd.concat(
         [ref.assign(engine=ref_name) if ref_name == "exact" else pd.DataFrame(), *frames]
     )
@@ -251,8 +342,8 @@ def posterior_table(family, x, results, args):
 
 
 def main(argv=None) -> int:
-    run(parse(sys.argv[1:] if argv is None else argv))
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    return common.entry("gmm_engines", lambda a: run(parse(a)) and 0, argv)
 
 
 if __name__ == "__main__":

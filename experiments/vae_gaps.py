@@ -1,15 +1,20 @@
 """VAE on digits: IWAE/AIS evidence, the Cremer et al. (2018) gap study, generation and imputation.
 
     python -m experiments.vae_gaps [--latent-dim 8 --hidden 256 --likelihood bernoulli
-                                    --epochs 100 --iwae-samples 5000 --ais-steps 300 --quick]
+                                    --epochs 1000 --iwae-samples 5000 --ais-steps 300 --quick]
 
 Two VAEs (same decoder architecture and initialization) are trained by SVI, one with the
-amortized diagonal-Gaussian ("FFG") encoder ``mlp`` and one with the flow encoder ``flow`` (IAF).
+amortized diagonal-Gaussian ("FFG") encoder ``mlp`` and one with the flow encoder ``flow`` (IAF),
+each until its ELBO on a held-out tenth of the training images has not improved for
+``--patience`` evaluations (every 5 epochs; best weights kept; ``--epochs`` is only a cap);
+summary.csv says how each network's training ended (``training_end``, ``training_note``).
 For each, on ``--gap-points`` training and test images (Cremer, Li & Duvenaud 2018, Table 2):
-log p(x) by AIS (from the encoder's Gaussian, HMC transitions; IWAE with ``--iwae-samples``
-alongside), L[q*_Flow] (per-point flow, ``local-flow``), L[q*_FFG] (per-point diagonal Gaussian,
+log p(x) as the larger of two stochastic lower bounds, AIS (from the encoder's Gaussian, HMC
+transitions) and IWAE (``--iwae-samples``), both kept (``gaps.tightest_evidence``), L[q*_Flow] (per-point flow, ``local-flow``), L[q*_FFG] (per-point diagonal Gaussian,
 ``mean-field``), L[q] (the encoder), and approximation = log p - L[q*], amortization = L[q*] - L[q]
-and inference = log p - L[q] gaps, all per data point (nats) with Monte Carlo SEs.
+and inference = log p - L[q] gaps, all per data point (nats) with Monte Carlo SEs, the PSIS
+k-hat / ESS of q's and q*'s weights, and flags (a gap below zero by > 3 SE, a k-hat > 0.7).
+summary.csv adds each trained pair's PSIS k-hat on the gap-study training images.
 
 Also: an encoder-capacity sweep (new FFG encoders of several widths trained with the FFG decoder
 fixed: amortization gap against the same q*_FFG), the semi-amortized guide (K SVI steps per
@@ -19,14 +24,17 @@ reconstructions, a 2-D latent map, and imputation of missing pixels (importance 
 pseudo-Gibbs, pixel means, exact factor-analysis imputation).
 
 Outputs in --out: summary.csv, gaps.csv, capacity.csv, semi_amortized.csv, mcmc.csv,
-imputation.csv, run.json, vae_ffg.pt / vae_flow.pt (decoder state_dicts + settings),
-encoder_ffg.pt / encoder_flow.pt (encoder state_dicts), samples.png, reconstructions.png,
-latent_map.png, gaps.png, elbo_curves.png. Pyro validation is off unless --validate (speed).
+reference.csv (each z_ij marginal of q*_FFG, q*_Flow and q against NUTS: mean error, sd ratio,
+W1), mcmc_diagnostics.csv / mcmc_trace.png / mcmc_rank.png (NUTS per coordinate), imputation.csv, run.json, vae_ffg.pt / vae_flow.pt (decoder state_dicts + settings),
+encoder_ffg.pt / encoder_flow.pt (encoder config + state_dict: ``guides.amortized.load_encoder``),
+samples.png, reconstructions.png, latent_map.png, gaps.png, elbo_curves.png. Pyro validation is
+off unless --validate (speed).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import matplotlib
@@ -40,14 +48,25 @@ import torch  # noqa: E402
 from pyro.infer.util import is_validation_enabled  # noqa: E402
 
 import guides  # noqa: E402
-from experiments import common  # noqa: E402
-from inference import gaps, mcmc  # noqa: E402
+from experiments import common, plots  # noqa: E402
+from experiments.vae_settings import (  # noqa: E402, F401  (the settings, re-exported)
+    ENGINES,
+    LABELS,
+    TRAINABLE,
+    Settings,
+    check_data,
+    parse,
+    resolve,
+)
+from guides.amortized import save_encoder  # noqa: E402
+from inference import diagnostics, gaps, mcmc  # noqa: E402
 from inference.ais import AisSettings, ais  # noqa: E402
 from inference.evidence import iwae_from_log_joint  # noqa: E402
 from inference.impute import importance_impute, pseudo_gibbs_impute, rmse  # noqa: E402
 from inference.pointwise import pointwise_elbo  # noqa: E402
+from inference.reference import guide_draws, reference_table  # noqa: E402
 from inference.runtime import Timer, isolated, synchronize  # noqa: E402
-from inference.train_vae import train_vae  # noqa: E402
+from inference.train_vae import train_vae, training_outcome  # noqa: E402
 from models.data import images  # noqa: E402
 from models.vae import VAE  # noqa: E402
 
@@ -58,101 +77,11 @@ GAP_COLUMNS = [
     "log_evidence_method", "iwae", "iwae_se", "elbo_q_star", "elbo_q_star_se", "elbo_amortized",
     "elbo_amortized_se", "approximation_gap", "approximation_gap_se", "amortization_gap",
     "amortization_gap_se", "inference_gap", "inference_gap_se", "q_star_converged",
-    "q_star_steps", "unit",
+    "q_star_steps", "unit", "ais", "ais_se", "khat_amortized", "khat_q_star", "ess_amortized",
+    "log_evidence_ess", "flagged", "flags",
 ]
-QUICK = dict(epochs=2, hidden=16, gap_points=6, qstar_steps=30, ais_steps=10, ais_chains=4,
-             iwae_samples=50, elbo_samples=20, capacities="4,16", capacity_epochs=1,
-             sa_steps="0,3", mcmc_points=1, mcmc_samples=15, mcmc_chains=1, impute_points=20,
-             impute_particles=50, gibbs_steps=6, num_flows=1)
-
-
-def parse(argv):
-    p = common.base_parser("vae_gaps", __doc__.splitlines()[0])
-    p.set_defaults(dtype="float32", threads=1)  # small networks: one thread is fastest
-    p.add_argument("--latent-dim", type=int, default=8, help="latent dimension (default 8)")
-    p.add_argument("--hidden", default=None,
-                   help="hidden sizes of decoder and encoders, comma list (default 256)")
-    p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
-                   help="bernoulli: binarized pixels; gaussian: [0, 1] intensities")
-    p.add_argument("--var-floor", type=float, default=1e-3,
-                   help="gaussian likelihood: variance floor (default 1e-3)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 100)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=10,
-                   help="early stop after this many held-out evaluations (every 5 epochs) "
-                        "without improvement; 0 = off")
-    p.add_argument("--flow", choices=["iaf", "coupling", "spline"], default="iaf")
-    p.add_argument("--num-flows", type=int, default=None, help="flow layers (default 2)")
-    p.add_argument("--gap-points", type=int, default=None,
-                   help="train and test images in the gap study (default 50 each)")
-    p.add_argument("--qstar-steps", type=int, default=None, help="max SVI steps for q* (1000)")
-    p.add_argument("--iwae-samples", type=int, default=None, help="IWAE samples (default 5000)")
-    p.add_argument("--elbo-samples", type=int, default=None,
-                   help="draws per point for ELBO estimates (default 1000)")
-    p.add_argument("--ais-steps", type=int, default=None, help="AIS temperatures (default 300)")
-    p.add_argument("--ais-chains", type=int, default=None, help="AIS chains per point (8)")
-    p.add_argument("--capacities", default=None,
-                   help="encoder widths of the capacity sweep (default 16,64,256)")
-    p.add_argument("--capacity-epochs", type=int, default=None, help="(default 50)")
-    p.add_argument("--sa-steps", default=None, help="semi-amortized K values (0,5,20,100)")
-    p.add_argument("--mcmc-points", type=int, default=None, help="test images for NUTS (3)")
-    p.add_argument("--mcmc-samples", type=int, default=None, help="NUTS warmup = draws (150)")
-    p.add_argument("--mcmc-chains", type=int, default=None, help="NUTS chains (2)")
-    p.add_argument("--impute-points", type=int, default=None, help="test images (default 200)")
-    p.add_argument("--impute-particles", type=int, default=None, help="(default 1000)")
-    p.add_argument("--gibbs-steps", type=int, default=None, help="pseudo-Gibbs sweeps (50)")
-    p.add_argument("--validate", action="store_true", help="keep Pyro's validation on")
-    return p.parse_args(argv)
-
-
-DEFAULTS = dict(epochs=100, hidden="256", gap_points=50, qstar_steps=1000, ais_steps=300,
-                ais_chains=8, iwae_samples=5000, elbo_samples=1000, capacities="16,64,256",
-                capacity_epochs=50, sa_steps="0,5,20,100", mcmc_points=3, mcmc_samples=150,
-                mcmc_chains=2, impute_points=200, impute_particles=1000, gibbs_steps=50,
-                num_flows=2)
-
-
-def resolve(args) -> dict:
-    """Flag values, falling back to --quick or default settings."""
-    base = {**DEFAULTS, **(QUICK if args.quick else {})}
-    cfg = {k: (getattr(args, k) if getattr(args, k, None) is not None else v)
-           for k, v in base.items()}
-    cfg["hidden"] = tuple(_ints(cfg["hidden"], "--hidden", 1))
-    cfg["capacities"] = _ints(cfg["capacities"], "--capacities", 1)
-    cfg["sa_steps"] = _ints(cfg["sa_steps"], "--sa-steps", 0)
-    if not cfg["capacities"] or not cfg["sa_steps"]:
-        raise SystemExit("--capacities/--sa-steps: need at least one value")
-    if cfg["num_flows"] < 0:
-        raise SystemExit(f"--num-flows: must be >= 0, got {cfg['num_flows']}")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size: must be >= 1, got {args.batch_size}")
-    if args.patience < 0:
-        raise SystemExit(f"--patience: must be >= 0, got {args.patience}")
-    for flag, v in (("--lr", args.lr), ("--var-floor", args.var_floor)):
-        if not 0 < v < math.inf:
-            raise SystemExit(f"{flag}: must be a positive finite number, got {v}")
-    for key in ("epochs", "gap_points", "qstar_steps", "ais_steps", "ais_chains", "iwae_samples",
-                "elbo_samples", "capacity_epochs", "mcmc_points", "mcmc_samples", "mcmc_chains",
-                "impute_points", "impute_particles", "gibbs_steps"):
-        if cfg[key] < 1:
-            raise SystemExit(f"--{key.replace('_', '-')}: must be >= 1, got {cfg[key]}")
-    if cfg["elbo_samples"] < 2:
-        raise SystemExit("--elbo-samples: must be >= 2")
-    if args.latent_dim < 2:
-        raise SystemExit("--latent-dim: must be >= 2 (flows and the latent map need 2)")
-    return cfg
-
-
-def _ints(text, flag: str, minimum: int) -> list[int]:
-    """``"16,64"`` -> ``[16, 64]``, every value >= ``minimum``; else exit naming the flag."""
-    try:
-        out = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError as exc:
-        raise SystemExit(f"{flag}: expected a comma list of integers, got {text!r}") from exc
-    if any(v < minimum for v in out):
-        raise SystemExit(f"{flag}: every value must be >= {minimum}, got {text!r}")
-    return out
+#: the held-out ELBO of early stopping is evaluated every this many epochs
+EVAL_EVERY_EPOCHS = 5
 
 
 def load(args, device, dtype, seed) -> images.ImageData:
@@ -162,8 +91,8 @@ def load(args, device, dtype, seed) -> images.ImageData:
     try:
         return images.load_images(args.data, binarize=binary, seed=seed, device=device,
                                   dtype=dtype)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"--data: {exc}") from exc
+    except (ValueError, OSError) as exc:
+        raise common.data_error(exc) from None
 
 
 # ----------------------------------------------------------------------------- training
@@ -171,15 +100,20 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
     hidden = cfg["hidden"]
     vae = VAE(data.data_dim, args.latent_dim, hidden, likelihood=args.likelihood,
               var_floor=args.var_floor, seed=seed, module_name=f"decoder_{kind}")
-    opts = {"hidden": hidden, "name": f"encoder_{kind}"}
+    guide = ENCODERS.get(kind, kind)
+    opts = {"name": f"encoder_{kind}"}
+    if guide in ("mlp", "flow"):
+        opts["hidden"] = hidden
     if kind == "flow":
         opts.update(flow=args.flow, num_flows=cfg["num_flows"])
-    res = train_vae(vae, x_fit, guide=ENCODERS[kind], guide_options=opts, epochs=cfg["epochs"],
+    ck, resume = common.checkpointing(args, f"train-{kind}")
+    res = train_vae(vae, x_fit, guide=guide, guide_options=opts, epochs=cfg["epochs"],
                     batch_size=args.batch_size, lr=args.lr, val_data=x_val,
-                    eval_every_epochs=min(5, cfg["epochs"]), patience=args.patience,
-                    eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
-                    progress=not args.no_progress)
-    res.guide = f"{ENCODERS[kind]}" + (f"-{args.flow}" if kind == "flow" else "")
+                    eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["epochs"]),
+                    patience=args.patience, eval_particles=min(cfg["elbo_samples"], 100),
+                    seed=seed, progress=not args.no_progress, checkpoint=ck.get("checkpoint"),
+                    checkpoint_every=ck.get("checkpoint_every", 0), resume=resume)
+    res.guide = f"{guide}" + (f"-{args.flow}" if kind == "flow" else "")
     return vae, res.state.guide, res
 
 
@@ -195,7 +129,10 @@ def gaussian_proposal(encoder, x):
 
 def evidence(vae, encoder, x, cfg, seed):
     """(AIS estimate, IWAE estimate) per point for the trained pair."""
-    q = gaussian_proposal(encoder, x)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a flow's moments are sampled: seed them
+        torch.manual_seed(seed)
+        q = gaussian_proposal(encoder, x)
     a = ais(vae.log_joint, q, x, AisSettings(num_steps=cfg["ais_steps"],
                                              num_chains=cfg["ais_chains"]), seed=seed)
     with torch.no_grad():
@@ -206,18 +143,26 @@ def evidence(vae, encoder, x, cfg, seed):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    """The command line: exit status 2 with one line naming the flag on a bad setting."""
+    return common.entry("vae_gaps", _main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv) -> int:
     args = parse(argv)
-    out, device, dtype = common.setup(args, "vae_gaps")
     cfg = resolve(args)
+    device, dtype = common.setup(args, "vae_gaps")
+    data = load(args, device, dtype, args.seed)
+    check_data(args, data)
+    out = common.open_run(args, "vae_gaps")
     validation = is_validation_enabled()
     pyro.enable_validation(bool(args.validate))
     try:
-        return _run(args, cfg, out, device, dtype)
+        return _run(args, cfg, out, device, dtype, data)
     finally:
         pyro.enable_validation(validation)
 
 
-def _run(args, cfg, out, device, dtype) -> int:
+def _run(args, cfg, out, device, dtype, data) -> int:
     seed = args.seed
     t_start = time.perf_counter()
     stages, clock = {}, [t_start]
@@ -227,7 +172,6 @@ def _run(args, cfg, out, device, dtype) -> int:
         now = time.perf_counter()
         stages[name] = round(now - clock[0], 2)
         clock[0] = now
-    data = load(args, device, dtype, seed)
     # a validation split for early stopping, carved from the training images
     fit_idx, val_idx = images.split(data.x_train.shape[0], 0.1, seed)
     x_fit = data.x_train[torch.as_tensor(fit_idx, device=device)]
@@ -236,15 +180,14 @@ def _run(args, cfg, out, device, dtype) -> int:
           f"validation {len(val_idx)}) test {tuple(data.x_test.shape)}; {args.likelihood}")
 
     models, results = {}, []
-    for kind in ENCODERS:
+    for kind in cfg["kinds"]:
         vae, enc, res = train(kind, data, x_fit, x_val, args, cfg, seed)
         models[kind] = (vae, enc)
         results.append(res)
         print(f"trained {kind}: ELBO {res.elbo_per_datum:.3f} nats/image "
-              f"({res.diagnostics['steps']} steps, {res.seconds:.1f}s; {res.message})")
+              f"({res.seconds:.1f}s; {training_outcome(res)['training_note']})")
         vae.save(out / f"vae_{kind}.pt")
-        torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()},
-                   out / f"encoder_{kind}.pt")
+        save_encoder(out / f"encoder_{kind}.pt", enc)  # config + state_dict
 
     lap("training")
     # -- gap subsets
@@ -261,18 +204,19 @@ def _run(args, cfg, out, device, dtype) -> int:
         for split, x in subsets.items():
             a, w = evidence(vae, enc, x, cfg, seed)
             evid[kind, split] = (a, w)
+            best = gaps.tightest_evidence(a, w)  # both are lower bounds: the larger is tighter
             for fam_kind, fam in FAMILIES.items():
                 spec = guides.for_family(vae)[fam]
                 with isolated(seed):
                     terms = gaps.gap_terms(
-                        vae, x, enc, spec, log_evidence=a,
+                        vae, x, enc, spec, log_evidence=best,
                         settings=gaps.QStarSettings(steps=cfg["qstar_steps"]),
                         num_particles=cfg["elbo_samples"], seed=seed)
                 qstars[kind, split, fam_kind] = terms
                 elbo_q[kind, split] = (terms.values["elbo_amortized"], terms.se["elbo_amortized"])
-                gap_rows.append(_gap_row(kind, fam_kind, split, terms, a, w))
-            print(f"gaps {kind}-trained / {split}: log p(x) {a.per_datum:.3f} (AIS), "
-                  f"IWAE {w.per_datum:.3f}")
+                gap_rows.append(_gap_row(kind, fam_kind, split, terms, best, a, w))
+            print(f"gaps {kind}-trained / {split}: log p(x) {best.per_datum:.3f} "
+                  f"({best.method}; AIS {a.per_datum:.3f}, IWAE {w.per_datum:.3f})")
     lap("evidence_and_gaps")
     gap_df = pd.DataFrame(gap_rows)[GAP_COLUMNS]
     gap_df.to_csv(out / "gaps.csv", index=False)
@@ -290,14 +234,16 @@ def _run(args, cfg, out, device, dtype) -> int:
         s = max(2, min(cfg["iwae_samples"], 500))
         est = iwae_from_log_joint(vae.log_joint, q, x_fit, num_samples=s, seed=seed)
         row = res.to_row(est)
-        row.update(train_encoder=kind, evidence_note=f"IWAE S={s} (a lower bound)")
+        row.update(train_encoder=kind, evidence_note=f"IWAE S={s} (a lower bound)",
+                   **training_outcome(res), **psis_on(res, subsets["train"], cfg, seed))
         summary.append(row)
 
     cap_df, cap_results = capacity_sweep(models["ffg"][0], x_fit, subsets["train"], qstars,
-                                         args, cfg, seed)
+                                         args, cfg, seed, x_val=x_val)
     for r, h in cap_results:
         row = r.to_row()
-        row.update(train_encoder=f"capacity-{h}", evidence_note="decoder fixed (ffg)")
+        row.update(train_encoder=f"capacity-{h}", evidence_note="decoder fixed (ffg)",
+                   **training_outcome(r), **psis_on(r, subsets["train"], cfg, seed))
         summary.append(row)
     lap("summary_iwae_and_capacity")
     summary_df = pd.DataFrame(summary)
@@ -313,9 +259,13 @@ def _run(args, cfg, out, device, dtype) -> int:
     common.print_table(sa_df, ["split", "steps", "elbo", "gap_recovered_fraction"],
                        "semi-amortized refinement (ffg model)")
 
-    mc_df = mcmc_reference(models["ffg"], subsets["test"], qstars, args, cfg, seed)
-    mc_df.to_csv(out / "mcmc.csv", index=False)
-    lap("mcmc")
+    if "mcmc" in cfg["engines"]:
+        mc_df, ref_df, z_nuts = mcmc_reference(models["ffg"], subsets["test"], qstars, args, cfg,
+                                               seed)
+        mc_df.to_csv(out / "mcmc.csv", index=False)
+        ref_df.to_csv(out / "reference.csv", index=False)
+        plots.mcmc_outputs({"z": z_nuts}, out, ["z"])
+        lap("mcmc")
 
     imp_df = imputation(models["ffg"], data, x_fit, args, cfg, seed)
     imp_df.to_csv(out / "imputation.csv", index=False)
@@ -324,46 +274,68 @@ def _run(args, cfg, out, device, dtype) -> int:
 
     figures(models, results, data, gap_df, out, seed)
     lap("figures")
-    common.write_run_json(out, args, device, {
+    final = common.finish(out, args, device, {
         "resolved": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "data": data.info, "image_shape": list(data.image_shape),
         "likelihood": args.likelihood, "variance_floor": args.var_floor,
-        "bounds": {"log_evidence": "AIS (stochastic lower bound)", "iwae": "IWAE lower bound",
+        "bounds": {"log_evidence": "the larger of AIS and IWAE (both stochastic lower bounds)",
+                   "iwae": "IWAE lower bound", "ais": "AIS lower bound",
                    "elbo": "ELBO (Monte Carlo)"},
         "seconds": clock[0] - t_start, "stage_seconds": stages,
     })
-    print(f"wrote {out} in {time.perf_counter() - t_start:.1f}s")
+    print(f"wrote {', '.join(sorted(p.name for p in final.iterdir()))} to {final}/ in "
+          f"{time.perf_counter() - t_start:.1f}s")
     return 0
 
 
-def _gap_row(kind, fam_kind, split, terms, a, w):
+def _gap_row(kind, fam_kind, split, terms, best, a, w):
+    """One gaps.csv row (nats per image): log p(x) is the larger of the AIS and IWAE lower
+    bounds (``gaps.tightest_evidence``), both kept; diagnostics and flags from the mean row."""
     v, s = terms.values, terms.se
     n = v["log_evidence"].shape[0]
-    ais_note = f"ais: {a.details['num_steps']} steps x {a.details['num_chains']} chains"
+    note = (f"{best.method} (larger of ais: {a.details['num_steps']} steps x "
+            f"{a.details['num_chains']} chains, and iwae: {w.details['num_samples']} samples)")
+    mean = gaps.summary_row(terms.frame())
     row = {"train_encoder": kind, "eval_family": fam_kind, "split": split, "n": n,
-           "log_evidence_method": ais_note,
-           "iwae": w.per_datum, "iwae_se": w.se / n,
+           "log_evidence_method": note,
+           "iwae": w.per_datum, "iwae_se": w.se / n, "ais": a.per_datum, "ais_se": a.se / n,
            "q_star_converged": terms.run.converged, "q_star_steps": terms.run.steps,
-           "unit": "nats per image"}
+           "unit": "nats per image",
+           **{k: mean[k] for k in ("khat_amortized", "khat_q_star", "ess_amortized",
+                                   "log_evidence_ess", "flagged")},
+           "flags": mean["flags"] or "none"}
     for q in gaps.QUANTITIES:
         row[q] = float(v[q].double().mean())
         row[f"{q}_se"] = float(s[q].double().pow(2).sum().sqrt()) / n
     return row
 
 
+def psis_on(result, x, cfg, seed) -> dict:
+    """PSIS k-hat of a trained pair's weights on the gap-study training images (columns)."""
+    row = diagnostics.psis_row(result, x, num_samples=cfg["elbo_samples"], seed=seed)
+    row["psis_note"] = f"on {x.shape[0]} training images" + (
+        f"; {row['psis_note']}" if row["psis_note"] else "")
+    return row
+
+
 # ----------------------------------------------------------------------------- capacity
-def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed):
-    """New FFG encoders of several widths, decoder fixed; amortization gap vs q*_FFG."""
+def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed, x_val=None):
+    """New FFG encoders of several widths, decoder fixed, each trained until the held-out ELBO
+    on ``x_val`` stops improving (``--patience``); amortization gap vs q*_FFG."""
     terms = qstars["ffg", "train", "ffg"]
     l_star, l_star_se = terms.values["elbo_q_star"], terms.se["elbo_q_star"]
     n = x_gap.shape[0]
     rows, results = [], []
-    for h in cfg["capacities"]:
+    for i, h in enumerate(cfg["capacities"]):
+        ck, resume = common.checkpointing(args, f"capacity-{i}-{h}")
         res = train_vae(vae, x_fit, guide="mlp",
                         guide_options={"hidden": (h,), "name": f"encoder_cap{h}"},
                         epochs=cfg["capacity_epochs"], batch_size=args.batch_size, lr=args.lr,
+                        val_data=x_val, patience=args.patience if x_val is not None else 0,
+                        eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["capacity_epochs"]),
                         eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
-                        learn_model_params=False)
+                        learn_model_params=False, checkpoint=ck.get("checkpoint"),
+                        checkpoint_every=ck.get("checkpoint_every", 0), resume=resume)
         res.guide = f"mlp-{h}"
         enc = res.state.guide
         with isolated(seed):
@@ -441,7 +413,19 @@ def mcmc_reference(model, x_test, qstars, args, cfg, seed):
                      "nuts_draws": int(flat.shape[0])})
     df = pd.DataFrame(rows)
     common.print_table(df, list(df.columns[:7]), "NUTS reference (ffg decoder fixed)")
-    return df
+    # reference.csv: every z_ij marginal of q*_FFG, q*_Flow and q against NUTS's
+    S = int(flat.shape[0])
+    draws = {"mcmc/nuts": flat.reshape(S, -1)}
+    for name, guide, xs in (("q*_FFG", qstar, x_test), ("q (encoder)", enc, x),
+                            ("q*_Flow", qstars.get(("ffg", "test", "flow")), x_test)):
+        if guide is None:
+            continue
+        guide = getattr(guide, "q_star", guide)
+        with isolated(seed):
+            zq = guide_draws(guide, xs, num_samples=S, seed=seed)["z"][:, :m]
+        draws[name] = zq.reshape(S, -1)
+    names = [f"z[{i},{j}]" for i in range(m) for j in range(z.shape[-1])]
+    return df, reference_table(draws, "mcmc/nuts", names), z
 
 
 # ----------------------------------------------------------------------------- imputation
@@ -563,7 +547,7 @@ def figures(models, results, data, gap_df, out, seed):
            label="amortization gap", yerr=gap_df["amortization_gap_se"], capsize=2)
     ax.set_xticks(pos, labels, fontsize=6)
     ax.set_ylabel("nats per image")
-    ax.set_title("inference gap = approximation + amortization (log p(x) by AIS)")
+    ax.set_title("inference gap = approximation + amortization (log p(x): larger of AIS, IWAE)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "gaps.png", dpi=110)

@@ -1,9 +1,10 @@
 """Parameter snapshots and checkpoints of a Pyro param store (tensors only, never pickles).
 
-A checkpoint holds the unconstrained parameters, the optimizer's state, the step, the ELBO trace and
-the random states (torch CPU and CUDA, as uint8 tensors), so a run resumed from it continues
-exactly where the interrupted one was. It is written to a temporary file and renamed into place,
-and loaded with ``torch.load(..., weights_only=True)``.
+A checkpoint holds the unconstrained parameters, the optimizer's state, the step, the ELBO trace,
+the random states (torch CPU and CUDA, as uint8 tensors) and the loop's own state (held-out ELBO
+trace and best parameters of early stopping, the last good snapshot), so a run resumed from it
+continues exactly where the interrupted one was: on CPU, bit for bit. It is written to a temporary
+file and renamed into place, and loaded with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 
 
 def snapshot_params() -> dict[str, torch.Tensor]:
@@ -22,6 +24,29 @@ def snapshot_params() -> dict[str, torch.Tensor]:
 
 def all_finite(snapshot: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in snapshot.values())
+
+
+def invalid_params() -> list[str]:
+    """Names of the params in the current store whose value is unusable: a non-finite
+    unconstrained tensor, or a constrained value that is non-finite or outside its constraint
+    (e.g. a positive scale exp(u) that underflowed to 0 after a huge step)."""
+    store = pyro.get_param_store()
+    bad, kinds = [], None
+    for name, u in store.named_parameters():
+        if not bool(torch.isfinite(u).all()):
+            bad.append(name)
+            continue
+        if kinds is None:
+            kinds = store.get_state()["constraints"]
+        c = kinds.get(name)
+        if c is None or c is constraints.real or c is constraints.real_vector:
+            continue
+        with torch.no_grad():
+            v = store[name]
+            ok = bool(torch.isfinite(v).all()) and bool(c.check(v).all())
+        if not ok:
+            bad.append(name)
+    return bad
 
 
 def restore_params(snapshot: dict[str, torch.Tensor]) -> None:
@@ -48,8 +73,10 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(path: Path | str, step: int, trace: list[float], optimizer=None) -> Path:
-    """Write a resumable checkpoint (see the module docstring) atomically."""
+def save_checkpoint(path: Path | str, step: int, trace: list[float], optimizer=None,
+                    extra: dict | None = None) -> Path:
+    """Write a resumable checkpoint (see the module docstring) atomically; ``extra``: more
+    tensors (or dicts of tensors) of the loop's state, e.g. early stopping's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -60,6 +87,7 @@ def save_checkpoint(path: Path | str, step: int, trace: list[float], optimizer=N
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer
+    payload.update(extra or {})
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 import guides as guide_registry
 from guides.base import GuideSpec
+from inference.budget import check_svi
 from inference.checkpoint import (
-    all_finite,
+    invalid_params,
     read_checkpoint,
     restore_params,
     save_checkpoint,
@@ -127,7 +128,29 @@ def _resume(step_fn, run: SviRun, payload: dict) -> int:
             step_fn.prepare()
         _optimizer(step_fn).load_state_dict(opt_state)
     set_rng_state(payload["rng"])
+    run.val_trace = [(int(k), float(v)) for k, v in payload.get("val_trace", torch.empty(0)).tolist()]
+    run.skipped = int(payload.get("skipped", 0))
     return start
+
+
+def _loop_state(payload: dict) -> tuple:
+    """(snap, snap_step, best_val, best_snap, bad_evals) saved with a checkpoint."""
+    return (payload.get("snap"), int(payload.get("snap_step", 0)),
+            float(payload.get("best_val", -math.inf)), payload.get("best_params"),
+            int(payload.get("bad_evals", 0)))
+
+
+def _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals) -> dict:
+    """What the loop must carry over a resume, beyond params, optimizer, step, trace and RNG."""
+    out = {"val_trace": torch.tensor(run.val_trace, dtype=torch.float64).reshape(-1, 2),
+           "skipped": torch.tensor(run.skipped), "snap_step": torch.tensor(snap_step),
+           "best_val": torch.tensor(best_val, dtype=torch.float64),
+           "bad_evals": torch.tensor(bad_evals)}
+    if snap is not None:
+        out["snap"] = snap
+    if best_snap is not None:
+        out["best_params"] = best_snap
+    return out
 
 
 def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume):
@@ -135,13 +158,19 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     snap, snap_step = None, 0
     best_val, best_snap, bad_evals = -math.inf, None, 0
     start = _resume(step_fn, run, resume) if resume is not None else 0
+    if resume is not None:
+        snap, snap_step, best_val, best_snap, bad_evals = _loop_state(resume)
     run.steps = start
+    if resume is None and _optimizer(step_fn) is None and hasattr(step_fn, "prepare"):
+        step_fn.prepare()  # create the params now, so the first snapshot holds the start
+    skip, opt_snap = settings.objective.skip_nonfinite, None
+    valid = not invalid_params()
     bar = tqdm(range(start, st.num_steps), desc="svi", disable=not settings.progress, leave=False)
     for step in bar:
-        if snap is None or step % ck.snapshot_every == 0:
-            current = snapshot_params()
-            if all_finite(current):
-                snap, snap_step = current, step
+        if valid and (snap is None or step % ck.snapshot_every == 0):
+            snap, snap_step = snapshot_params(), step
+            if skip and _optimizer(step_fn) is not None:
+                opt_snap = copy.deepcopy(_optimizer(step_fn).state_dict())
         try:
             value = step_fn()
         except (ValueError, RuntimeError) as exc:  # distribution validation on NaN parameters
@@ -150,15 +179,23 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
             value, reason = math.nan, f" ({str(exc).splitlines()[0][:160]})"
         else:
             reason = ""
-        if not math.isfinite(value):
+        bad = invalid_params()  # checked after every step: the update itself may break them
+        valid = not bad
+        if not math.isfinite(value) or bad:
+            what = f"loss became {value}" if not math.isfinite(value) else "the update"
+            if bad:
+                what += f" (parameters {bad[:4]} non-finite or outside their constraints)"
             if snap is not None:
                 restore_params(snap)
-            if settings.objective.skip_nonfinite:
+                valid = True
+                if skip and opt_snap is not None:
+                    _optimizer(step_fn).load_state_dict(opt_snap)
+            if skip:
                 run.skipped += 1
                 continue
             run.diverged = True
             run.message = (
-                f"diverged at step {step + 1}: loss became {value}{reason}; kept the parameters "
+                f"diverged at step {step + 1}: {what}{reason}; kept the parameters "
                 f"of step {snap_step} (the last with finite loss and parameters)"
             )
             return run
@@ -166,9 +203,6 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
         run.steps = step + 1
         if settings.progress and step % 50 == 0:
             bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}")
-        if ck.path is not None and ck.every and run.steps % ck.every == 0:
-            opt = _optimizer(step_fn)
-            save_checkpoint(ck.path, run.steps, run.trace, opt.state_dict() if opt else None)
         if st.eval_every and st.val_data is not None and run.steps % st.eval_every == 0:
             val = estimate_elbo(
                 model, guide, st.val_data, num_particles=max(2, st.val_particles),
@@ -193,6 +227,11 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
                 run.message = (f"converged at step {run.steps}: projected gain "
                                f"{run.slope:.2e} +- {run.slope_se:.1e} nats/datum < tol")
                 return run
+        if ck.path is not None and ck.every and run.steps % ck.every == 0:
+            # last in the step: the held-out evaluation above draws random numbers too
+            opt = _optimizer(step_fn)
+            save_checkpoint(ck.path, run.steps, run.trace, opt.state_dict() if opt else None,
+                            _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals))
     if best_snap is not None:
         restore_params(best_snap)
     if len(run.trace) >= st.window:
@@ -286,6 +325,7 @@ def fit(
         elif payload is not None:
             load_params_from(payload, family.model, guide_fn, x)
         check_coverage(family, guide_fn, x, spec)
+        check_svi(family.model, guide_fn, x, settings, enum)  # memory, before any step
         run = run_svi(
             family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest,
             step_fn=step_fn, resume=payload,

@@ -6,6 +6,13 @@ steps, optional early stopping on a held-out ELBO and checkpoints. Guides that g
 as ``distribution(x, idx)`` (:func:`guides.amortized.supports_direct`) are trained with the
 engine's torch-native step (same estimator as Pyro's ``Trace_ELBO``, ~1.5x faster on small
 networks; see ``bench/vae_throughput.py``); any other guide goes through Pyro's ELBO.
+
+Early stopping. With ``val_data``, the held-out ELBO per datum (``val_particles`` draws per point,
+default 100) is evaluated every ``eval_every_epochs``; after ``patience`` evaluations without a
+new best the run stops and the best evaluation's parameters are restored (also at the ``epochs``
+cap). ``epochs`` is then a cap, not a budget. :func:`training_outcome` says how a run ended: early
+stopped (step, best held-out ELBO and its step) or at the cap (with the slope of the training
+ELBO over the last window, the engine's convergence test), or diverged.
 """
 
 from __future__ import annotations
@@ -24,21 +31,23 @@ from models.validate import integer
 #: how a VAE is trained unless said otherwise (single-draw ELBO, constant Adam rate, no draws
 #: from q kept); other ``inference.svi.Settings`` fields keep the engine's defaults
 VAE_DEFAULTS = {"num_particles": 1, "lr_decay": 1.0, "snapshot_every": 50,
-                "num_posterior_samples": 0}
+                "num_posterior_samples": 0, "val_particles": 100}
 
 
 def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epochs: int = 50,
               batch_size: int = 128, lr: float = 1e-3, val_data=None, eval_every_epochs: int = 1,
               patience: int = 0, checkpoint=None, checkpoint_every_epochs: int = 0,
-              eval_particles: int = 100, seed: int = 0, progress: bool = False,
-              **settings) -> FitResult:
+              checkpoint_every: int = 0, resume=None, eval_particles: int = 100, seed: int = 0,
+              progress: bool = False, **settings) -> FitResult:
     """Train ``family``'s decoder and the encoder ``guide`` by SVI (Adam, minibatches of
     ``batch_size`` with the plate's N/B scaling) through :func:`inference.svi.fit`; epochs become
     steps of ceil(n / batch_size).
 
     With ``val_data`` and ``patience`` it stops early on the held-out ELBO (evaluated every
     ``eval_every_epochs``) and restores the best parameters; ``checkpoint`` (a path) gets the
-    param store's tensors every ``checkpoint_every_epochs`` (state dicts, ``weights_only``).
+    param store's tensors every ``checkpoint_every_epochs`` (or every ``checkpoint_every`` steps;
+    a resumable checkpoint of :mod:`inference.checkpoint`), and ``resume`` (such a checkpoint's
+    path, from a run with the same arguments) continues it.
     ``family``'s decoder ends with the trained weights (on the data's device and dtype), so a
     second call continues training. Returns the engine's FitResult (``state.guide`` is the
     trained encoder, ``state.family`` the engine's fitted copy of ``family``). Other keyword
@@ -52,6 +61,7 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     batch = min(integer(batch_size, "batch_size", minimum=1), n)
     eval_every_epochs = integer(eval_every_epochs, "eval_every_epochs", minimum=0)
     checkpoint_every_epochs = integer(checkpoint_every_epochs, "checkpoint_every_epochs", minimum=0)
+    checkpoint_every = integer(checkpoint_every, "checkpoint_every", minimum=0)
     per_epoch = math.ceil(n / batch)
     with_val = val_data is not None and eval_every_epochs > 0
     if "direct" not in settings:
@@ -61,14 +71,59 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
         val_data=val_data if with_val else None,
         eval_every=eval_every_epochs * per_epoch if with_val else 0,
         patience=patience if with_val else 0, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every_epochs * per_epoch if checkpoint else 0,
+        checkpoint_every=(checkpoint_every or checkpoint_every_epochs * per_epoch) if checkpoint
+        else 0,
         eval_particles=eval_particles, eval_batch=min(eval_particles, 50), progress=progress,
         **{**VAE_DEFAULTS, **settings},
     )
-    res = svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options)
+    res = svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options,
+                  resume=resume)
     # the engine fits a copy of the family; a VAE owns its decoder, so it keeps the trained one
     family.to(x).load_state_dict(res.state.family.state_dict())
     return res
+
+
+def training_outcome(result: FitResult) -> dict:
+    """How an SVI training run ended, as plain values for a summary row.
+
+    ``training_end``: ``"early-stopped"`` (the held-out ELBO had not improved for ``patience``
+    evaluations), ``"converged"`` (the ``tol`` slope test stopped it), ``"diverged"``, or
+    ``"step-cap"`` (ran all its steps); ``training_steps``; ``best_val_elbo_per_datum`` and
+    ``best_val_step`` (the held-out evaluation whose parameters were kept; NaN / -1 without held-
+    out data); ``train_slope_per_window`` +- ``train_slope_se``: the projected gain of the training
+    ELBO over one more window of ``window`` steps (nats/datum; NaN when not measured), and
+    ``training_note``, one sentence saying all that.
+    """
+    run = getattr(result.state, "run", None)
+    if result.engine != "svi" or run is None:
+        raise ValueError(f"result: training_outcome needs an SVI fit, got a {result.engine} fit")
+    window = int(result.settings.get("window", 0) or 0)
+    best_step, best_val = -1, math.nan
+    if run.val_trace:
+        best_step, best_val = max(run.val_trace, key=lambda sv: sv[1])
+    if run.diverged:
+        end = "diverged"
+    elif run.stopped_early:
+        end = "early-stopped"
+    elif run.message.startswith("converged at step"):
+        end = "converged"
+    else:
+        end = "step-cap"
+    best = (f"best held-out ELBO {best_val:.4f} nats/datum at step {best_step} (those weights "
+            "kept)" if run.val_trace else "no held-out evaluation")
+    slope = (f"training ELBO slope {run.slope:+.4f} +- {run.slope_se:.4f} nats/datum per "
+             f"{window} steps" if math.isfinite(run.slope) else
+             f"training ELBO slope not measured (fewer steps than one window of {window})")
+    if end == "early-stopped":
+        note = f"early-stopped at step {run.steps}; {best}"
+    elif end == "step-cap":
+        note = f"reached the cap of {run.steps} steps; {slope}; {best}"
+    else:
+        note = f"{run.message}; {best}"
+    return {"training_end": end, "training_steps": int(run.steps),
+            "best_val_elbo_per_datum": float(best_val), "best_val_step": int(best_step),
+            "train_slope_per_window": float(run.slope), "train_slope_se": float(run.slope_se),
+            "training_note": note}
 
 
 def direct_capable(family, x, guide, guide_options: dict | None = None) -> bool:
@@ -90,4 +145,4 @@ def direct_capable(family, x, guide, guide_options: dict | None = None) -> bool:
         return supports_direct(spec.build(family, x, **(guide_options or {})))
 
 
-__all__ = ["VAE_DEFAULTS", "direct_capable", "train_vae"]
+__all__ = ["VAE_DEFAULTS", "direct_capable", "train_vae", "training_outcome"]

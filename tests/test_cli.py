@@ -1,4 +1,41 @@
-from experiments import cli
+"""The studies' command line: --quick sets defaults only, --config files, --engines/--guides,
+--help, and every bad flag or file stopping before any work with exit status 2 and at most three
+lines naming the flag (no traceback, no folder left behind)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import cli, fa_gaps, gmm_engines, vae_gaps
+from experiments.study import CliError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = {"gmm_engines": gmm_engines, "fa_gaps": fa_gaps, "vae_gaps": vae_gaps}
+
+
+def fails(capsys, module, argv, flag: str, out: Path | None = None) -> str:
+    """Run ``module.main(argv)``; it must stop with exit status 2, print at most three lines on
+    stderr naming ``flag`` (no traceback), and leave no output folder. Returns the message."""
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2, info.value
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3, err
+    assert "Traceback" not in err
+    assert flag in err, err
+    assert flag in str(info.value)
+    if out is not None:
+        assert not out.exists(), list(out.iterdir()) if out.is_dir() else out
+        assert not out.with_name(out.name + ".incomplete").exists()
+    return err
 
 
 def test_list_names_every_experiment(capsys):
@@ -11,3 +48,259 @@ def test_list_names_every_experiment(capsys):
 def test_unknown_experiment_is_an_error(capsys):
     assert cli.main(["run", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+# -- --quick sets defaults only -------------------------------------------------------------------
+def test_quick_sets_defaults_and_explicit_flags_win():
+    s = gmm_engines.parse(["--quick", "--svi-steps", "7", "--n", "100"])
+    assert (s.svi_steps, s.n, s.chains, s.jit) == (7, 100, 2, False)  # chains, jit: quick
+    assert s.sources["svi_steps"] == "command line" and s.sources["chains"] == "quick"
+    assert gmm_engines.parse(["--quick", "--jit"]).jit is True
+    f = fa_gaps.parse(["--quick", "--steps", "1000", "--dim", "8"])
+    assert (f.steps, f.dim, f.n) == (1000, 8, 60)
+    v = vae_gaps.resolve(vae_gaps.parse(["--quick", "--epochs", "3", "--hidden", "8,4"]))
+    assert (v["epochs"], v["hidden"], v["gap_points"]) == (3, (8, 4), 6)
+    d = gmm_engines.parse([])
+    assert (d.svi_steps, d.n, d.chains, d.jit) == (500, 100, 4, True)
+
+
+@pytest.mark.parametrize("study,flags,flag", [
+    ("gmm_engines", ["--svi-steps", "0"], "--svi-steps"),
+    ("gmm_engines", ["--chains", "0"], "--chains"),
+    ("gmm_engines", ["--nuts-samples", "0"], "--nuts-samples"),
+    ("gmm_engines", ["--restarts", "0"], "--restarts"),
+    ("gmm_engines", ["--eval-particles", "1"], "--eval-particles"),
+    ("gmm_engines", ["--nuts-warmup", "-1"], "--nuts-warmup"),
+    ("fa_gaps", ["--steps", "0"], "--steps"),
+    ("fa_gaps", ["--chains", "0"], "--chains"),
+    ("fa_gaps", ["--nuts-samples", "0"], "--nuts-samples"),
+    ("fa_gaps", ["--eval-particles", "1"], "--eval-particles"),
+    ("fa_gaps", ["--nuts-warmup", "-1"], "--nuts-warmup"),
+    ("vae_gaps", ["--epochs", "0"], "--epochs"),
+    ("vae_gaps", ["--mcmc-chains", "0"], "--mcmc-chains"),
+    ("vae_gaps", ["--elbo-samples", "1"], "--elbo-samples"),
+])
+def test_explicit_flag_given_with_quick_is_kept_and_rejected(capsys, tmp_path, study, flags, flag):
+    out = tmp_path / "run"
+    err = fails(capsys, STUDIES[study], ["--quick", *flags, "--out", str(out)], flag, out)
+    assert flags[1] in err  # the value the user gave, not the quick default
+
+
+# -- --config -----------------------------------------------------------------------------------
+def test_config_file_between_quick_and_flags(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('svi-steps = 11\nchains = 3\nguides = ["collapsed", "auto-normal"]\n'
+                   'svi_lr = 0.05\nquick = true\n')
+    s = gmm_engines.parse(["--config", str(cfg), "--chains", "5"])
+    assert (s.svi_steps, s.chains, s.svi_lr, s.n) == (11, 5, 0.05, 30)  # n: quick (from config)
+    assert s.guides == "collapsed,auto-normal"
+    assert s.sources["svi_steps"] == "config" and s.sources["chains"] == "command line"
+
+
+@pytest.mark.parametrize("text,words", [
+    ("svi-step = 3\n", "unknown setting 'svi-step'"),
+    ("chains = 'four'\n", "expected an integer"),
+    ("chains = 2.5\n", "expected an integer"),
+    ("device = 'tpu'\n", "must be one of"),
+    ("chains = \n", "not valid TOML"),
+    ("[svi]\nsteps = 3\n", "unknown setting 'svi'"),
+    ("resume = 'x'\n", "unknown setting 'resume'"),
+])
+def test_bad_config_files(capsys, tmp_path, text, words):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    err = fails(capsys, gmm_engines, ["--config", str(cfg), "--out", str(tmp_path / "o")],
+                "--config", tmp_path / "o")
+    assert words in err
+
+
+def test_config_value_is_validated_naming_the_file(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("steps = 0\n")
+    err = fails(capsys, fa_gaps, ["--config", str(cfg), "--quick", "--out", str(tmp_path / "o")],
+                "--steps")
+    assert "c.toml" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    fails(capsys, vae_gaps, ["--config", str(tmp_path / "none.toml")], "--config")
+
+
+# -- --help lists every setting with its default ------------------------------------------------
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_help_lists_every_setting_with_its_default(capsys, name):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", name, "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    settings = STUDIES[name].Settings
+    for f in dataclasses.fields(settings):
+        if f.metadata.get("internal"):
+            continue
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        assert flag in text, flag
+    assert text.count("(default:") >= len(
+        [f for f in dataclasses.fields(settings) if not f.metadata.get("internal")])
+    assert "--config FILE.toml" in text and "--resume RUN_DIR" in text
+
+
+# -- --engines and --guides -----------------------------------------------------------------------
+@pytest.mark.parametrize("study,flags,flag,words", [
+    ("gmm_engines", ["--guides", "collapsed,mlp"], "--guides", "collapsed, auto-normal"),
+    ("gmm_engines", ["--engines", "em,hmc"], "--engines", "em, cavi, svi, mcmc"),
+    ("gmm_engines", ["--engines", "em", "--guides", "collapsed"], "--guides", "leaves out"),
+    ("gmm_engines", ["--guides", "collapsed,collapsed"], "--guides", "repeated"),
+    ("gmm_engines", ["--engines", ""], "--engines", "empty"),
+    ("fa_gaps", ["--guides", "mlp,auto-normal"], "--guides", "linear-full"),
+    ("fa_gaps", ["--engines", "svi"], "--engines", "em is needed"),
+    ("fa_gaps", ["--joint-guides", "exact"], "--joint-guides", "fixed parameters"),
+    ("fa_gaps", ["--no-nuts", "--engines", "em,mcmc"], "--no-nuts", "contradicts"),
+    ("vae_gaps", ["--guides", "mlp,exact"], "--guides", "mlp, flow, linear-diag, linear-full"),
+    ("vae_gaps", ["--engines", "mcmc"], "--engines", "svi is needed"),
+])
+def test_engines_and_guides_are_checked(capsys, tmp_path, study, flags, flag, words):
+    err = fails(capsys, STUDIES[study], ["--quick", *flags, "--out", str(tmp_path / "o")], flag,
+                tmp_path / "o")
+    assert words in err
+
+
+def test_engines_and_guides_select_the_rows(tmp_path):
+    out = tmp_path / "g"
+    argv = ["--quick", "--no-progress", "--engines", "cavi,svi", "--guides", "collapsed",
+            "--n", "12", "--svi-steps", "10", "--out", str(out)]
+    assert gmm_engines.main(argv) == 0
+    import pandas as pd
+
+    s = pd.read_csv(out / "summary.csv")
+    assert list(zip(s.engine, s.guide)) == [("cavi", "mean-field"), ("svi", "collapsed")]
+    assert not (out / "mcmc.nc").exists()
+    f = fa_gaps.parse(["--quick", "--engines", "em,cavi"])
+    assert f.engine_list == ["em", "cavi"] and f.guide_list == [] and f.joint_list == []
+
+
+# -- bad flags, files and data: before any work -------------------------------------------------
+@pytest.mark.parametrize("study,flags,flag", [
+    ("fa_gaps", ["--lr", "-1"], "--lr"),
+    ("fa_gaps", ["--lr", "0"], "--lr"),
+    ("fa_gaps", ["--lr", "nan"], "--lr"),
+    ("fa_gaps", ["--lr", "inf"], "--lr"),
+    ("fa_gaps", ["--hidden", "0"], "--hidden"),
+    ("fa_gaps", ["--hidden", "a,b"], "--hidden"),
+    ("fa_gaps", ["--missing-frac", "1"], "--missing-frac"),
+    ("fa_gaps", ["--latent-dim", "5"], "--latent-dim"),
+    ("vae_gaps", ["--lr", "nan"], "--lr"),
+    ("vae_gaps", ["--hidden", "0"], "--hidden"),
+    ("vae_gaps", ["--latent-dim", "100"], "--latent-dim"),
+    ("vae_gaps", ["--latent-dim", "1"], "--latent-dim"),
+    ("gmm_engines", ["--svi-lr", "inf"], "--svi-lr"),
+    ("gmm_engines", ["--K", "0"], "--K"),
+    ("gmm_engines", ["--prior-var", "-1"], "--prior-var"),
+    ("gmm_engines", ["--seed", str(2**64)], "--seed"),
+    ("gmm_engines", ["--seed", "-1"], "--seed"),
+    ("gmm_engines", ["--threads", "0"], "--threads"),
+    ("gmm_engines", ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    ("gmm_engines", ["--chains", "two"], "--chains"),
+    ("gmm_engines", ["--svi-step", "3"], "--svi-step"),  # misspelled: no abbreviations
+    ("gmm_engines", ["--device", "tpu"], "--device"),
+])
+def test_bad_flags_stop_before_any_work(capsys, tmp_path, monkeypatch, study, flags, flag):
+    module = STUDIES[study]
+    monkeypatch.setattr(module.common, "open_run", _no_work)
+    fails(capsys, module, ["--quick", *flags, "--out", str(tmp_path / "o")], flag, tmp_path / "o")
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the run started although a check should have stopped it")
+
+
+def _data_cases(tmp: Path) -> dict[str, Path]:
+    cases = {"missing": tmp / "missing.csv", "directory": tmp / "dir.csv"}
+    cases["directory"].mkdir()
+    (tmp / "text.csv").write_text("a,b\nx,y\nz,w\n")
+    (tmp / "header.csv").write_text("a,b,c\n")
+    (tmp / "ragged.csv").write_text("a,b\n1,2\n3,4,5\n6\n")
+    (tmp / "garbage.npy").write_bytes(b"\x93NUMPY\x01\x00garbage that is not an array")
+    (tmp / "noext").write_text("a,b\n1,2\n")
+    (tmp / "empty.npy").write_bytes(b"")
+    for name in ("text.csv", "header.csv", "ragged.csv", "garbage.npy", "noext", "empty.npy"):
+        cases[name] = tmp / name
+    return cases
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+@pytest.mark.parametrize("case", ["missing", "directory", "text.csv", "header.csv", "ragged.csv",
+                                  "garbage.npy", "noext", "empty.npy", "unreadable"])
+def test_bad_data_files(capsys, tmp_path, monkeypatch, study, case):
+    if case == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads files whatever their mode")
+        path = tmp_path / "locked.csv"
+        path.write_text("a,b\n1,2\n")
+        path.chmod(0)
+    else:
+        path = _data_cases(tmp_path)[case]
+    module = STUDIES[study]
+    monkeypatch.setattr(module.common, "open_run", _no_work)
+    out = tmp_path / "o"
+    fails(capsys, module, ["--quick", "--data", str(path), "--out", str(out)], "--data", out)
+
+
+def test_data_with_too_few_columns_for_the_latent_dimension(capsys, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "imgs.npy", rng.random((60, 2, 2)))  # 4 pixels
+    monkeypatch.setattr(vae_gaps, "train_vae", _no_work)
+    out = tmp_path / "o"
+    fails(capsys, vae_gaps, ["--quick", "--data", str(tmp_path / "imgs.npy"), "--latent-dim", "4",
+                             "--likelihood", "gaussian", "--out", str(out)], "--latent-dim", out)
+    np.save(tmp_path / "x.npy", rng.normal(size=(40, 3)))
+    fails(capsys, fa_gaps, ["--quick", "--data", str(tmp_path / "x.npy"), "--latent-dim", "3",
+                            "--out", str(out)], "--latent-dim", out)
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+@pytest.mark.parametrize("make,words", [
+    (lambda t: (t / "f").write_text("x") and t / "f", "not a folder"),
+    (lambda t: (t / "f").write_text("x") and t / "f" / "sub", "not a folder"),
+    (lambda t: Path("/proc/elbolab/no/such"), "cannot create"),
+    (lambda t: Path("."), "names no folder"),
+])
+def test_bad_out(capsys, tmp_path, study, make, words):
+    out = make(tmp_path)
+    err = fails(capsys, STUDIES[study], ["--quick", "--out", str(out)], "--out")
+    assert words in err
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["f"])
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+def test_read_only_out(capsys, tmp_path, study):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        fails(capsys, STUDIES[study], ["--quick", "--out", str(ro / "run")], "--out", ro / "run")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_errors_at_the_real_command_line(tmp_path):
+    """Through the console entry point in a fresh interpreter: exit status 2, <= 3 lines."""
+    runs = [
+        ["run", "fa_gaps", "--quick", "--lr", "nan", "--out", str(tmp_path / "a")],
+        ["run", "gmm_engines", "--K"],
+    ]
+    code = "import sys; from experiments.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    for argv in runs:
+        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2, (argv, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert 1 <= len(lines) <= 3 and "Traceback" not in r.stderr, r.stderr
+        assert {"fa_gaps": "--lr", "gmm_engines": "--K"}[argv[1]] in r.stderr
+        assert not (tmp_path / "a").exists()
+
+
+def test_cli_error_is_a_system_exit_with_status_2():
+    err = CliError("--x: bad")
+    assert isinstance(err, SystemExit) and err.code == 2 and str(err) == "--x: bad"

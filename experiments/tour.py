@@ -1,0 +1,220 @@
+"""The tour: the three studies at small settings on built-in data, ending in one report.
+
+    elbolab tour [--out runs/tour] [--quick] [--seed 0] [--device auto] [--overwrite]
+
+Runs ``gmm_engines`` (the Bayesian GMM under EM, CAVI, SVI and NUTS against the exact evidence),
+``fa_gaps`` (factor analysis: every guide and the exact decomposition of the inference gap) and
+``vae_gaps`` (the VAE on scikit-learn's digits: IWAE/AIS evidence and the Cremer et al. gaps), each
+through its own ``main(argv)`` with the explicit settings of ``STUDIES`` (``--quick``: each study's
+own smoke settings instead), then writes ``report.html`` (self-contained, offline) and
+``report.md`` beside the study folders. A study's console output goes to its ``log.txt``; the
+terminal gets one line per study and the report's path.
+
+The tour is written into a temporary folder beside ``--out`` and renamed into place only when
+every study and the report are done: an interrupted or failed tour leaves nothing behind, and an
+``--out`` that already holds something is refused unless ``--overwrite`` is given (then it is
+replaced whole). The settings are about a third of each study's defaults: the tour takes about
+two minutes on 2 idle CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import common, report, rundir
+from experiments.study import CliError
+from inference.runtime import resolve_device
+
+# Explicit settings per study (flags of its own parser); --seed/--device/--out are added.
+STUDIES = {
+    "gmm_engines": [
+        "--n", "100", "--K", "3", "--dim", "1", "--restarts", "3", "--svi-steps", "500",
+        "--nuts-samples", "300", "--nuts-warmup", "200", "--chains", "2", "--eval-particles", "1000",
+    ],
+    "fa_gaps": [
+        "--n", "200", "--dim", "6", "--latent-dim", "2", "--steps", "800", "--eval-particles", "200",
+        "--is-particles", "500", "--nuts-samples", "300", "--nuts-warmup", "140", "--chains", "2",
+    ],
+    "vae_gaps": [
+        "--epochs", "15", "--hidden", "128", "--gap-points", "20", "--qstar-steps", "300",
+        "--iwae-samples", "500", "--elbo-samples", "200", "--ais-steps", "60", "--ais-chains", "4",
+        "--capacities", "16,64", "--capacity-epochs", "8", "--sa-steps", "0,5,20",
+        "--mcmc-points", "1", "--mcmc-samples", "60", "--mcmc-chains", "2", "--impute-points", "50",
+        "--impute-particles", "200", "--gibbs-steps", "10", "--num-flows", "2",
+    ],
+}
+
+
+class TourError(Exception):
+    """A study of the tour failed; the message says which and how."""
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="elbolab tour", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/tour"), help="tour folder (default runs/tour)")
+    p.add_argument("--quick", action="store_true", help="each study's smoke settings (seconds each)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every study (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
+    args = p.parse_args(argv)
+    if args.seed < 0:
+        raise ValueError(f"--seed: must be >= 0, got {args.seed}")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from exc
+    rundir.check_out(args.out, overwrite=args.overwrite)
+    for name, settings in STUDIES.items():  # every study's settings checked before any work
+        flags = [*(["--quick"] if args.quick else settings), "--out", str(args.out / name)]
+        try:
+            importlib.import_module(f"experiments.{name}").parse(flags)
+        except CliError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    args.argv = list(argv)
+    return args
+
+
+@contextmanager
+def staged(out: Path, overwrite: bool = False):
+    """Yield a fresh working folder ``<out>.incomplete``; on success rename it to ``out``
+    (replacing an old ``out`` whole), on any error or interrupt delete it. ``out`` is checked as
+    a study's ``--out`` is (a finished run there is refused unless ``overwrite``)."""
+    out = Path(out)
+    rundir.check_out(out, overwrite=overwrite)
+    tmp = rundir.incomplete_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / rundir.LOCK).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        yield tmp
+        (tmp / rundir.LOCK).unlink()
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _output_to(path: Path):
+    """Send everything written to file descriptors 1 and 2 (Python, logging, C) to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_study(name: str, argv: list[str], folder: Path, shown: list[str] | None = None
+              ) -> tuple[float, float]:
+    """Run one study's ``main(argv)`` with its output in ``folder/log.txt``; return its (wall,
+    CPU) seconds: CPU time over all threads, the machine-load-free measure of its cost.
+    ``shown``: the flags the study records as its command (``--out`` where the folder will end
+    up, not the working folder)."""
+    module = importlib.import_module(f"experiments.{name}")
+    log = folder.parent / f".{name}.log"
+    start, cpu = time.perf_counter(), time.process_time()
+    failure = None
+    saved_argv = sys.argv
+    sys.argv = ["elbolab", "run", name, *(shown or argv)]  # what the study records as its command
+    with _output_to(log):
+        print(f"$ {' '.join(sys.argv)}", flush=True)
+        try:
+            code = module.main(argv) or 0
+        except SystemExit as exc:
+            code = exc.code if str(exc) in ("", str(exc.code)) else f"{exc.code} ({exc})"
+        except Exception:  # a failing study is reported with its traceback, in its log
+            traceback.print_exc()
+            code = "an exception"
+        finally:
+            sys.argv = saved_argv
+        if code not in (0, None):
+            failure = code
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if failure is not None:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise TourError(f"{name} failed ({failure}); the end of its output:\n{tail}")
+    folder.mkdir(exist_ok=True)  # (a study that wrote nothing still gets its log)
+    log.rename(folder / "log.txt")
+    return seconds, cpu
+
+
+def run(args) -> Path:
+    """Run the tour into ``args.out``; return the report's path."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    print(f"elbolab tour{' --quick' if args.quick else ''}: {', '.join(STUDIES)} -> {args.out}")
+    studies = {}
+    with staged(args.out, args.overwrite) as tmp:
+        for i, (name, settings) in enumerate(STUDIES.items(), 1):
+            flags = [*(["--quick"] if args.quick else settings), "--seed", str(args.seed),
+                     "--device", args.device, "--no-progress", "--out"]
+            print(f"  [{i}/{len(STUDIES)}] {name:12s}", end=" ", flush=True)
+            seconds, cpu = run_study(name, [*flags, str(tmp / name)], tmp / name,
+                                shown=[*flags, str(args.out / name)])
+            summary = tmp / name / "summary.csv"
+            line = report.headline(pd.read_csv(summary)) if summary.exists() else "no summary.csv"
+            print(f"{seconds:6.1f} s ({cpu:5.1f} s CPU)  {line}", flush=True)
+            studies[name] = {"argv": [*flags, name], "seconds": round(seconds, 2),
+                             "cpu_seconds": round(cpu, 2)}
+        meta = {
+            "study": "tour",
+            "command": " ".join(["elbolab tour", *args.argv]),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": {"quick": args.quick, "seed": args.seed, "device": args.device},
+            "seed": args.seed,
+            "device": str(resolve_device(args.device)),
+            "studies": studies,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu_started, 2),
+            "machine": common.machine(resolve_device(args.device)),
+            "git": common.git_commit(),
+            "versions": common.versions(),
+        }
+        (tmp / "run.json").write_text(json.dumps(meta, indent=2))
+        report.build(tmp, name=args.out.name)
+    print(f"done in {meta['wall_seconds']:.0f} s ({meta['cpu_seconds']:.0f} s CPU). "
+          f"Report: {args.out / 'report.html'} (and report.md)")
+    return args.out / "report.html"
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except (ValueError, CliError) as exc:
+        print(f"elbolab tour: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(args)
+    except TourError as exc:
+        print(f"\nelbolab tour: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The settings of ``vae_gaps`` (flags, ``--config`` keys, ``--quick`` defaults) and its checks,
+run before any training: one dataclass (:mod:`experiments.study`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from experiments import common
+from experiments.study import StudySettings, list_engines_guides, setting
+from models.data import images
+
+DESCRIPTION = ("VAE on digits: IWAE/AIS evidence, the Cremer et al. (2018) gap study, generation "
+               "and imputation.")
+ENGINES = ("svi", "mcmc")
+#: encoders a VAE can be trained with by name
+TRAINABLE = ("mlp", "flow", "linear-diag", "linear-full")
+#: the label of an encoder in the tables (``vae_gaps.ENCODERS``: "ffg" is the mlp encoder)
+LABELS = {"mlp": "ffg", "flow": "flow"}
+
+
+@dataclass
+class Settings(StudySettings):
+    """The study's settings (flags, ``--config`` keys); ``--quick`` defaults: about a minute."""
+
+    engines: str = setting("svi,mcmc", "svi (training, the gaps; always) and mcmc (the NUTS "
+                           "reference over z)", comma_list=True)
+    guides: str = setting("mlp,flow", "encoders the VAE is trained with, comma list of "
+                          + ", ".join(TRAINABLE) + " (mlp is the FFG encoder every later stage "
+                          "uses)", comma_list=True)
+    dtype: str = setting("float32", "floating-point type of data and fits",
+                         choices=("float32", "float64"))
+    threads: int | None = setting(1, "torch CPU threads (small networks: one is fastest)",
+                                  kind=int)
+    latent_dim: int = setting(8, "latent dimension")
+    hidden: str = setting("256", "hidden sizes of decoder and encoders, comma list", quick="16",
+                          comma_list=True)
+    likelihood: str = setting("bernoulli", "bernoulli: binarized pixels; gaussian: [0, 1] "
+                              "intensities", choices=("bernoulli", "gaussian"))
+    var_floor: float = setting(1e-3, "gaussian likelihood: variance floor")
+    epochs: int = setting(1000, "max training epochs (a cap: training stops once the held-out "
+                          "ELBO has not improved for --patience evaluations)", quick=2)
+    batch_size: int = setting(128, "minibatch size")
+    lr: float = setting(1e-3, "Adam learning rate")
+    patience: int = setting(10, "early stop after this many held-out evaluations (every 5 "
+                            "epochs) without improvement; 0 = off")
+    flow: str = setting("iaf", "flow of the flow encoder", choices=("iaf", "coupling", "spline"))
+    num_flows: int = setting(2, "flow layers", quick=1)
+    gap_points: int = setting(50, "train and test images in the gap study (each)", quick=6)
+    qstar_steps: int = setting(1000, "max SVI steps for q*", quick=30)
+    iwae_samples: int = setting(5000, "IWAE samples", quick=50)
+    elbo_samples: int = setting(1000, "draws per point for ELBO estimates", quick=20)
+    ais_steps: int = setting(300, "AIS temperatures", quick=10)
+    ais_chains: int = setting(8, "AIS chains per point", quick=4)
+    capacities: str = setting("16,64,256", "encoder widths of the capacity sweep", quick="4,16",
+                              comma_list=True)
+    capacity_epochs: int = setting(1000, "max epochs per encoder of the capacity sweep (early "
+                                   "stopped like --epochs)", quick=1)
+    sa_steps: str = setting("0,5,20,100", "semi-amortized K values", quick="0,3",
+                            comma_list=True)
+    mcmc_points: int = setting(3, "test images for NUTS", quick=1)
+    mcmc_samples: int = setting(150, "NUTS warmup = draws", quick=15)
+    mcmc_chains: int = setting(2, "NUTS chains", quick=1)
+    impute_points: int = setting(200, "test images for imputation", quick=20)
+    impute_particles: int = setting(1000, "importance-sampling particles", quick=50)
+    gibbs_steps: int = setting(50, "pseudo-Gibbs sweeps", quick=6)
+    validate: bool = setting(False, "keep Pyro's validation on")
+
+
+def parse(argv) -> Settings:
+    """Settings from defaults, --quick, --config and flags."""
+    return common.settings(Settings, argv, "vae_gaps", DESCRIPTION)
+
+
+def resolve(args: Settings) -> dict:
+    """The study's sizes as a dict (comma lists parsed), after every check the flags allow."""
+    cfg = {k: getattr(args, k) for k in ("epochs", "hidden", "gap_points", "qstar_steps",
+                                         "ais_steps", "ais_chains", "iwae_samples",
+                                         "elbo_samples", "capacities", "capacity_epochs",
+                                         "sa_steps", "mcmc_points", "mcmc_samples",
+                                         "mcmc_chains", "impute_points", "impute_particles",
+                                         "gibbs_steps", "num_flows")}
+    cfg["hidden"] = tuple(args.ints("hidden", 1))
+    cfg["capacities"] = args.ints("capacities", 1)
+    cfg["sa_steps"] = args.ints("sa_steps", 0)
+    args.at_least("num_flows", 0)
+    args.at_least("batch_size", 1)
+    args.at_least("patience", 0)
+    args.finite_positive("lr")
+    args.finite_positive("var_floor")
+    for key in ("epochs", "gap_points", "qstar_steps", "ais_steps", "ais_chains", "iwae_samples",
+                "capacity_epochs", "mcmc_points", "mcmc_samples", "mcmc_chains",
+                "impute_points", "impute_particles", "gibbs_steps"):
+        args.at_least(key, 1)
+    args.at_least("elbo_samples", 2)
+    if args.latent_dim < 2:
+        raise args.error("latent_dim", f"must be >= 2 (flows and the latent map need 2), got "
+                         f"{args.latent_dim}")
+    engines, trained = list_engines_guides(args, ENGINES, TRAINABLE)
+    if "svi" not in engines:
+        raise args.error("engines", "svi is needed: it trains the VAEs every stage studies")
+    if "mlp" not in trained:
+        raise args.error("guides", "needs mlp: the FFG encoder's model is the one the capacity, "
+                         "semi-amortized, NUTS and imputation stages study")
+    cfg["engines"], cfg["kinds"] = engines, [LABELS.get(g, g) for g in trained]
+    return cfg
+
+
+def check_data(args: Settings, data) -> None:
+    """The checks that need the data (before any training)."""
+    d = data.data_dim
+    if args.latent_dim >= d:
+        raise args.error("latent_dim", f"must be < the data dimension {d} (the factor-analysis "
+                         f"imputation baseline fits that many factors), got {args.latent_dim}")
+    try:
+        fit_idx, _ = images.split(data.x_train.shape[0], 0.1, args.seed)
+    except ValueError as exc:
+        raise common.data_error(exc) from None
+    if len(fit_idx) < 2 or data.x_test.shape[0] < 1:
+        raise common.CliError(f"--data: too few images ({data.x_train.shape[0]} train, "
+                              f"{data.x_test.shape[0]} test) for a training and a held-out split")
