@@ -7,8 +7,10 @@ PY     := $(VENV)/bin/python
 # version is the CUDA build. Override with `make TORCH=torch==X.Y.Z ...`.
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
+# the recorded runs the README's result tables are written from (`make readme-tables`)
+README_RUNS ?= runs/gmm_engines runs/fa_gaps runs/vae_gaps
 
-.PHONY: demo test test-slow test-cuda lint bench install clean
+.PHONY: demo test test-slow test-cuda lint bench install install-chromium report-screenshot readme-tables clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,13 +21,33 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The tour: the three studies at small settings and one report ($(OUT)/report.html); replaces $(OUT).
 demo: install
-	$(PY) -m experiments.gmm_engines --out $(OUT)/gmm_engines
+	$(PY) -m experiments.cli tour --out $(OUT) --overwrite
 
-test: install
+# Headless Chromium for the report's browser test (Debian's package; needs root and apt). Never
+# fails the build: without it the browser test is skipped and says why.
+install-chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt) for the report's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	    || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium not found (install it as root: apt-get install chromium): the browser test will be skipped"; fi; } || true
+
+# docs/report.png (the README's screenshot) from the report of `make demo`, by the browser test
+report-screenshot: install install-chromium
+	@test -f $(OUT)/report.html || { echo "no $(OUT)/report.html: run 'make demo' first"; exit 2; }
+	ELBOLAB_TOUR_DIR=$(OUT) $(PY) -m pytest -q -m slow tests/test_report.py -k screenshot
+
+# The README's result tables, rewritten from recorded runs (between <!-- readme-table: NAME --> markers)
+readme-tables: install
+	$(PY) -m experiments.cli report --readme README.md $(README_RUNS)
+
+test: install install-chromium
 	$(PY) -m pytest -q
 
-test-slow: install
+test-slow: install install-chromium
 	$(PY) -m pytest -q -m slow
 
 test-cuda: install
