@@ -26,6 +26,16 @@ estimates use those step sizes frozen, so their kernels do not depend on their o
 bounds above hold exactly. ``adapt="online"`` adapts inside the run itself (cheaper, slightly
 biased), ``adapt="none"`` keeps ``step_size``.
 
+Divergent trajectories. A step size that is too large for a stiff target (e.g. a Poisson model,
+whose rates exp(W z + b) overflow a few leapfrog steps away from the posterior) sends the leapfrog
+path to positions where log p(x, z) or its gradient is not finite. The target is evaluated with
+distribution validation off, so such a position gives a non-finite energy and the move is rejected
+(z stays where it was, as for any rejection; the kernel still leaves f_t invariant), and the
+adaptation shrinks the step. ``details["divergent_fraction"]`` is the share of HMC moves rejected
+that way. A point whose mean acceptance stays below ``MIN_ACCEPTANCE`` (its chains barely moved,
+so the bound may be loose) or whose log weights are all -inf (log p(x, z) not finite at the
+proposal's draws) is named in ``details["warning"]`` and a ``RuntimeWarning``.
+
 Schedules: ``linear`` b_t = t / T; ``sigmoid`` (Grosse, Maddison & Salakhutdinov 2013)
 b_t proportional to sigma(delta (2 t / T - 1)), rescaled to [0, 1], delta = 4; or any increasing
 sequence from 0 to 1.
@@ -34,9 +44,11 @@ sequence from 0 to 1.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pyro
 import torch
 
 from inference.evidence import check_proposal, chunks, evidence_from_logsumexp, seeded
@@ -45,6 +57,8 @@ from models.capabilities import Evidence
 from models.validate import as_data, choice, integer, positive, probability
 
 SCHEDULES = ("linear", "sigmoid")
+#: mean HMC acceptance per point below which an AIS estimate is flagged (chains barely moved)
+MIN_ACCEPTANCE = 0.05
 ADAPT = ("pilot", "online", "none")
 MASS = ("proposal", "identity")
 
@@ -135,7 +149,9 @@ class AnnealingTarget:
         self.log_joint, self.q, self.x, self.event_dim = log_joint, q, x, event_dim
 
     def __call__(self, z):
-        with torch.enable_grad():
+        # validation off: a divergent leapfrog position (non-finite z or parameters) must give a
+        # non-finite energy that the Metropolis test rejects, not a constraint error
+        with torch.enable_grad(), pyro.validation_enabled(False):
             z = z.detach().requires_grad_(True)
             lp = self.log_joint(self.x, z)
             if tuple(lp.shape) != tuple(z.shape[:2]):
@@ -191,12 +207,14 @@ def hmc_step(state, beta, eps, minv, leapfrog, target):
 def _anneal(target, z0, betas, eps, minv, leapfrog, *, reverse=False, adapt=None):
     """Run one AIS sweep. ``eps``: (T + 1, n) frozen step sizes, or (n,) start when adapting.
 
-    Returns (log weights (C, n), mean acceptance per point, step sizes used (T + 1, n)).
+    Returns (log weights (C, n), mean acceptance per point, step sizes used (T + 1, n), share of
+    moves per point rejected with a non-finite energy (divergent)).
     """
     state = target(z0)
     t_max = len(betas) - 1
     log_w = torch.zeros_like(state[1])
     acc_total = torch.zeros_like(log_w[0])
+    div_total = torch.zeros_like(log_w[0])
     used = torch.zeros((t_max + 1,) + tuple(log_w[0].shape), dtype=z0.dtype, device=z0.device)
     cur = eps.clone() if adapt is not None else None
     moves = 0
@@ -212,13 +230,14 @@ def _anneal(target, z0, betas, eps, minv, leapfrog, *, reverse=False, adapt=None
         state, acc = hmc_step(state, betas[t_move], step, minv, leapfrog, target)
         a = acc.mean(0)
         acc_total = acc_total + a
+        div_total = div_total + (acc == 0).to(acc.dtype).mean(0)  # exp(-inf): non-finite energy
         moves += 1
         if adapt is not None:
             rate, goal = adapt
             cur = torch.clamp(cur * torch.exp(rate * (a - goal)), 1e-8, 1e3)
         used[t_move] = step if adapt is None else cur
     mean_acc = acc_total / max(moves, 1)
-    return torch.nan_to_num(log_w, nan=-math.inf), mean_acc, used
+    return torch.nan_to_num(log_w, nan=-math.inf), mean_acc, used, div_total / max(moves, 1)
 
 
 def _mass(q, mass, like_z):
@@ -248,17 +267,18 @@ def _one_batch(log_joint, q, xb, s: AisSettings, betas, z_post=None):
     adapt = (0.5, s.target_accept)
     if s.adapt == "pilot":
         zp = q.sample((s.pilot_chains,))
-        _, _, eps_t = _anneal(target, zp, betas, eps0, minv[:1].expand_as(zp), lf, adapt=adapt)
+        _, _, eps_t, _ = _anneal(target, zp, betas, eps0, minv[:1].expand_as(zp), lf,
+                                 adapt=adapt)
     elif s.adapt == "none":
         eps_t = eps0.expand(len(betas), m)
     if s.adapt == "online":
-        log_w, acc, eps_t = _anneal(target, z0, betas, eps0, minv, lf, adapt=adapt)
+        log_w, acc, eps_t, div = _anneal(target, z0, betas, eps0, minv, lf, adapt=adapt)
     else:
-        log_w, acc, _ = _anneal(target, z0, betas, eps_t, minv, lf)
-    out = {"log_w": log_w, "acc": acc, "eps": eps_t}
+        log_w, acc, _, div = _anneal(target, z0, betas, eps_t, minv, lf)
+    out = {"log_w": log_w, "acc": acc, "eps": eps_t, "div": div}
     if z_post is not None:
-        out["log_w_rev"], out["acc_rev"], _ = _anneal(target, z_post, betas, eps_t, minv, lf,
-                                                      reverse=True)
+        out["log_w_rev"], out["acc_rev"], _, out["div_rev"] = _anneal(
+            target, z_post, betas, eps_t, minv, lf, reverse=True)
     return out
 
 
@@ -309,14 +329,39 @@ def _run(log_joint, proposal, x, settings, seed, z_posterior=None):
         "mean_acceptance": float(cat["acc"].mean()),
         "step_sizes": cat["eps"],
         "log_weights": cat["log_w"],
+        "divergent_fraction": float(cat["div"].mean()),
     }
+    _flag(details, cat["acc"], cat["log_w"], "ais")
     lower = _estimate(cat["log_w"], s.num_chains, "ais", details, x.dtype)
     if z_posterior is None:
         return lower
     rdetails = {**details, "acceptance": cat["acc_rev"], "log_weights": cat["log_w_rev"],
-                "mean_acceptance": float(cat["acc_rev"].mean())}
+                "mean_acceptance": float(cat["acc_rev"].mean()),
+                "divergent_fraction": float(cat["div_rev"].mean())}
+    rdetails.pop("warning", None)
+    _flag(rdetails, cat["acc_rev"], cat["log_w_rev"], "bdmc (reverse)")
     upper = _estimate(cat["log_w_rev"], s.num_chains, "bdmc-upper", rdetails, x.dtype, True)
     return lower, upper
+
+
+def _flag(details: dict, acc: torch.Tensor, log_w: torch.Tensor, what: str) -> None:
+    """Name the points whose chains barely moved or whose weights are all zero (module docs):
+    ``details["warning"]`` and a RuntimeWarning; nothing when every point is fine."""
+    notes = []
+    dead = (~torch.isfinite(log_w).any(0)).nonzero().flatten().tolist()
+    if dead:
+        notes.append(f"log p(x, z) was not finite at every draw of the proposal for point(s) "
+                     f"{dead[:10]}{' ...' if len(dead) > 10 else ''} (estimate -inf)")
+    stuck = (acc < MIN_ACCEPTANCE).nonzero().flatten().tolist()
+    if stuck:
+        notes.append(
+            f"mean HMC acceptance below {MIN_ACCEPTANCE} at point(s) {stuck[:10]}"
+            f"{' ...' if len(stuck) > 10 else ''} (lowest {float(acc.min()):.3f}; divergent "
+            f"share {details['divergent_fraction']:.2f}): the chains barely moved and the bound "
+            "may be loose; use adapt='pilot', more leapfrog steps or a closer proposal")
+    if notes:
+        details["warning"] = f"{what}: " + "; ".join(notes)
+        warnings.warn(details["warning"], RuntimeWarning, stacklevel=4)
 
 
 def _slice_posterior(z_posterior, q, i, m, n, chains, x):

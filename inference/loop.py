@@ -8,6 +8,7 @@ handling of a non-finite objective are :func:`models.ascent.ascend`'s.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -52,6 +53,12 @@ def fit_closed_form(engine: str, family, x, settings: AscentSettings | None, see
             gen,
             label=engine,
         )
+        if not math.isfinite(run.trace[-1]):  # every restart started at a non-finite objective
+            big = float(x.detach().abs().max())
+            raise ValueError(
+                f"x: the {engine} objective of the {family.name} family is {run.trace[-1]} at its "
+                f"start on these data ({str(x.dtype).removeprefix('torch.')}, |x| up to "
+                f"{big:.3g}): no finite answer; rescale the data or use float64")
         posterior = algo.posterior(x, run.state)
     return FitResult(
         **data_fields(family, x, seed),

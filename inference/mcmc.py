@@ -19,10 +19,11 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, config_enumerate
 
+from inference.budget import check_mcmc
 from inference.result import FitResult, check_settings, data_fields, site_is_plate, to_numpy
 from inference.runtime import Timer, isolated, one_thread, seed_everything
 from models.capabilities import McmcModel, PointwiseLogLikelihood, PosteriorInvariants
-from models.validate import integer, positive, probability
+from models.validate import boolean, integer, positive, probability
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Settings:
         if positive(self.rhat_max, "rhat_max", allow_inf=True) < 1:
             raise ValueError(f"rhat_max: must be >= 1, got {self.rhat_max!r}")
         integer(self.ess_per_chain, "ess_per_chain", minimum=0)
+        boolean(self.jit, "jit")
+        boolean(self.progress, "progress")
 
 
 @dataclass
@@ -167,6 +170,7 @@ def fit(
         init_params = family.mcmc_init(x)
     with isolated(seed), one_thread(x), Timer(x.device) as timer:
         model, discrete = _prepared(model, x, fix_params, family)
+        check_mcmc(model, x, settings)  # memory of the draws, before any step
         run = run_nuts(
             model,
             (x,),

@@ -71,7 +71,12 @@ def _sync_modules(guide) -> None:
 def save(result, folder: str | Path) -> Path:
     """Write ``result.json`` and ``params.pt`` into ``folder`` (created; files replaced whole)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"folder: {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only parent, a file on the way, ...
+        raise type(exc)(f"folder: cannot create {str(folder)!r} ({exc.strerror or exc})") from exc
     state = result.state
     meta = {
         "model": result.model, "engine": result.engine, "guide": result.guide,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from models.validate import integer, non_negative, positive
+from models.validate import boolean, integer, non_negative, positive
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Objective:
     skip_nonfinite: bool = False
 
     def __post_init__(self):
+        for flag in ("vectorize_particles", "mean_field_kl", "jit", "direct", "learn_model_params",
+                     "skip_nonfinite"):
+            boolean(getattr(self, flag), flag)
         integer(self.num_particles, "num_particles", minimum=1, maximum=100_000)
         if self.subsample_size is not None:
             integer(self.subsample_size, "subsample_size", minimum=1)
@@ -164,7 +167,7 @@ class Settings:
             if obj is not None and kw:
                 raise TypeError(f"{group}: given both as a group and as flat options {sorted(kw)}")
             setattr(self, group, obj if obj is not None else cls(**kw))
-        self.validate, self.progress = bool(validate), bool(progress)
+        self.validate, self.progress = boolean(validate, "validate"), boolean(progress, "progress")
 
     FLAT_OPTIONS: tuple[str, ...] = ()
 

@@ -21,6 +21,7 @@ from pyro.infer import (
 )
 from pyro.optim.clipped_adam import ClippedAdam
 
+from inference.sparse_adam import LazyClippedAdam
 from inference.svi_settings import Settings
 from models.capabilities import LocalDensities, MissingCapability
 
@@ -43,9 +44,11 @@ def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
 
 
 def adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
+    """Pyro's ClippedAdam; parameters with sparse gradients (local rows read by an embedding
+    lookup) are updated lazily, only the rows of the minibatch (:mod:`inference.sparse_adam`)."""
     o = settings.optimizer
     gamma = o.lr_decay ** (1.0 / num_steps)
-    return ClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
+    return LazyClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
 
 
 class PyroStep:

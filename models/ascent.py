@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from models.validate import integer, non_negative
+from models.validate import boolean, integer, non_negative
 
 
 @dataclass
@@ -33,6 +33,7 @@ class AscentSettings:
         integer(self.max_iter, "max_iter", minimum=1)
         integer(self.n_init, "n_init", minimum=1)
         non_negative(self.tol, "tol")
+        boolean(self.progress, "progress")
 
 
 @dataclass

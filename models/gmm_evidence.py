@@ -1,8 +1,9 @@
 """Exact answers for the Bayesian GMM (:mod:`models.gmm`; equation numbers are that module's).
 
 * :func:`log_evidence`: log p(x) by enumerating the assignments (eq. 4), Gauss-Hermite quadrature
-  of eq. 5 against a label-symmetrized Laplace approximation, or importance sampling of eq. 5
-  with a proposal built from Gibbs conditionals and covering every relabelling;
+  of eq. 5 against a label-symmetrized Laplace approximation, importance sampling of eq. 5
+  with a proposal built from Gibbs conditionals and covering every relabelling, or sequential
+  importance sampling over partitions (:mod:`models.gmm_sequential`; any K, also K > n);
 * :func:`exact_posterior_draws`: exact draws of mu from p(mu | x) for small n (the mixture over
   assignments of conjugate Gaussians), from which the family computes invariant moments.
 
@@ -22,8 +23,9 @@ import torch
 
 from models.ascent import AscentSettings, ascend
 from models.capabilities import Evidence
+from models.gmm_sequential import sequential
 from models.numerics import LOG_2PI
-from models.validate import choice, integer
+from models.validate import check_size, choice, integer
 
 if TYPE_CHECKING:
     from models.gmm import BayesianGMM
@@ -48,13 +50,16 @@ def log_evidence(
 ) -> Evidence:
     """log p(x) (nats, float64); see :meth:`models.gmm.BayesianGMM.log_evidence` for the methods.
     ``x`` is checked data ``(n, d)`` (any floating dtype, computed in float64)."""
-    method = choice(method, "method", ["auto", "enumeration", "quadrature", "importance"])
+    method = choice(method, "method",
+                    ["auto", "enumeration", "quadrature", "importance", "sequential"])
     n, d = x.shape
     max_assignments = integer(max_assignments, "max_assignments", minimum=1)
     auto = None
     if method == "auto":
         if family.K ** (n - 1) <= max_assignments:
             method = "enumeration"
+        elif family.K > n:  # empty components: the proposal in mu-space cannot cover them
+            method = "sequential"
         elif family.K * d <= MAX_QUADRATURE_DIM:
             auto = "quadrature"
         else:
@@ -64,6 +69,8 @@ def log_evidence(
     seed = integer(seed, "seed", minimum=0)
     if method == "enumeration":
         return enumeration(family, x64, max_assignments)
+    if method == "sequential":
+        return sequential(family, x64, num_samples, seed)
     if method == "quadrature" or auto == "quadrature":
         ev = quadrature(family, x64, nodes, seed)
         if method == "quadrature" or ev.se <= QUADRATURE_TOL:
@@ -72,7 +79,12 @@ def log_evidence(
         fallback = importance(family, x64, num_samples, seed)
         fallback.details["rejected_quadrature"] = {"value": ev.value, "error": ev.se}
         return fallback
-    return importance(family, x64, num_samples, seed)
+    ev = importance(family, x64, num_samples, seed)
+    if method == "auto" and not math.isfinite(ev.value):  # no proposal draw landed: no estimate
+        fallback = sequential(family, x64, num_samples, seed)
+        fallback.details["rejected_importance"] = {"value": ev.value, "ess": ev.details["ess"]}
+        return fallback
+    return ev
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -105,8 +117,8 @@ def assignment_log_weights(family: BayesianGMM, x: torch.Tensor, max_assignments
     for start in range(0, hi_n.shape[0], chunk):
         nk = hi_n[start : start + chunk, None] + lo_n  # (chunk, K^a, K)
         S2 = ((hi_S[start : start + chunk, None] + lo_S) ** 2).sum(-1)  # ||S_k||^2
-        denom = 1 + nk * s2
-        lw = (-0.5 * d * torch.log(denom) + 0.5 * s2 * S2 / denom).sum(-1)
+        # s2 S2 / (1 + n_k s2) written as S2 / (1/s2 + n_k): no overflow for huge s2
+        lw = (-0.5 * d * torch.log1p(nk * s2) + 0.5 * S2 / (1.0 / s2 + nk)).sum(-1)
         yield start * lo_n.shape[0], lw.reshape(-1) + const
 
 
@@ -273,6 +285,8 @@ def importance(family: BayesianGMM, x: torch.Tensor, num_samples: int, seed: int
     """
     n, d = x.shape
     K, eps = family.K, 0.05
+    check_size(6 * num_samples * K * d, "num_samples", f"importance sampling with K={K}",
+               device=x.device)
     symmetric = K <= 4
     ident = torch.arange(K, device=x.device)[None]
     perms = _permutations(K, x.device) if symmetric else ident

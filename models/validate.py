@@ -1,12 +1,20 @@
-"""Boundary checks: every public entry point validates its inputs here, naming the field."""
+"""Boundary checks: every public entry point validates its inputs here, naming the field.
+
+Also the memory guard: :func:`check_size` refuses, before any work, a computation whose estimated
+working set exceeds :func:`memory_budget`, naming the setting that makes it large
+(:class:`TooLarge`, a ``ValueError``).
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from models.numerics import one_thread
 
 
 def as_data(
@@ -29,6 +37,9 @@ def as_data(
         raise ValueError(f"{name}: got None, expected an array of shape (n, d)")
     if isinstance(x, torch.Tensor):
         t = x
+        if t.is_complex():
+            raise TypeError(f"{name}: complex values are not supported (dtype {t.dtype}); "
+                            "pass the real and imaginary parts as separate columns")
         if dtype is not None or not t.is_floating_point():
             t = t.to(dtype or torch.get_default_dtype())
         if device is not None:
@@ -38,6 +49,9 @@ def as_data(
             arr = np.asarray(x)
         except Exception as exc:  # pragma: no cover - exotic inputs
             raise TypeError(f"{name}: cannot be read as an array ({exc})") from exc
+        if np.iscomplexobj(arr):
+            raise TypeError(f"{name}: complex values are not supported (dtype {arr.dtype}); "
+                            "pass the real and imaginary parts as separate columns")
         if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
             raise TypeError(f"{name}: expected numeric values, got dtype {arr.dtype}")
         if dtype is None:
@@ -54,6 +68,9 @@ def as_data(
         )
     if t.numel() == 0:
         raise ValueError(f"{name}: is empty (shape {tuple(t.shape)})")
+    with one_thread(t):  # one pass, on one thread (memory-bound; no barriers on a busy machine)
+        if not allow_nan and bool(torch.isfinite(t.sum())):  # a finite sum has no NaN or inf
+            return t
     if not allow_nan and torch.isnan(t).any():
         raise ValueError(f"{name}: contains NaN at {int(torch.isnan(t).sum())} entries")
     if torch.isinf(t).any():
@@ -76,8 +93,14 @@ def non_negative(value, name: str) -> float:
     return v
 
 
+#: the largest seed: every seed ends in ``torch.Generator.manual_seed`` / numpy's generators
+MAX_SEED = 2**63 - 1
+
+
 def integer(value, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An integer in [minimum, maximum]."""
+    """An integer in [minimum, maximum]; a value named ``seed`` is also at most :data:`MAX_SEED`."""
+    if maximum is None and name == "seed":
+        maximum = MAX_SEED
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -88,6 +111,13 @@ def integer(value, name: str, *, minimum: int = 1, maximum: int | None = None) -
         hi = "" if maximum is None else f" and <= {maximum}"
         raise ValueError(f"{name}: must be >= {minimum}{hi}, got {value}")
     return value
+
+
+def boolean(value, name: str) -> bool:
+    """True or False (numpy's bool too); anything else, e.g. the string "false", is an error."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}: must be True or False, got {value!r}")
+    return bool(value)
 
 
 def probability(value, name: str, *, open_left: bool = False, open_right: bool = True) -> float:
@@ -107,6 +137,68 @@ def choice(value, name: str, options: Sequence[str]) -> str:
     return value
 
 
+class TooLarge(ValueError):
+    """A computation refused up front: its estimated memory exceeds :func:`memory_budget`."""
+
+
+#: fraction of the free memory one computation may plan to use
+MEMORY_FRACTION = 0.5
+
+
+def memory_budget(device: torch.device | str | None = None) -> tuple[int, str]:
+    """(bytes, where the figure comes from) that one computation may use on ``device``.
+
+    ``ELBOLAB_MEMORY_BUDGET`` (bytes) overrides; else :data:`MEMORY_FRACTION` of the free memory:
+    ``torch.cuda.mem_get_info`` on a CUDA device, ``MemAvailable`` of ``/proc/meminfo`` (or the
+    physical memory) on the CPU.
+    """
+    env = os.environ.get("ELBOLAB_MEMORY_BUDGET")
+    if env:
+        try:
+            return int(float(env)), "ELBOLAB_MEMORY_BUDGET"
+        except ValueError as exc:
+            raise ValueError(f"ELBOLAB_MEMORY_BUDGET: must be a number of bytes, got {env!r}") from exc
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:g} of the free GPU memory"
+    free = _available_ram()
+    return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:g} of the available RAM"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 * 2**30
+
+
+def check_size(elements: float, name: str, what: str, *, itemsize: int = 8,
+               device: torch.device | str | None = None) -> float:
+    """Refuse (:class:`TooLarge`, naming ``name``) a computation whose working set of about
+    ``elements`` numbers of ``itemsize`` bytes exceeds :func:`memory_budget`; else return the
+    estimated bytes. Call it before any work, with the setting that drives the size as ``name``."""
+    need = float(elements) * itemsize
+    budget, source = memory_budget(device)
+    if not need <= budget:
+        raise TooLarge(
+            f"{name}: {what} needs about {_gib(need)} ({float(elements):.3g} numbers), more than "
+            f"the {_gib(budget)} budget ({source}); lower {name}"
+        )
+    return need
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
 def _number(value, name: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -114,7 +206,10 @@ def _number(value, name: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{name}: must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError as exc:  # an int beyond float range
+        raise ValueError(f"{name}: {value!r} is too large") from exc
     if math.isnan(v):
         raise ValueError(f"{name}: is NaN")
     return v

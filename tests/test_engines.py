@@ -76,7 +76,8 @@ def test_svi_divergence_stops_with_reason_and_keeps_last_good_state(data):
 
         calls["n"] += 1
         loc = pyro.param("loc", x.new_tensor(0.0))
-        scale = x.new_tensor(float("nan") if calls["n"] > 20 else 1.0)
+        # call 1 creates the params before the first step; calls 2..21 are steps 1..20
+        scale = x.new_tensor(float("nan") if calls["n"] > 21 else 1.0)
         pyro.sample("theta", dist.Normal(loc, scale))
 
     from inference.runtime import isolated as iso

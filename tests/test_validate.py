@@ -53,11 +53,12 @@ def test_load_array_csv_npy_npz(tmp_path):
     for name in ("a.csv", "a.npy", "a.npz"):
         np.testing.assert_array_equal(load_array(tmp_path / name), a)
     (tmp_path / "bad.csv").write_text("u,v\n0,x\n")
-    with pytest.raises(ValueError, match="non-numeric column"):
+    with pytest.raises(ValueError, match="^data: .*line 2, column 'v': 'x' is not a number"):
         load_array(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError, match="data: no such file"):
         load_array(tmp_path / "missing.csv")
-    with pytest.raises(ValueError, match="unsupported file type"):
+    (tmp_path / "a.json").write_text("[[0, 1]]")
+    with pytest.raises(ValueError, match="^data: unsupported file type '.json'"):
         load_array(tmp_path / "a.json")
 
 
@@ -80,3 +81,55 @@ def test_gmm_script_rejects_empty_simulation(tmp_path):
 
     with pytest.raises(SystemExit, match="n"):
         gmm_engines.main(["--n", "0", "--out", str(tmp_path), "--quick"])
+
+
+def test_csv_without_header_keeps_its_first_row(tmp_path):
+    """A numeric first row is data (it used to be dropped silently as a header)."""
+    (tmp_path / "plain.csv").write_text("1,2\n3,4\n5,6\n")
+    np.testing.assert_array_equal(load_array(tmp_path / "plain.csv"),
+                                  [[1, 2], [3, 4], [5, 6]])
+    (tmp_path / "named.csv").write_text("x1, x2\n1,2\n3,4\n")
+    np.testing.assert_array_equal(load_array(tmp_path / "named.csv"), [[1, 2], [3, 4]])
+    (tmp_path / "gaps.csv").write_text("a,b\n1,\nNA,4\n")
+    got = load_array(tmp_path / "gaps.csv")
+    assert np.isnan(got[0, 1]) and np.isnan(got[1, 0]) and got[1, 1] == 4
+    (tmp_path / "spaces.txt").write_text("1 2.5\n3\t4\n")
+    np.testing.assert_array_equal(load_array(tmp_path / "spaces.txt"), [[1, 2.5], [3, 4]])
+
+
+def test_npz_and_npy_rules(tmp_path):
+    a = np.arange(6.0).reshape(3, 2)
+    np.savez(tmp_path / "xy.npz", x=a, y=np.arange(3))
+    np.testing.assert_array_equal(load_array(tmp_path / "xy.npz"), a)  # 'x' named: picked
+    np.savez(tmp_path / "imgs.npz", images=a, labels=np.arange(3))
+    np.testing.assert_array_equal(load_array(tmp_path / "imgs.npz", exclude=("labels",)), a)
+    np.testing.assert_array_equal(load_array(tmp_path / "imgs.npz", key="labels"), np.arange(3))
+    np.save(tmp_path / "b.npy", np.array([[True, False]]))
+    got = load_array(tmp_path / "b.npy")
+    assert got.dtype == np.float64 and got.tolist() == [[1.0, 0.0]]
+    np.save(tmp_path / "f32.npy", a.astype(np.float32))
+    assert load_array(tmp_path / "f32.npy").dtype == np.float32
+
+
+def test_memory_guard_names_the_setting(monkeypatch):
+    from models.validate import TooLarge, check_size, memory_budget
+
+    budget, source = memory_budget()
+    assert budget > 0 and source
+    assert check_size(10, "K", "a tiny thing") == 80
+    with pytest.raises(TooLarge, match="^K: EM with K=9 needs about"):
+        check_size(budget, "K", "EM with K=9")
+    monkeypatch.setenv("ELBOLAB_MEMORY_BUDGET", "1000")
+    assert memory_budget() == (1000, "ELBOLAB_MEMORY_BUDGET")
+    with pytest.raises(TooLarge, match="^num_particles:"):
+        check_size(126, "num_particles", "a step")
+
+
+def test_seed_bounds_everywhere():
+    from models.gmm import BayesianGMM
+
+    with pytest.raises(ValueError, match="^seed:"):
+        integer(2**63, "seed", minimum=0)
+    assert integer(2**63 - 1, "seed", minimum=0) == 2**63 - 1
+    x, _ = BayesianGMM().simulate(3, seed=2**63 - 1)  # the largest seed works
+    assert x.shape == (3, 1)

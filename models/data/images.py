@@ -23,6 +23,8 @@ from models.validate import integer, probability
 
 #: the fixed binarization threshold for digits (intensity >= 8 of 16)
 THRESHOLD = 0.5
+#: names of an .npz's label array
+LABEL_KEYS = ("y", "labels", "targets")
 
 
 @dataclass
@@ -99,11 +101,15 @@ def load_images(path: str | Path, *, binarize: bool = False, threshold: float = 
                 dtype: torch.dtype = torch.float32, labels: bool = True) -> ImageData:
     """A user's array file (``.npy``, ``.npz``, CSV) of shape (n, ...) as flattened images.
 
-    For ``.npz`` the first array holds the images; an array named ``y`` or ``labels`` (length n)
-    is read as labels when ``labels``. The image shape is ``shape[1:]`` for arrays of rank >= 3,
-    else a square side when D is a perfect square, else (1, D).
+    For ``.npz`` the one array other than the labels holds the images (or the one named ``x`` or
+    ``data``; see :func:`models.data.arrays.load_array`); an array named ``y``, ``labels`` or
+    ``targets`` (length n) is read as labels when ``labels``. The image shape is ``shape[1:]``
+    for arrays of rank >= 3, else a square side when D is a perfect square, else (1, D).
     """
-    arr = np.asarray(load_array(path, name="data"), dtype=np.float64)
+    probability(threshold, "threshold", open_left=True)
+    probability(test_fraction, "test_fraction")
+    integer(seed, "seed", minimum=0)
+    arr = np.asarray(load_array(path, name="data", exclude=LABEL_KEYS), dtype=np.float64)
     if arr.ndim < 2:
         raise ValueError(f"data: expected an array of shape (n, ...), got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -123,7 +129,10 @@ def load_images(path: str | Path, *, binarize: bool = False, threshold: float = 
     elif lo >= 0 and hi <= 255:
         x, scale = x / 255.0, "divided by 255"
     else:
-        x, scale = (x - lo) / max(hi - lo, 1e-12), f"min-max scaled from [{lo:g}, {hi:g}]"
+        big = max(abs(lo), abs(hi))  # divide first: hi - lo may overflow (values near 1e308)
+        span = hi / big - lo / big
+        x = (x / big - lo / big) / span if span > 0 else np.zeros_like(x)
+        scale = f"min-max scaled from [{lo:g}, {hi:g}]"
     if binarize:
         x = (x >= threshold).astype(np.float64)
     y = _labels(path, n) if labels else None
@@ -137,7 +146,7 @@ def _labels(path, n: int):
     if p.suffix.lower() != ".npz":
         return None
     with np.load(p, allow_pickle=False) as z:
-        for key in ("y", "labels", "targets"):
+        for key in LABEL_KEYS:
             if key in z.files and z[key].shape == (n,):
                 return z[key].astype(np.int64)
     return None
