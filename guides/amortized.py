@@ -11,13 +11,18 @@ log density finite. Encoders are built with the data's device and dtype.
 
 Every encoder records its constructor arguments in ``guide.config`` (plain values, with the class
 name under ``"type"``), so a saved ``state_dict`` can be loaded into
-``encoder_from_config(config, like=x)``. :func:`supports_direct` says whether a built guide can
-be trained by the SVI engine's torch-native step.
+``encoder_from_config(config, like=x)``. :func:`save_encoder` writes both into one file
+(``torch.save`` of plain tensors and JSON-able values, no pickled objects) and
+:func:`load_encoder` rebuilds the encoder from it with ``torch.load(..., weights_only=True)``, so
+a saved encoder needs no guessing of its hidden sizes. :func:`supports_direct` says whether a
+built guide can be trained by the SVI engine's torch-native step.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +176,49 @@ def encoder_from_config(config: dict, *, like: torch.Tensor) -> EncoderGuide:
     if kind not in ENCODER_TYPES:
         raise ValueError(f"config: type must be one of {sorted(ENCODER_TYPES)}, got {kind!r}")
     return ENCODER_TYPES[kind](**cfg, like=like)
+
+
+#: the ``format`` tag of files written by :func:`save_encoder`
+ENCODER_FORMAT = "elbolab-encoder/1"
+
+
+def save_encoder(path, guide: EncoderGuide) -> Path:
+    """Write ``guide``'s ``config`` and ``state_dict`` (tensors moved to the CPU, dtype kept) to
+    ``path`` with ``torch.save``; the file is replaced whole (written aside, then renamed)."""
+    if not isinstance(guide, EncoderGuide):
+        inner = getattr(guide, "base_encoder", None)
+        hint = " (a semi-amortized guide: save its .base_encoder)" if inner is not None else ""
+        raise TypeError(f"guide: save_encoder needs an amortized encoder (mlp, linear-diag, "
+                        f"linear-full, flow), got {type(guide).__name__}{hint}")
+    config = json.loads(json.dumps(guide.config))  # plain JSON values (tuples become lists)
+    payload = {"format": ENCODER_FORMAT, "config": config,
+               "state_dict": {k: v.detach().cpu().clone() for k, v in guide.state_dict().items()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_encoder(path, *, like: torch.Tensor | None = None) -> EncoderGuide:
+    """The encoder saved by :func:`save_encoder` at ``path``, rebuilt from its config and loaded
+    (``weights_only=True``), on the device and dtype of ``like`` (default: the CPU and the saved
+    weights' dtype, so a float64 encoder comes back bit for bit)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no saved encoder at {path}")
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"path: {path} is not an encoder saved by save_encoder "
+                         f"(format {ENCODER_FORMAT!r})")
+    state = payload["state_dict"]
+    if like is None:
+        dtypes = [v.dtype for v in state.values() if v.is_floating_point()]
+        like = torch.empty(0, dtype=dtypes[0] if dtypes else torch.get_default_dtype())
+    encoder = encoder_from_config(payload["config"], like=like)
+    encoder.load_state_dict(state)
+    return encoder
 
 
 def data_dim_of(x) -> int:

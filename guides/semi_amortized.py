@@ -12,9 +12,16 @@ were chosen on binarized digits (z = 8): single-draw steps with momentum made q 
 log p(x_n, z) comes from ``family.log_joint(x, z) -> (..., n)`` (model parameters are read,
 never changed by the inner loop).
 
+By name (``guides.for_family(vae)["semi-amortized"]``, ``svi.fit(..., guide="semi-amortized")``)
+without ``encoder=``, a NEW encoder is built: the ``mlp`` encoder with :data:`DEFAULT_ENCODER`
+(one hidden layer of 64 softplus units, diagonal Gaussian; override with ``encoder_options``),
+trained through the refinement with ``encoder_grad="straight-through"`` (the default for a new
+encoder; ``"full"`` is allowed, ``"none"`` is an error since the encoder would never learn).
+With ``encoder=`` (a trained amortized guide with ``moments``) the default is ``"none"``.
+
 Gradients to the encoder (``encoder_grad``):
 
-* ``"none"`` (default): the encoder is frozen -- lambda_0 is computed without gradients and its
+* ``"none"`` (default with a given encoder): the encoder is frozen -- lambda_0 is computed without gradients and its
   weights are not registered, so SVI with this guide trains only the model (the setting of the
   gap study: how much of the amortization gap K steps recover).
 * ``"straight-through"``: the outer ELBO's gradient at lambda_K is passed to lambda_0 as if
@@ -36,6 +43,8 @@ from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
 from models.validate import choice, integer, non_negative, positive
 
 ENCODER_GRADS = ("none", "straight-through", "full")
+#: the encoder built when none is given (options of ``guides.amortized.build_mlp``)
+DEFAULT_ENCODER = {"hidden": (64,), "activation": "softplus"}
 
 
 class SemiAmortizedGuide(LatentGuide):
@@ -127,23 +136,31 @@ class SemiAmortizedGuide(LatentGuide):
 
 def build_semi_amortized(family, x, *, encoder=None, latent_dim=None, steps=10, inner_lr=0.03,
                          momentum=0.0, inner_particles=32, max_grad_norm=10.0,
-                         encoder_grad="none", encoder_options=None, site="z", plate="data",
+                         encoder_grad=None, encoder_options=None, site="z", plate="data",
                          name=None, **options):
-    """``GuideSpec.build``: wraps ``encoder`` (a trained amortized guide with ``moments``), or a
-    new MLP encoder built with ``encoder_options`` (then ``encoder_grad`` must not be "none")."""
+    """``GuideSpec.build``: wraps ``encoder`` (a trained amortized guide with ``moments``;
+    ``encoder_grad`` defaults to "none"), or builds a new ``mlp`` encoder from
+    :data:`DEFAULT_ENCODER` updated with ``encoder_options`` (``encoder_grad`` defaults to
+    "straight-through" and must not be "none")."""
     no_extra(options, "semi-amortized")
     x = data_of(family, x)
     if encoder is None:
         from guides.amortized import build_mlp
 
+        if encoder_grad is None:
+            encoder_grad = "straight-through"
         if encoder_grad == "none":
             raise ValueError("encoder_grad: a new (untrained) encoder needs 'straight-through' "
                              "or 'full' so that it learns; or pass encoder=")
-        encoder = build_mlp(family, x, latent_dim=latent_dim_of(family, latent_dim),
-                            **(encoder_options or {}))
+        opts = {**DEFAULT_ENCODER, "site": site, "plate": plate, **(encoder_options or {})}
+        encoder = build_mlp(family, x, latent_dim=latent_dim_of(family, latent_dim), **opts)
+    elif encoder_options:
+        raise TypeError("encoder_options: only for a new encoder; got encoder= as well")
+    if encoder_grad is None:
+        encoder_grad = "none"
     return SemiAmortizedGuide(family, encoder, steps=steps, inner_lr=inner_lr, momentum=momentum,
                               inner_particles=inner_particles, max_grad_norm=max_grad_norm,
                               encoder_grad=encoder_grad, site=site, plate=plate, name=name)
 
 
-__all__ = ["ENCODER_GRADS", "SemiAmortizedGuide", "build_semi_amortized"]
+__all__ = ["DEFAULT_ENCODER", "ENCODER_GRADS", "SemiAmortizedGuide", "build_semi_amortized"]

@@ -238,7 +238,8 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
     """
     _lightning()
     settings = settings or Settings(**flat)
-    strategy = choice(strategy, "strategy", STRATEGIES)
+    if isinstance(strategy, str):
+        strategy = choice(strategy, "strategy", STRATEGIES)
     accelerator = choice(accelerator, "accelerator", ("cpu", "gpu", "cuda", "auto"))
     family = copy.deepcopy(family)  # a fit never changes the caller's family (a VAE's decoder)
     family_x, world = _check(family, x, settings, devices, num_nodes)

@@ -295,4 +295,6 @@ class VAE(LocalLatentFamily):
         payload = torch.load(Path(path), weights_only=True, map_location=map_location)
         s = dict(payload["settings"])
         vae = cls(s.pop("data_dim"), s.pop("latent_dim"), tuple(s.pop("hidden")), **s)
+        saved = next(iter(payload["decoder"].values()))  # keep the saved device and dtype
+        vae.decoder.to(device=saved.device, dtype=saved.dtype)
         return vae.load_state_dict(payload["decoder"])

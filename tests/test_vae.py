@@ -19,13 +19,19 @@ from sklearn.datasets import load_digits as sk_load_digits
 from sklearn.decomposition import FactorAnalysis as SkFA
 
 import guides
-from guides.amortized import build_mlp, encoder_from_config, supports_direct
+from guides.amortized import (
+    build_mlp,
+    encoder_from_config,
+    load_encoder,
+    save_encoder,
+    supports_direct,
+)
 from guides.flow import LocalFlowGuide, PointwiseCoupling, build_flow
 from guides.semi_amortized import build_semi_amortized
 from inference.evidence import iwae, iwae_from_log_joint
 from inference.impute import pseudo_gibbs_impute
 from inference.runtime import isolated
-from inference.train_vae import direct_capable, train_vae
+from inference.train_vae import direct_capable, train_vae, training_outcome
 from models.capabilities import (
     ClosedFormEM,
     ExactEvidence,
@@ -256,6 +262,132 @@ def test_training_improves_and_checkpoints(tmp_path):
         est = iwae(vae.model, guide, x[:200], num_samples=500)
     assert res.elbo <= est.value + 4 * math.hypot(res.elbo_se, est.se)
     assert res.n_data == 200 and res.bound == "elbo"
+
+
+def _overfit_data():
+    """40 training and 100 held-out points from a decoder with strong latent structure."""
+    truth = VAE(12, 2, hidden=(16,), seed=7)
+    with torch.no_grad():
+        for p in truth.decoder.parameters():
+            p.mul_(3)
+    x = truth.simulate(140, seed=0, dtype=torch.float32)
+    return x[:40], x[40:]
+
+
+def test_early_stopping_keeps_the_best_weights_and_says_how_training_ended():
+    # a wide network on 40 points with a large step: the held-out ELBO peaks early (overfitting)
+    x_fit, x_val = _overfit_data()
+    kw = dict(guide="mlp", guide_options={"hidden": (64,)}, batch_size=40, lr=0.02,
+              val_data=x_val, eval_every_epochs=5, patience=4, eval_particles=20, seed=0)
+    vae = VAE(12, 2, hidden=(64,), seed=0)
+    res = train_vae(vae, x_fit, epochs=400, **kw)
+    out = training_outcome(res)
+    best_step, best_val = max(res.state.run.val_trace, key=lambda sv: sv[1])
+    assert out["training_end"] == "early-stopped" and res.converged
+    assert out["training_steps"] == best_step + 4 * 5 < 400  # patience 4 evaluations, 5 steps each
+    assert out["best_val_step"] == best_step and out["best_val_elbo_per_datum"] == best_val
+    assert f"early-stopped at step {out['training_steps']}" in out["training_note"]
+    # the kept weights are those of the best evaluation: the same run capped at that step
+    # (same draws up to there) ends with them
+    again = VAE(12, 2, hidden=(64,), seed=0)
+    capped = train_vae(again, x_fit, epochs=best_step, **kw)
+    assert training_outcome(capped)["training_end"] == "step-cap"
+    for a, b in zip(vae.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    enc, enc2 = res.state.guide.state_dict(), capped.state.guide.state_dict()
+    assert all(torch.equal(enc[k], enc2[k]) for k in enc)
+
+
+def test_training_at_the_cap_reports_the_measured_slope():
+    x_fit, _ = _overfit_data()
+    res = train_vae(VAE(12, 2, hidden=(16,), seed=0), x_fit, guide="mlp", epochs=60,
+                    batch_size=40, lr=0.01, eval_particles=10, window=30, seed=0)
+    out = training_outcome(res)
+    assert out["training_end"] == "step-cap" and out["training_steps"] == 60
+    # the slope is the engine's least-squares slope of the last window, recomputed here
+    y = np.asarray(res.trace[-30:]) / 40
+    t = np.arange(30)
+    assert out["train_slope_per_window"] == pytest.approx(np.polyfit(t, y, 1)[0] * 30, rel=1e-9)
+    assert "reached the cap of 60 steps" in out["training_note"] and "per 30 steps" in \
+        out["training_note"]
+    assert out["best_val_step"] == -1 and math.isnan(out["best_val_elbo_per_datum"])
+
+
+@pytest.mark.parametrize("name, options", [
+    ("mlp", {"hidden": (7, 3), "activation": "tanh"}), ("linear-full", {"init_scale": 0.5}),
+    ("flow", {"hidden": (4,), "flow": "coupling", "num_flows": 2}),
+])
+def test_saved_encoder_records_its_constructor_arguments(tmp_path, name, options):
+    vae = VAE(6, 3, hidden=(5,), likelihood="gaussian")
+    x = torch.randn(7, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    enc = guides.make(name, vae, x, **options)
+    _perturb(enc, 0.1, 3)
+    path = save_encoder(tmp_path / "enc" / "encoder.pt", enc)
+    # plain tensors and values: loadable with weights_only=True, nothing else in the file
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"format", "config", "state_dict"}
+    assert payload["config"]["type"] == type(enc).__name__
+    back = load_encoder(path)  # no hidden sizes to guess; float64 kept
+    assert type(back) is type(enc) and back.config == enc.config
+    sd, sd_back = enc.state_dict(), back.state_dict()
+    assert all(torch.equal(sd[k], sd_back[k]) and sd_back[k].dtype == torch.float64 for k in sd)
+    z = torch.randn(5, 7, 3, dtype=torch.float64)
+    assert torch.equal(back.distribution(x).log_prob(z), enc.distribution(x).log_prob(z))
+    f32 = load_encoder(path, like=torch.empty(0))  # or on the device/dtype of ``like``
+    assert next(f32.parameters()).dtype == torch.float32
+
+
+def test_save_encoder_refuses_what_it_cannot_rebuild(tmp_path):
+    vae = VAE(6, 2, hidden=(5,))
+    x = (torch.rand(5, 6) < 0.5).float()
+    sa = guides.make("semi-amortized", vae, x)
+    with pytest.raises(TypeError, match="^guide:.*base_encoder"):
+        save_encoder(tmp_path / "e.pt", sa)
+    save_encoder(tmp_path / "e.pt", sa.base_encoder)  # the encoder inside it saves
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="^path:.*not an encoder"):
+        load_encoder(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="^path:"):
+        load_encoder(tmp_path / "missing.pt")
+
+
+def test_decoder_saved_in_float64_loads_bit_for_bit(tmp_path):
+    vae = VAE(6, 2, hidden=(5,), likelihood="gaussian", seed=2)
+    vae.to(torch.empty(0, dtype=torch.float64))
+    _perturb(vae.decoder, 0.1, 1)
+    back = VAE.load(vae.save(tmp_path / "vae.pt"))
+    assert back.settings() == vae.settings()
+    for k, v in vae.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v) and back.state_dict()[k].dtype == torch.float64
+
+
+def test_semi_amortized_by_name_builds_a_documented_encoder_and_trains():
+    import inference
+    from guides.semi_amortized import DEFAULT_ENCODER
+
+    x_fit, _ = _overfit_data()
+    vae = VAE(12, 2, hidden=(16,), seed=0)
+    guide = guides.for_family(vae)["semi-amortized"].build(vae, x_fit)
+    assert guide.encoder_grad == "straight-through"
+    assert guide.base_encoder.config["hidden"] == list(DEFAULT_ENCODER["hidden"]) == [64]
+    wide = guides.make("semi-amortized", vae, x_fit, encoder_options={"hidden": (8, 8)})
+    assert wide.base_encoder.config["hidden"] == [8, 8]
+    with pytest.raises(ValueError, match="^encoder_grad:"):
+        guides.make("semi-amortized", vae, x_fit, encoder_grad="none")
+    with pytest.raises(TypeError, match="^encoder_options:"):
+        guides.make("semi-amortized", vae, x_fit, encoder=guide.base_encoder,
+                    encoder_options={"hidden": (3,)})
+    res = inference.fit("svi", vae, x_fit, seed=0, guide="semi-amortized", num_steps=150,
+                        lr=0.01, eval_particles=50, guide_options={"steps": 2})
+    start = inference.fit("svi", vae, x_fit, seed=0, guide="semi-amortized", num_steps=1,
+                          lr=0.01, eval_particles=50, guide_options={"steps": 2})
+    assert res.guide == "semi-amortized" and res.bound == "elbo"
+    assert res.elbo > start.elbo + 4 * math.hypot(res.elbo_se, start.elbo_se)
+    assert any(k.startswith("guide_semi-amortized$$$encoder.") for k in res.posterior)
+    # the fitted pair evaluates again: ELBO <= IWAE within the Monte Carlo errors
+    w = res.iwae(x_fit, num_samples=200)
+    assert res.elbo <= w.value + 4 * math.hypot(res.elbo_se, w.se)
 
 
 # ----------------------------------------------------------------------------- contract
