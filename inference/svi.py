@@ -10,11 +10,12 @@ Guides whose family sums the discrete sites out (``GuideSpec.collapsed``) are tr
 (or ``TraceMeanField_ELBO``, analytic KL where available, with ``mean_field_kl=True``), or the
 torch-native step (``direct=True``, :func:`direct_step`: the same estimator without tracing).
 
-Convergence. Let y_t be the per-datum ELBO estimate of step t over the last ``window`` = w steps and
-b the least-squares slope of y on t with standard error se(b) (residual variance / sum (t - tbar)^2).
-The run counts as converged when the projected gain over one more window is below ``converged_tol``
-with 2 standard errors to spare: w (b + 2 se(b)) < converged_tol. Monte Carlo noise widens se(b), so
-a noisy trace is not called converged on a lucky window.
+Convergence. Let y_t be the per-datum ELBO estimate of step t over the last ``window`` = w steps
+(the last half of the run when it is shorter than 2w) and b the least-squares slope of y on t with
+standard error se(b) (residual variance / sum (t - tbar)^2). The run counts as converged when the
+projected gain over one more window is below ``converged_tol`` with 2 standard errors to spare:
+w (b + 2 se(b)) < converged_tol. Monte Carlo noise widens se(b), so a noisy trace is not called
+converged on a lucky window; a short fit window widens it too.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
                             _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals))
     if best_snap is not None:
         restore_params(best_snap)
-    if len(run.trace) >= st.window:
+    if len(run.trace) >= 2 * MIN_JUDGED:
         _judge(run, st, n, st.converged_tol)
         run.message = run.message or (
             f"ran {run.steps} steps; projected gain over one more window {run.slope:.2e} +- "
@@ -242,22 +243,28 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
             f"{st.converged_tol:g} with 2 se)"
         )
     run.message = run.message or (
-        f"ran {run.steps} steps, fewer than one window ({st.window}): convergence not judged")
+        f"ran {run.steps} steps, too few to judge convergence (needs {2 * MIN_JUDGED})")
     if run.skipped:
         run.message += f"; skipped {run.skipped} non-finite steps"
     return run
 
 
+#: fewest steps the convergence slope is fitted on
+MIN_JUDGED = 20
+
+
 def _judge(run: SviRun, st, n: int, tol: float) -> bool:
-    """The slope test of the module docstring on the last ``window`` steps."""
-    w = st.window
+    """The slope test of the module docstring: the slope is fitted on the last ``window`` steps
+    (on the last half of the run when it is shorter than two windows) and projected over one
+    ``window``."""
+    w = min(st.window, len(run.trace) // 2)
     y = torch.tensor(run.trace[-w:], dtype=torch.float64) / n
     t = torch.arange(w, dtype=torch.float64)
     tc = t - t.mean()
     b = float((tc * (y - y.mean())).sum() / (tc**2).sum())
     resid = y - y.mean() - b * tc
     se = float(((resid**2).sum() / (w - 2) / (tc**2).sum()).sqrt())
-    run.slope, run.slope_se = b * w, se * w
+    run.slope, run.slope_se = b * st.window, se * st.window
     run.converged = run.slope + 2 * run.slope_se < tol
     return run.converged
 
