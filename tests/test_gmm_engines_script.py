@@ -125,7 +125,7 @@ def test_data_file_csv(tmp_path):
     "content,words",
     [
         ("a,b\n1,2\n3,\n", "x: contains NaN"),
-        ("a,b\n1,x\n3,4\n", "--data: non-numeric"),
+        ("a,b\n1,x\n3,4\n", "--data: .*is not a number"),
         ("a\n", "--data:"),
     ],
 )
