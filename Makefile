@@ -57,8 +57,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) -m bench.fa_em
-	$(PY) -m bench.vae_throughput
+	@$(PY) -c "import numpyro" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]" \
+		|| echo "bench: NumPyro could not be installed; its row is skipped"
+	$(PY) -m bench --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

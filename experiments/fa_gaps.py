@@ -134,7 +134,10 @@ def closed_form_gap(fixed: FactorAnalysis, x, local_family: str = "mean-field") 
 def run_engines(args, x, kind, progress):
     k, d = args.latent_dim, x.shape[1]
     results, evidences, params = [], [], {}
-    em_res = inference.fit("em", FactorAnalysis(k, kind=kind), x,
+    # EM proper, not the eigen iteration: the ML loadings are defined up to a rotation, and the
+    # eigen iteration returns the one that makes the posterior covariance diagonal (so a mean-field
+    # q would be exact and its gap trivially 0); EM from a random start returns a generic one.
+    em_res = inference.fit("em", FactorAnalysis(k, kind=kind, em_method="em"), x,
                            em.Settings(max_iter=args.em_iter, tol=1e-10), seed=args.seed)
     p_em = params_of(em_res, kind, d)
     fixed = FactorAnalysis(k, kind=kind, params=p_em)

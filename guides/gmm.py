@@ -16,6 +16,12 @@ a saddle) and rarely puts two means in one cluster: SVI runs once, without CAVI'
 guide started with two means in one cluster can stay in that local optimum (AutoMultivariateNormal
 did, 120 nats below the others, on the default experiment with uniform seeding).
 Parameters live in the active Pyro param store; build and fit inside ``inference.runtime.isolated``.
+
+Minibatches cost O(batch), not O(n). Every guide draws the batch's indices itself
+(:func:`minibatch_indices`: no permutation of all n points) and declares them on the ``data``
+plate, so the model's plate replays the same rows. q(c) is held as unconstrained logits (n, K)
+and only the batch's rows are read, by an embedding lookup with a sparse gradient; the SVI
+engine's optimizer (:class:`inference.sparse_adam.LazyClippedAdam`) then moves only those rows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
@@ -31,8 +38,44 @@ from guides.base import GuideSpec
 from models.gmm import BayesianGMM, CaviState, spread_means
 from models.validate import integer, positive
 
-#: Pyro param names of the mean-field and collapsed guides
-LOC, SCALE, PROBS = "q_mu_loc", "q_mu_scale", "q_c_probs"
+#: Pyro param names of the mean-field and collapsed guides (q(c) as unconstrained logits)
+LOC, SCALE, LOGITS = "q_mu_loc", "q_mu_scale", "q_c_logits"
+
+
+def minibatch_indices(n: int, size: int | None, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """``size`` distinct indices of range(n), a uniformly random subset in random order, drawn in
+    O(size log size) from ``generator`` (default torch's) (None when ``size`` is None or >= n:
+    the full plate).
+
+    Sequential sampling without replacement: i.i.d. uniform draws, keeping the first occurrence
+    of each value, until ``size`` distinct values are in hand (about size^2 / 2n repeats). For
+    n <= 4 size a permutation of range(n) is as cheap and is used instead.
+    """
+    if size is None or size >= n:
+        return None
+    if generator is not None:
+        device = generator.device
+    if n <= 4 * size:
+        return torch.randperm(n, device=device, generator=generator)[:size]
+    out = torch.empty(0, dtype=torch.long, device=device)
+    while out.numel() < size:
+        need = size - out.numel()
+        extra = torch.randint(n, (need + need * size // n + 8,), device=device, generator=generator)
+        draw = torch.cat([out, extra])
+        uniq, inverse = torch.unique(draw, return_inverse=True)
+        first = torch.full_like(uniq, draw.numel()).scatter_reduce_(
+            0, inverse, torch.arange(draw.numel(), device=device), "amin")
+        out = draw[first.sort().values][:size]
+    return out
+
+
+def _batch(x: torch.Tensor, subsample_size: int | None):
+    """The ``data`` plate over x's rows, over the indices the guide draws for this step (the
+    model's plate of the same name replays them)."""
+    n = x.shape[0]
+    return pyro.plate("data", n, subsample=minibatch_indices(n, subsample_size, x.device),
+                      dim=-1, device=x.device)
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -60,25 +103,33 @@ def _unpack(state: CaviState, field: str = "init"):
     return state.m.detach(), state.s2.sqrt().detach(), state.phi.detach()
 
 
-def _mean_field(m, s, phi, *, fixed: bool, enumerate_c: bool):
-    """The mean-field guide q(mu) q(c) with initial (or, if ``fixed``, constant) values."""
+def _mean_field(m, s, phi, *, fixed: bool, enumerate_c: bool, sparse_grad: bool = True):
+    """The mean-field guide q(mu) q(c) with initial (or, if ``fixed``, constant) values; q(c_i)
+    is Cat(softmax(logits_i)), the logits an unconstrained (n, K) param read row by row (with a
+    sparse gradient on minibatch steps when ``sparse_grad``)."""
     K, n = m.shape[0], phi.shape[0]
     infer = {"enumerate": "parallel"} if enumerate_c else {}
-    if not fixed:  # exact zeros map to -inf on the unconstrained scale: keep a floor
-        phi = phi.clamp_min(1e-10)
-        phi = phi / phi.sum(-1, keepdim=True)
+    # exact zeros map to -inf logits: keep a floor (softmax normalizes)
+    logits0 = None if fixed else phi.clamp_min(1e-10).log().contiguous()
 
     def guide(x, subsample_size=None):
         if fixed:
-            loc, scale, probs = m, s, phi
+            loc, scale = m, s
         else:
-            loc = pyro.param(LOC, m.clone())
-            scale = pyro.param(SCALE, s.clone(), constraint=constraints.positive)
-            probs = pyro.param(PROBS, phi.clone(), constraint=constraints.simplex)
+            loc = pyro.param(LOC, lambda: m.clone())
+            scale = pyro.param(SCALE, lambda: s.clone(), constraint=constraints.positive)
+            logits = pyro.param(LOGITS, lambda: logits0.clone())  # lazy: no O(n) copy per call
         with pyro.plate("components", K, dim=-1):
             pyro.sample("mu", dist.Normal(loc, scale[:, None].expand(loc.shape)).to_event(1))
-        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=loc.device) as i:
-            pyro.sample("c", dist.Categorical(probs=probs[i]), infer=infer)
+        if x.shape[0] != n:
+            raise ValueError(f"x: the guide holds q(c) for {n} points, got {x.shape[0]} rows")
+        with _batch(x, subsample_size) as i:
+            if fixed:
+                q_c = dist.Categorical(probs=phi[i])
+            else:  # only the batch's rows: a sparse gradient, moved lazily by the optimizer
+                sparse = sparse_grad and subsample_size is not None
+                q_c = dist.Categorical(logits=F.embedding(i, logits, sparse=sparse))
+            pyro.sample("c", q_c, infer=infer)
 
     return guide
 
@@ -91,20 +142,26 @@ def build_mean_field(
     init: CaviState | None = None,
     fixed: bool = False,
     enumerate_c: bool = True,
+    sparse_grad: bool = True,
 ):
-    """q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(phi_i); params ``q_mu_loc`` (K, d),
-    ``q_mu_scale`` (K,) > 0, ``q_c_probs`` (n, K) on the simplex.
+    """q(mu_k) = N(m_k, s_k^2 I), q(c_i) = Cat(softmax(l_i)); params ``q_mu_loc`` (K, d),
+    ``q_mu_scale`` (K,) > 0, ``q_c_logits`` (n, K) unconstrained (read only for the batch rows).
 
     ``enumerate_c`` marks c for parallel enumeration: under ``TraceEnum_ELBO`` the expectation
     over q(c) is then a sum (same bound, the mean-field ELBO, with far less gradient noise than
     the score-function estimator ``Trace_ELBO`` uses; ``Trace_ELBO`` ignores the mark and warns).
     ``init``: start at a CAVI state instead of k-means++ seeding.
+    ``sparse_grad``: on minibatch steps the logits get a sparse gradient (the batch's rows only),
+    which the SVI engine's optimizer applies lazily; an optimizer without sparse support
+    (``torch.optim.Adam``, ``pyro.optim.Adam``) needs ``sparse_grad=False`` (dense (n, K)
+    gradients, a step then costs O(n)) or ``pyro.optim.PyroOptim(LazyClippedAdam, {...})``
+    (:mod:`inference.sparse_adam`).
     """
     x = family.check_data(x)
     m, s, phi = _initial(family, x, seed, init)
     if phi.shape != (x.shape[0], family.K):
         raise ValueError(f"init: phi must be shaped (n, K) = {(x.shape[0], family.K)}")
-    return _mean_field(m, s, phi, fixed=fixed, enumerate_c=enumerate_c)
+    return _mean_field(m, s, phi, fixed=fixed, enumerate_c=enumerate_c, sparse_grad=sparse_grad)
 
 
 def mean_field_guide_from(state: CaviState, *, fixed: bool = True, enumerate_c: bool = True):
@@ -127,12 +184,33 @@ def build_collapsed(family, x, *, seed: int | None = None, init: CaviState | Non
     K = family.K
 
     def guide(x, subsample_size=None):
-        loc = pyro.param(LOC, m.clone())
-        scale = pyro.param(SCALE, s.clone(), constraint=constraints.positive)
+        loc = pyro.param(LOC, lambda: m.clone())
+        scale = pyro.param(SCALE, lambda: s.clone(), constraint=constraints.positive)
         with pyro.plate("components", K, dim=-1):
             pyro.sample("mu", dist.Normal(loc, scale[:, None].expand(loc.shape)).to_event(1))
+        if subsample_size is not None:
+            with _batch(x, subsample_size):  # the model's data plate takes these indices
+                pass
 
     return guide
+
+
+class _BatchDeclaring:
+    """An autoguide over mu that also draws the minibatch (:func:`_batch`) for the model's plate."""
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("subsample_size") is not None:
+            with _batch(args[0], kwargs["subsample_size"]):
+                pass
+        return super().forward(*args, **kwargs)
+
+
+class SubsamplingAutoNormal(_BatchDeclaring, AutoNormal):
+    """:class:`~pyro.infer.autoguide.AutoNormal` that draws the model's minibatch."""
+
+
+class SubsamplingAutoMultivariateNormal(_BatchDeclaring, AutoMultivariateNormal):
+    """:class:`~pyro.infer.autoguide.AutoMultivariateNormal` that draws the model's minibatch."""
 
 
 def _auto(cls, family, x, seed: int | None, init_scale: float):
@@ -147,12 +225,12 @@ def _auto(cls, family, x, seed: int | None, init_scale: float):
 
 def build_auto_normal(family, x, *, seed: int | None = None, init_scale: float = 0.1):
     """AutoNormal over mu (diagonal Gaussian over all K*d coordinates)."""
-    return _auto(AutoNormal, family, x, seed, init_scale)
+    return _auto(SubsamplingAutoNormal, family, x, seed, init_scale)
 
 
 def build_auto_mvn(family, x, *, seed: int | None = None, init_scale: float = 0.1):
     """AutoMultivariateNormal over mu (full-covariance Gaussian over the K*d coordinates)."""
-    return _auto(AutoMultivariateNormal, family, x, seed, init_scale)
+    return _auto(SubsamplingAutoMultivariateNormal, family, x, seed, init_scale)
 
 
 def guide_specs() -> dict[str, GuideSpec]:
@@ -179,13 +257,16 @@ def guide_specs() -> dict[str, GuideSpec]:
 
 __all__ = [
     "LOC",
-    "PROBS",
+    "LOGITS",
     "SCALE",
+    "SubsamplingAutoMultivariateNormal",
+    "SubsamplingAutoNormal",
     "build_auto_mvn",
     "build_auto_normal",
     "build_collapsed",
     "build_mean_field",
     "guide_specs",
     "mean_field_guide_from",
+    "minibatch_indices",
     "spread_means",
 ]

@@ -168,6 +168,19 @@ except ImportError:  # pragma: no cover - depends on the install
     L = None
 
 
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """A blocking all-reduce (sum, max or min) of a copy of ``t`` over the process group (``t``
+    itself when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                             "min": dist.ReduceOp.MIN}[op])
+    return out
+
+
 def _lightning():
     if L is None:  # pragma: no cover - depends on the install
         raise ImportError("strategy: distributed SVI needs PyTorch Lightning; install it with "
@@ -191,6 +204,9 @@ if L is not None:
 
         def setup(self, stage: str) -> None:
             family, x, spec, opts, settings, seed, _ = self.ctx
+            # spawned processes receive the family's tensors in shared memory: every rank would
+            # update one decoder; each rank trains its own copy
+            family = copy.deepcopy(family)
             self.pair = _Pair(family, x, spec, opts, settings, seed)
             self.params = nn.ParameterList(self.pair.parameters)
 
@@ -205,18 +221,17 @@ if L is not None:
             idx = global_batch(x.shape[0], settings.objective.subsample_size, seed, step)
             torch.manual_seed(_step_seed(seed, step, rank))
             loss = self.pair.shard_loss(idx[rank::world])
-            elbo = -self.all_gather(loss.detach()).reshape(-1).mean()  # the all-reduced estimate
+            elbo = -_all_reduce(loss.detach(), "sum") / world  # the all-reduced estimate
             self.trace.append(float(elbo))
             self.log("elbo", elbo, on_step=True, prog_bar=True)
             return loss
 
         def on_train_end(self) -> None:
             flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-            every = self.all_gather(flat).reshape(-1, flat.numel())
-            diff = (every - every[0]).abs()
+            diff = _all_reduce(flat, "max") - _all_reduce(flat, "min")  # elementwise across ranks
             spread = float(diff.max())
             sizes = [p.numel() for p in self.params]
-            by_name = {k: float(d.max()) for k, d in zip(self.pair.names, diff.split(sizes, dim=1))}
+            by_name = {k: float(d.max()) for k, d in zip(self.pair.names, diff.split(sizes))}
             if self.global_rank == 0:
                 torch.save({"params": self.pair.constrained(), "spread_by_param": by_name,
                             "trace": torch.tensor(self.trace, dtype=torch.float64),

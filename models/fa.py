@@ -18,7 +18,7 @@ import torch
 from pyro.distributions import constraints
 
 from models.base import Evidence, GaussianPosterior, LocalLatentFamily
-from models.fa_fit import EMState, FactorCAVI, FactorEM, cavi_elbo_pointwise, fit_em
+from models.fa_fit import METHODS, EMState, FactorCAVI, FactorEM, cavi_elbo_pointwise, fit_em
 from models.fa_linalg import (
     KINDS,
     check_factor_data,
@@ -44,6 +44,10 @@ class FactorAnalysis(LocalLatentFamily):
     ``min_var``: EM keeps each noise variance >= ``min_var`` times its column's sample variance
     (:func:`models.fa_linalg.variance_floor`; relative, so a fit to data times c is the fit to
     the data, rescaled); the learned ``pyro.param`` psi of SVI is kept > ``min_var`` itself.
+
+    ``em_method`` (the ``em`` engine): ``"em"`` (Ghahramani & Hinton's EM), ``"svd"`` (the eigen
+    iteration, FA only) or ``"auto"`` (svd for FA, em for PPCA). Both reach the same likelihood; the
+    loadings differ by a rotation: svd's makes the posterior covariance diagonal.
     """
 
     max_plate_nesting = 1
@@ -57,9 +61,11 @@ class FactorAnalysis(LocalLatentFamily):
         dim: int | None = None,
         min_var: float = 1e-6,
         init: str = "pca",
+        em_method: str = "auto",
     ):
         self.latent_dim = integer(latent_dim, "latent_dim", minimum=1)
         self.kind = choice(kind, "kind", KINDS)
+        self.em_method = choice(em_method, "em_method", METHODS)
         self.name = kind
         self.min_var = positive(min_var, "min_var")
         self.init = choice(init, "init", ("pca", "random"))
@@ -90,6 +96,7 @@ class FactorAnalysis(LocalLatentFamily):
             "kind": self.kind,
             "dim": self.dim,
             "min_var": self.min_var,
+            "em_method": self.em_method,
         }
 
     # -- where the parameters come from -------------------------------------------------------
@@ -254,7 +261,8 @@ class FactorAnalysis(LocalLatentFamily):
     def em(self) -> FactorEM:
         """Maximum likelihood by EM on the sufficient statistics (bound ``log-likelihood``),
         starting from the family's params when it has them."""
-        return FactorEM(self.latent_dim, kind=self.kind, min_var=self.min_var, start=self.params)
+        return FactorEM(self.latent_dim, kind=self.kind, method=self.em_method,
+                        min_var=self.min_var, start=self.params)
 
     def cavi(self) -> FactorCAVI:
         """Mean-field CAVI over q(z) with the family's fixed params (bound ``elbo``)."""

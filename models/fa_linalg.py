@@ -69,24 +69,40 @@ def loglik_from_cov(S: torch.Tensor, n: int, W, psi) -> torch.Tensor:
 
 
 def mean_cov(x: torch.Tensor):
-    """The sample mean (d,) and the biased sample covariance (d, d) of the rows of x."""
+    """The sample mean (d,) and the biased sample covariance (d, d) of the rows of x (each row
+    divided by sqrt(n) before the product, so the sum cannot overflow where S itself does not)."""
     mean = x.mean(0)
-    xc = x - mean
-    return mean, (xc.T @ xc) / x.shape[0]
+    xc = (x - mean) / x.shape[0] ** 0.5
+    return mean, xc.T @ xc
+
+
+def variance_floor(S: torch.Tensor, min_var, kind: str = "fa") -> torch.Tensor:
+    """The floor of the noise variances, relative to the data's scale (so EM is equivariant
+    under rescaling of the data): FA psi_j >= min_var * S_jj (a constant column: min_var times
+    the mean variance); PPCA sigma^2 >= min_var * mean_j S_jj. Shape (d,); a tensor ``min_var``
+    (d,) is taken as the floor itself."""
+    if torch.is_tensor(min_var):
+        return min_var.to(S)
+    diag = torch.diagonal(S)
+    mean = diag.mean()
+    if kind == "ppca":
+        return (min_var * mean).expand(diag.shape[0]).clone()
+    return min_var * torch.where(diag > 0, diag, mean)
 
 
 def pca_init(S: torch.Tensor, k: int, kind: str, min_var: float):
     """PPCA closed form on S (Tipping & Bishop 1999, eq. 7-8): sigma^2 = mean of the d - k
     smallest eigenvalues, W = U_k (Lambda_k - sigma^2 I)^(1/2); FA takes psi = diag(S - W W^T)."""
     d = S.shape[0]
+    floor = torch.as_tensor(min_var, dtype=S.dtype, device=S.device).expand(d)
     evals, evecs = torch.linalg.eigh(S)
     evals, evecs = evals.flip(0), evecs.flip(1)
-    sigma2 = evals[k:].mean().clamp_min(min_var)
+    sigma2 = evals[k:].mean().clamp_min(floor.min())
     W = evecs[:, :k] * (evals[:k] - sigma2).clamp_min(0).sqrt()
     if kind == "ppca":
-        psi = sigma2.expand(d).clone()
+        psi = sigma2.clamp_min(floor.max()).expand(d).clone()
     else:
-        psi = (torch.diagonal(S) - (W * W).sum(1)).clamp_min(min_var)
+        psi = (torch.diagonal(S) - (W * W).sum(1)).clamp_min(floor)
     return W, psi
 
 
@@ -149,18 +165,53 @@ def svd_update(S: torch.Tensor, psi, k: int, min_var: float):
 
 
 def check_factor_data(x, latent_dim: int, dim: int | None, *, allow_nan: bool = False):
-    """Data for a k-factor model: an (n, d) array with d == ``dim`` (when set) and k < d."""
+    """Data for a k-factor model: an (n, d) array with d == ``dim`` (when set) and k < d, whose
+    second moments are representable in its dtype (:func:`check_second_moments`)."""
     x = as_data(x, "x", allow_nan=allow_nan)
     d = x.shape[1]
     if dim is not None and d != dim:
         raise ValueError(f"x: expected {dim} columns, got {d}")
     if latent_dim >= d:
         raise ValueError(f"latent_dim: must be < the data dimension {d}, got {latent_dim}")
+    check_second_moments(x)
     return x
 
 
+def check_second_moments(x: torch.Tensor, name: str = "x") -> None:
+    """Every covariance computation needs the columns' sums of squares: an error naming ``name``
+    when n max|x|^2 overflows with a factor 100 of headroom (for the products the algorithms
+    form), or when a non-constant column's mean squared deviation underflows below the dtype's
+    smallest normal number (float32 data of size 1e-20: every later quantity is NaN)."""
+    xd = x.detach()
+    if xd.shape[0] < 1:
+        return
+    with one_thread(xd):  # fast path on one thread: finite, normal variances, headroom
+        # headroom: n * max|x|^2 (any sum of squares) times 100 (the products algorithms form)
+        lo, hi = torch.aminmax(xd, dim=0)  # one pass, no copies (NaN -> the slow path)
+        top = torch.maximum(hi, -lo)
+        room = bool(torch.isfinite(100.0 * xd.shape[0] * top * top).all())
+        # with that headroom the squared deviations cannot overflow (2 passes, faster than var)
+        ss = (xd - xd.mean(0)).square_().mean(0)
+        if room and bool(torch.isfinite(ss).all()) and bool((ss >= torch.finfo(x.dtype).tiny).all()):
+            return
+    top = torch.nan_to_num(xd, nan=0.0).abs().amax(0)
+    room = bool(torch.isfinite(100.0 * xd.shape[0] * top * top).all())
+    finite = torch.nan_to_num(xd, nan=0.0)
+    dev = (finite - finite.mean(0)) / xd.shape[0] ** 0.5
+    ss = (dev * dev).sum(0)
+    kind = str(x.dtype).removeprefix("torch.")
+    if not (room and bool(torch.isfinite(ss).all())):
+        raise ValueError(f"{name}: values up to {float(xd.abs().nan_to_num(0).max()):.3g} overflow "
+                         f"the data's second moments in {kind}; rescale the data")
+    spread = dev.abs().amax(0) > 0
+    tiny = torch.finfo(x.dtype).tiny
+    if bool((spread & (ss < tiny)).any()):
+        raise ValueError(f"{name}: the data's variances (as small as {float(ss[spread].min()):.3g}) "
+                         f"underflow {kind}; rescale the data or use float64")
+
+
 __all__ = [
-    "KINDS", "LOG_2PI", "check_factor_data", "cholesky", "em_update", "gaussian_loglik",
-    "init_from_cov", "loglik_from_cov", "mean_cov", "pca_init", "ppca_ml", "precision_factor",
-    "svd_update",
+    "KINDS", "LOG_2PI", "check_factor_data", "check_second_moments", "cholesky", "em_update",
+    "gaussian_loglik", "init_from_cov", "loglik_from_cov", "mean_cov", "pca_init", "ppca_ml",
+    "precision_factor", "svd_update", "variance_floor",
 ]

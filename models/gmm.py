@@ -39,7 +39,7 @@ comes from the distribution objects of :meth:`BayesianGMM.mean_prior`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyro
@@ -52,7 +52,12 @@ from models.base import ModelFamily
 from models.capabilities import Evidence, Moments
 from models.gmm_evidence import MAX_ASSIGNMENTS
 from models.numerics import LOG_2PI
-from models.validate import as_data, integer, positive
+from models.validate import as_data, check_size, integer, positive
+
+#: the prior variances the family accepts: beyond, 1/s2 or s2 * (sums of squares) leave float64
+PRIOR_VAR_RANGE = (1e-300, 1e300)
+#: the coarsest spacing of representable data values (|x| * eps) accepted, in component sds
+RESOLUTION = 0.1
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -75,15 +80,27 @@ def sorted_means(mu: torch.Tensor) -> torch.Tensor:
 def spread_means(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
     """K data points by k-means++ seeding (Arthur & Vassilvitskii 2007): the first uniformly,
     each next one with probability proportional to its squared distance D(x_i)^2 to the nearest
-    point already chosen. Shape ``(K, d)`` on x's device and dtype."""
+    point already chosen. Shape ``(K, d)`` on x's device and dtype.
+
+    D^2 is kept as a running minimum (O(n K d) in all) and computed in float64 on data divided by
+    their largest absolute value (the weights are scale-free, so values near 1e300 cannot
+    overflow). Once every distinct point is chosen (K larger than their number), the remaining
+    picks are uniform."""
     n = x.shape[0]
+    z = x.detach().to("cpu", torch.float64)
+    top = float(z.abs().max())
+    if top > 0:
+        z = z / top
     idx = [int(torch.randint(n, (1,), generator=generator))]
-    for _ in range(1, K):
-        d2 = ((x.unsqueeze(1) - x[idx].unsqueeze(0)) ** 2).sum(-1).amin(1)
-        weights = d2.detach().to("cpu", torch.float64)
-        if not float(weights.sum()) > 0:  # fewer distinct points than K: any point
-            weights = torch.ones(n, dtype=torch.float64)
-        idx.append(int(torch.multinomial(weights, 1, generator=generator)))
+    d2 = ((z - z[idx[0]]) ** 2).sum(-1)
+    while len(idx) < K:
+        if not float(d2.sum()) > 0:  # fewer distinct points than K: the rest uniformly
+            rest = torch.randint(n, (K - len(idx),), generator=generator)
+            idx.extend(rest.tolist())
+            break
+        i = int(torch.multinomial(d2, 1, generator=generator))
+        idx.append(i)
+        d2 = torch.minimum(d2, ((z - z[i]) ** 2).sum(-1))
     return x[torch.tensor(idx, device=x.device)].clone()
 
 
@@ -110,6 +127,10 @@ class BayesianGMM(ModelFamily):
     def __init__(self, K: int = 3, prior_var: float = 10.0, dim: int | None = None):
         self.K = integer(K, "K", minimum=1)
         self.prior_var = positive(prior_var, "prior_var")
+        lo, hi = PRIOR_VAR_RANGE
+        if not lo <= self.prior_var <= hi:
+            raise ValueError(f"prior_var: must lie in [{lo:g}, {hi:g}] (1/s2 and s2 times sums of "
+                             f"squares must stay finite in float64), got {prior_var!r}")
         self.dim = None if dim is None else integer(dim, "dim", minimum=1)
 
     def __repr__(self) -> str:
@@ -170,12 +191,38 @@ class BayesianGMM(ModelFamily):
     # ------------------------------------------------------------------ data and model
 
     def check_data(self, x) -> torch.Tensor:
-        """``x`` as an ``(n, d)`` floating tensor (1-D input read as d = 1); device/dtype kept."""
+        """``x`` as an ``(n, d)`` floating tensor (1-D input read as d = 1); device/dtype kept.
+
+        The components have unit variance, so the data must be resolved much finer than 1, and
+        every log density sums terms of size ||x_i||^2: data are an error when the spacing of
+        their values in their dtype (max |x| * eps) or the float64 rounding of those sums
+        (eps_64 * sum_i ||x_i||^2, in nats) exceeds :data:`RESOLUTION` (e.g. float32 beyond ~8e5;
+        100 float64 points beyond ~2e6): the rounding, not the model, would set every ELBO,
+        evidence and gap. Squared norms that overflow are an error too."""
         x = as_data(x, "x", ndim=(1, 2))
         if x.dim() == 1:
             x = x.unsqueeze(-1)
         if self.dim is not None and x.shape[1] != self.dim:
             raise ValueError(f"x: expected {self.dim} columns (dim={self.dim}), got {x.shape[1]}")
+        big = float(x.detach().abs().max())
+        spacing = big * torch.finfo(x.dtype).eps
+        if spacing > RESOLUTION:
+            kind = str(x.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"x: values up to {big:.3g} are resolved only to {spacing:.2g} in {kind}, too "
+                "coarse for the GMM's unit-variance components; rescale the data"
+                + ("" if x.dtype == torch.float64 else " or use float64"))
+        sq = (x.detach() ** 2).sum(-1)
+        total = float(sq.double().sum())
+        if not (bool(torch.isfinite(sq).all()) and math.isfinite(total)):
+            raise ValueError(
+                f"x: values up to {big:.3g} overflow the squared distances in {str(x.dtype)[6:]} "
+                "(the GMM's components have unit variance); rescale the data")
+        if total * torch.finfo(torch.float64).eps > RESOLUTION:
+            raise ValueError(
+                f"x: values up to {big:.3g} make the log densities sums of size {total:.3g}, known "
+                f"only to {total * torch.finfo(torch.float64).eps:.2g} nats in float64 (the "
+                "components have unit variance); rescale the data")
         return x
 
     def _sample_means(self, x: torch.Tensor):
@@ -207,6 +254,12 @@ class BayesianGMM(ModelFamily):
         c = torch.randint(self.K, (n,), generator=gen)
         x = mu[c] + torch.randn(n, d, generator=gen, dtype=torch.float64)
         kw = {"device": device, "dtype": dtype}
+        try:
+            self.check_data(x.to(dtype=dtype))
+        except ValueError as exc:
+            raise ValueError(f"prior_var: {self.prior_var:g} draws means of size "
+                             f"{float(mu.abs().max()):.3g}, whose data cannot be used "
+                             f"({str(exc).removeprefix('x: ')})") from exc
         return x.to(**kw), {"mu": mu.to(**kw), "c": c.to(device)}
 
     # ------------------------------------------------------------------ exact answers
@@ -227,9 +280,11 @@ class BayesianGMM(ModelFamily):
         ``"quadrature"`` (Gauss-Hermite on eq. 5, K*d <= 5; se is an error indicator from
         coarser and wider grids, not a standard error), ``"importance"`` (importance sampling of
         eq. 5 with a proposal covering all K! label permutations; se is the delta-method
-        standard error; ``details["ess"]`` the effective sample size),
-        or ``"auto"``: enumeration when K^(n-1) <= ``max_assignments``, else quadrature when
-        K*d <= 4 and its error indicator is <= 0.01 nats, else importance sampling.
+        standard error; ``details["ess"]`` the effective sample size), ``"sequential"``
+        (sequential importance sampling over partitions, any K: :mod:`models.gmm_sequential`),
+        or ``"auto"``: enumeration when K^(n-1) <= ``max_assignments``, else sequential when
+        K > n, else quadrature when K*d <= 4 and its error indicator is <= 0.01 nats, else
+        importance sampling (sequential if that yields no finite estimate).
         See :func:`models.gmm_evidence.log_evidence`.
         """
         return gmm_evidence.log_evidence(
@@ -316,6 +371,14 @@ class BayesianGMM(ModelFamily):
         }
 
 
+def check_work_size(x: torch.Tensor, K: int, what: str) -> None:
+    """EM and CAVI hold (n, K, d) squared differences per sweep: refuse, naming K, what cannot
+    fit in memory (:func:`models.validate.check_size`)."""
+    n, d = x.shape
+    check_size(3 * n * K * d, "K", f"{what} with K={K} on {n} points of dimension {d}",
+               itemsize=x.element_size(), device=x.device)
+
+
 # ----------------------------------------------------------------------------- EM (MAP of mu)
 
 
@@ -337,6 +400,7 @@ class GMMMap:
         self.family = family
 
     def init(self, x: torch.Tensor, generator: torch.Generator) -> MapState:
+        check_work_size(x, self.family.K, "EM")
         return MapState(spread_means(x, self.family.K, generator))
 
     def step(self, x: torch.Tensor, state: MapState) -> MapState:
@@ -346,8 +410,9 @@ class GMMMap:
         return MapState((r.T @ x) / (r.sum(0) + 1.0 / self.family.prior_var)[:, None])
 
     def objective(self, x: torch.Tensor, state: MapState) -> float:
-        """log p(x, mu) of eq. 5 (nats, all constants): never decreases under EM."""
-        return float(self.family.log_joint(x, state.mu))
+        """log p(x, mu) of eq. 5 (nats, all constants): never decreases under EM. Summed in
+        float64 whatever the data's dtype (a float32 sum of terms of size 1e12 is off by 1e5)."""
+        return float(self.family.log_joint(x.double(), state.mu.double()))
 
     def posterior(self, x: torch.Tensor, state: MapState) -> dict[str, torch.Tensor]:
         r = self.family.responsibilities(x, state.mu)
@@ -359,16 +424,42 @@ class GMMMap:
 
 @dataclass
 class CaviState:
-    """q(mu_k) = N(m_k, s2_k I), q(c_i) = Cat(phi_i): ``m`` (K, d), ``s2`` (K,), ``phi`` (n, K)."""
+    """q(mu_k) = N(m_k, s2_k I), q(c_i) = Cat(phi_i): ``m`` (K, d), ``s2`` (K,), ``phi`` (n, K).
+
+    ``stats`` (set by :class:`GMMCavi`, not a constructor argument; dropped by
+    ``dataclasses.replace``): the sufficient statistics the sweep computed, from which the ELBO
+    costs O(Kd) (:class:`CaviStats`)."""
 
     m: torch.Tensor
     s2: torch.Tensor
     phi: torch.Tensor
+    stats: CaviStats | None = field(default=None, init=False, repr=False, compare=False)
+
+
+@dataclass
+class CaviStats:
+    """By-products of computing phi = softmax_k(a_ik), a_ik = m'_k^T x_i - (||m'_k||^2 + d s2'_k)/2
+    (eq. 6 at the q(mu) = (m', s2') it was computed from): N_k = sum_i phi_ik, S_k = sum_i phi_ik
+    x_i, log_norm = sum_i log sum_k exp a_ik, xsq = sum_i ||x_i||^2; and the tensors they
+    describe (checked by identity before use)."""
+
+    x: torch.Tensor
+    m_from: torch.Tensor
+    s2_from: torch.Tensor
+    phi: torch.Tensor
+    N: torch.Tensor
+    S: torch.Tensor
+    log_norm: torch.Tensor
+    xsq: torch.Tensor
 
 
 class GMMCavi:
     """CAVI with the updates of eqs. 6-8 and the closed-form ELBO (eq. 9). Start: m_k at K data
-    points by k-means++ seeding, s_k^2 = 1, phi from the phi-update."""
+    points by k-means++ seeding, s_k^2 = 1, phi from the phi-update.
+
+    A sweep costs O(nKd) (one pass over phi laid out (K, n)); its ELBO then costs O(Kd) from the
+    sweep's sufficient statistics (:meth:`objective`); :meth:`closed_form_elbo` is the O(nKd)
+    reference that evaluates eq. 9 term by term at any state."""
 
     bound = "elbo"
     guide = "mean-field"
@@ -377,49 +468,101 @@ class GMMCavi:
         self.family = family
 
     def init(self, x: torch.Tensor, generator: torch.Generator) -> CaviState:
+        check_work_size(x, self.family.K, "CAVI")
         m = spread_means(x, self.family.K, generator)
         s2 = x.new_ones(self.family.K)
-        return CaviState(m, s2, self.phi(x, m, s2))
+        return self._sweep(x, m, s2, None, update=False)
 
     @staticmethod
     def phi(x: torch.Tensor, m: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-        """phi_ik ∝ exp(E[mu_k]^T x_i - E[mu_k^T mu_k] / 2)   (eq. 6)."""
+        """phi_ik ∝ exp(E[mu_k]^T x_i - E[mu_k^T mu_k] / 2)   (eq. 6), computed as
+        exp(-(||x_i - m_k||^2 + d s_k^2) / 2) (the same up to the factor exp(-||x_i||^2 / 2)),
+        without the cancellation of the expanded form on data far from 0 (float32 x 1e6)."""
         d = x.shape[1]
-        return _softmax(x @ m.T - 0.5 * ((m**2).sum(-1) + d * s2), dim=-1)
+        sq = ((x.unsqueeze(-2) - m.unsqueeze(-3)) ** 2).sum(-1)
+        return _softmax(-0.5 * (sq + d * s2), dim=-1)
 
     def step(self, x: torch.Tensor, state: CaviState) -> CaviState:
         """One sweep: every phi_i (eq. 6), then every q(mu_k) (eqs. 7-8):
         m_k = sum_i phi_ik x_i / (1/s2 + sum_i phi_ik),  s_k^2 = 1 / (1/s2 + sum_i phi_ik)."""
-        phi = self.phi(x, state.m, state.s2)
-        lam = 1.0 / self.family.prior_var + phi.sum(0)
-        return CaviState((phi.T @ x) / lam[:, None], 1.0 / lam, phi)
+        return self._sweep(x, state.m, state.s2, state.stats, update=True)
+
+    def _sweep(self, x, m, s2, previous: CaviStats | None, *, update: bool) -> CaviState:
+        """phi from (m, s2) (eq. 6) laid out (K, n), its statistics, and (``update``) the new
+        q(mu) (eqs. 7-8). Five passes over K x n numbers: logits, max, exp, sum, normalize."""
+        d = x.shape[1]
+        a = torch.addmm((-0.5 * ((m**2).sum(-1) + d * s2)).unsqueeze(-1), m, x.T)  # (K, n)
+        amax = a.amax(0)
+        e = a.sub_(amax).exp_()
+        z = e.sum(0)
+        phi_kn = e.mul_(z.reciprocal())
+        N, S = phi_kn.sum(1), phi_kn @ x
+        reuse = previous is not None and previous.x is x
+        xsq = previous.xsq if reuse else (x * x).sum()
+        stats = CaviStats(x, m, s2, phi_kn.T, N, S, (amax + z.log()).sum(), xsq)
+        if update:
+            lam = 1.0 / self.family.prior_var + N
+            m, s2 = S / lam[:, None], 1.0 / lam
+        state = CaviState(m, s2, stats.phi)
+        state.stats = stats
+        return state
 
     def objective(self, x: torch.Tensor, state: CaviState) -> float:
-        """Closed-form ELBO (eq. 9; nats, summed over the data, every constant kept):
+        """The closed-form ELBO of eq. 9 (:meth:`closed_form_elbo`) from the sweep's statistics,
+        O(Kd): with N_k, S_k, xsq as in :class:`CaviStats`, msq_k = ||m_k||^2 + d s_k^2,
+
+        E log p(x|c,mu) = -n d/2 log 2pi - xsq/2 + sum_k (S_k^T m_k - N_k msq_k / 2)
+        -E log q(c)     = log_norm - sum_k (S_k^T m'_k - N_k msq'_k / 2)
+        (log phi_ik = a_ik - log sum_k exp a_ik, a at the q(mu) = (m', s2') phi came from).
+        Falls back to :meth:`closed_form_elbo` for a state without matching statistics."""
+        st = state.stats
+        if st is None or st.x is not x or st.phi is not state.phi or x.dtype != torch.float64:
+            # below float64 the statistics' x^2 - 2 x m + m^2 cancels catastrophically (float32
+            # data x 1e6: errors of 1e7 nats): the term-by-term form, in float64
+            return self.closed_form_elbo(x, state)
+        m, s2 = state.m, state.s2
+        n, d = x.shape
+        msq = (m**2).sum(-1) + d * s2
+        msq_from = (st.m_from**2).sum(-1) + d * st.s2_from
+        e_lik = -0.5 * n * d * LOG_2PI - 0.5 * st.xsq + (st.S * m).sum() - 0.5 * (st.N * msq).sum()
+        h_c = st.log_norm - (st.S * st.m_from).sum() + 0.5 * (st.N * msq_from).sum()
+        return float(e_lik + h_c + self._global_terms(n, d, m, s2, msq))
+
+    def _global_terms(self, n, d, m, s2, msq) -> torch.Tensor:
+        """E log p(mu) + E log p(c) - E log q(mu) (eq. 9; see :meth:`closed_form_elbo`)."""
+        K, sp = self.family.K, self.family.prior_var
+        e_prior = (-0.5 * d * (LOG_2PI + math.log(sp)) - 0.5 * msq / sp).sum()
+        h_mu = (0.5 * d * (1 + LOG_2PI + torch.log(s2))).sum()
+        return e_prior - n * math.log(K) + h_mu
+
+    def closed_form_elbo(self, x: torch.Tensor, state: CaviState) -> float:
+        """Closed-form ELBO (eq. 9; nats, summed over the data, every constant kept), term by term
+        at any (m, s2, phi), O(nKd):
 
         E log p(mu)     = sum_k [-d/2 log(2 pi s2) - (||m_k||^2 + d s_k^2) / (2 s2)]
         E log p(c)      = -n log K
         E log p(x|c,mu) = sum_ik phi_ik [-d/2 log 2pi - (||x_i - m_k||^2 + d s_k^2) / 2]
         -E log q(mu)    = sum_k d/2 (1 + log(2 pi s_k^2))
         -E log q(c)     = -sum_ik phi_ik log phi_ik
+
+        Computed in float64 whatever the data's dtype, with ||x_i - m_k||^2 formed directly (the
+        expanded x^2 - 2 x m + m^2 cancels catastrophically on data far from 0).
         """
-        m, s2, phi = state.m, state.s2, state.phi
+        x = x.double()
+        m, s2, phi = state.m.double(), state.s2.double(), state.phi.double()
         n, d = x.shape
-        K, sp = self.family.K, self.family.prior_var
         msq = (m**2).sum(-1) + d * s2  # E ||mu_k||^2
-        e_prior = (-0.5 * d * (LOG_2PI + math.log(sp)) - 0.5 * msq / sp).sum()
-        e_c = -n * math.log(K)
-        sq = (x**2).sum(-1, keepdim=True) - 2 * x @ m.T + msq  # E ||x_i - mu_k||^2
+        sq = ((x.unsqueeze(-2) - m.unsqueeze(-3)) ** 2).sum(-1) + d * s2  # E ||x_i - mu_k||^2
         e_lik = (phi * (-0.5 * d * LOG_2PI - 0.5 * sq)).sum()
-        h_mu = (0.5 * d * (1 + LOG_2PI + torch.log(s2))).sum()
         h_c = -torch.special.xlogy(phi, phi).sum()
-        return float(e_prior + e_c + e_lik + h_mu + h_c)
+        return float(e_lik + h_c + self._global_terms(n, d, m, s2, msq))
 
     def posterior(self, x: torch.Tensor, state: CaviState) -> dict[str, torch.Tensor]:
-        return {"m": state.m, "s2": state.s2, "phi": state.phi, "mu_sorted": sorted_means(state.m)}
+        return {"m": state.m, "s2": state.s2, "phi": state.phi.contiguous(),
+                "mu_sorted": sorted_means(state.m)}
 
 
 __all__ = [
-    "MAX_ASSIGNMENTS", "BayesianGMM", "CaviState", "GMMCavi", "GMMMap", "MapState",
+    "MAX_ASSIGNMENTS", "BayesianGMM", "CaviState", "CaviStats", "GMMCavi", "GMMMap", "MapState",
     "label_symmetry_term", "sorted_means", "spread_means",
 ]

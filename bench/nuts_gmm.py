@@ -1,0 +1,141 @@
+"""NUTS on the Bayesian GMM: ``inference.fit("mcmc", BayesianGMM(3), x)`` against NumPyro.
+
+``python -m bench.nuts_gmm [--n 1000 --warmup 500 --draws 1000 --repeat 3 --seed 0]``
+
+The same model on both sides (eqs. 1-3 of ``models/gmm.py`` with c summed out: mu_k ~ N(0, s2),
+x_i ~ sum_k (1/K) N(mu_k, 1)), one chain of ``warmup`` + ``draws`` NUTS iterations (target
+acceptance 0.8; elbolab's default max tree depth 8, NumPyro's 10), float64. The figure is the
+bulk ESS per second end to end (the whole call: compilation, warm-up, sampling), the ESS the
+smallest over the K sorted means (label-invariant), computed by the same ArviZ call on both sides.
+NumPyro runs cold (a new MCMC object: JAX compiles) and warm (the same object run again: the
+compiled code reused); it is optional (``pip install 'elbolab[bench]'``); without it the row
+says so and is skipped.
+
+Agreement: the posterior means of the sorted means within 4 combined Monte Carlo standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from bench.common import Row, agree, interleaved, mean_load, skipped_row
+
+GOAL = 1.0
+
+
+def _ess_and_means(draws: np.ndarray):
+    """(smallest bulk ESS, means, MCSEs) of the sorted means; draws (draw, K)."""
+    import arviz as az
+
+    s = np.sort(draws, axis=-1)[None]  # (chain=1, draw, K)
+    ds = az.convert_to_dataset({"mu": s})
+    ess = np.asarray(az.ess(ds, method="bulk")["mu"].values)
+    mcse = np.asarray(az.mcse(ds, method="mean")["mu"].values)
+    return float(ess.min()), s[0].mean(0), mcse
+
+
+def _numpyro_model(K, prior_var):
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    def model(x):
+        mu = numpyro.sample("mu", nd.Normal(jnp.zeros(K), math.sqrt(prior_var)).to_event(1))
+        mix = nd.MixtureSameFamily(nd.Categorical(probs=jnp.ones(K) / K), nd.Normal(mu, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", mix, obs=x)
+
+    return model
+
+
+def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
+        verbose=True) -> list[Row]:
+    try:
+        import jax
+        import numpyro
+    except ImportError:
+        return [skipped_row(f"NUTS, GMM K={K}, n={n}, {warmup}+{draws}, ESS/s vs NumPyro",
+                            ">= NumPyro warm", "NumPyro not installed (pip install "
+                            "'elbolab[bench]'): NUTS row skipped")]
+    import inference
+    from models.gmm import BayesianGMM
+
+    jax.config.update("jax_enable_x64", True)
+    numpyro.set_host_device_count(1)
+    fam = BayesianGMM(K, prior_var)
+    x, _ = fam.simulate(n, seed=seed)
+    xj = jax.numpy.asarray(x[:, 0].numpy())
+    model = _numpyro_model(K, prior_var)
+    out = {}
+
+    def ours():
+        r = inference.fit("mcmc", fam, x, seed=seed, warmup=warmup, num_samples=draws,
+                          num_chains=1)
+        out["elbolab"] = r.samples["mu"][0, :, :, 0].numpy()
+
+    def make():
+        kernel = numpyro.infer.NUTS(model, target_accept_prob=0.8)
+        return numpyro.infer.MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=1,
+                                  progress_bar=False)
+
+    warm = {"mcmc": make(), "runs": 0}
+
+    def cold():
+        m = make()
+        m.run(jax.random.PRNGKey(seed), xj)
+        out["cold"] = np.asarray(m.get_samples()["mu"])
+
+    def warm_run():
+        m = warm["mcmc"]
+        if warm["runs"] == 0:  # compile once outside the timing (what "warm" means)
+            m.run(jax.random.PRNGKey(seed + 99), xj)
+        warm["runs"] += 1
+        t0 = time.perf_counter()
+        m.run(jax.random.PRNGKey(seed + warm["runs"]), xj)
+        out["warm"] = np.asarray(m.get_samples()["mu"])
+        return time.perf_counter() - t0
+
+    t = interleaved({"elbolab": ours, "numpyro cold": cold, "numpyro warm": warm_run}, repeat)
+    ess = {k: _ess_and_means(v) for k, v in out.items()}
+    (e_o, m_o, s_o), (e_w, m_w, s_w) = ess["elbolab"], ess["warm"]
+    tol = 4 * float(np.sqrt(s_o**2 + s_w**2).max())
+    checks = [agree("posterior means of the sorted means (4 MCSE)",
+                    float(np.abs(m_o - m_w).max()), 0.0, tol)]
+    rate = {k: ess[key][0] / t[k].median
+            for k, key in (("elbolab", "elbolab"), ("numpyro cold", "cold"),
+                           ("numpyro warm", "warm"))}
+    if verbose:
+        print(f"  NUTS ESS (last run): elbolab {e_o:.0f}, numpyro warm {e_w:.0f}, cold "
+              f"{ess['cold'][0]:.0f}; {checks[0]}")
+    return [Row(
+        f"NUTS, GMM K={K}, n={n}, {warmup} warm-up + {draws} draws, 1 chain, ESS/s end to end",
+        f"{rate['elbolab']:.0f} ESS/s ({t['elbolab'].spread(1, '{:.3g}')} s, ESS {e_o:.0f})",
+        f"NumPyro warm {rate['numpyro warm']:.0f} ESS/s ({t['numpyro warm'].spread(1, '{:.3g}')}"
+        f" s), cold {rate['numpyro cold']:.0f} ESS/s ({t['numpyro cold'].spread(1, '{:.3g}')} s)",
+        rate["elbolab"] / rate["numpyro warm"], ">= 1x NumPyro warm", GOAL, mean_load(t), checks,
+        note="ESS is the smallest bulk ESS of the sorted means (last run of each side); "
+             f"elbolab/NumPyro cold = {rate['elbolab'] / rate['numpyro cold']:.2f}x")]
+
+
+def main(argv=None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python -m bench.nuts_gmm", description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rows = run(a.n, warmup=a.warmup, draws=a.draws, repeat=a.repeat, seed=a.seed)
+    from bench.common import details, table
+
+    print(table(rows))
+    print(details(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
