@@ -5,7 +5,6 @@ L[q*] = log p(x) - the closed-form approximation gap for FA's local Gaussian fam
 """
 
 import pytest
-import torch
 
 import inference
 from inference.gaps import gaussian_approximation_gap
