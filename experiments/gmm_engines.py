@@ -98,6 +98,27 @@ def check(args: Settings) -> None:
     args.finite_positive("svi_lr_decay")
 
 
+#: most point-component evaluations a run may ask for (about ten minutes on one CPU core)
+MAX_WORK = 2e11
+
+
+def check_work(args: Settings, n: int, d: int, engines, num_guides: int) -> None:
+    """Refuse settings whose work cannot finish in reasonable time, before any work: every engine
+    costs about n K d per sweep, step or gradient (EM/CAVI: up to 1000 sweeps per restart; SVI:
+    steps x particles per guide plus the evaluation; NUTS: up to 2^5 gradients per draw)."""
+    per = n * args.K * d
+    sweeps = 2 * 1000 * args.restarts * (("em" in engines) + ("cavi" in engines)) / 2
+    steps = ("svi" in engines) * num_guides * (args.svi_steps * args.svi_particles
+                                               + args.eval_particles)
+    grads = ("mcmc" in engines) * args.chains * (args.nuts_samples + args.nuts_warmup) * 32
+    work = per * (sweeps + steps + grads)
+    if work > MAX_WORK:
+        raise common.CliError(
+            f"--K: n K d = {per:.3g} point-component terms per sweep, {work:.2g} in all, is more "
+            f"than this study runs in reasonable time ({MAX_WORK:.0g}); use fewer components, "
+            "points, steps or engines")
+
+
 #: engine-settings field -> study flag, to name the flag in errors raised by the engines
 FIELD_FLAGS = {"lr": "svi_lr", "lr_decay": "svi_lr_decay", "num_particles": "svi_particles",
                "num_steps": "svi_steps", "num_samples": "nuts_samples", "warmup": "nuts_warmup",
@@ -164,6 +185,7 @@ def run(args) -> dict:
     engines, svi_guides = list_engines_guides(args, ENGINES, guides.for_family(family))
     x, data_info = load_data(args, family, device, dtype)
     n = x.shape[0]
+    check_work(args, n, x.shape[1], engines, len(svi_guides))
     out = common.open_run(args, "gmm_engines")
     print(f"Bayesian GMM: n={n}, d={x.shape[1]}, K={args.K}, s2={args.prior_var}, device={device}")
 

@@ -143,3 +143,10 @@ def test_bad_data_file_exits_naming_the_field(tmp_path, content, words):
 def test_bad_flags_exit_naming_the_field(tmp_path, flags, field):
     with pytest.raises(SystemExit, match=field):
         gmm_engines.main(["--quick", "--out", str(tmp_path / "o"), *flags])
+
+
+def test_settings_too_large_to_finish_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit, match="--K: .*reasonable time"):
+        gmm_engines.main(["--K", "200000", "--n", "100", "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.iterdir())
