@@ -133,8 +133,27 @@ def update(text: str, tables: dict[str, str]) -> str:
     return text
 
 
+def flags_section() -> str:
+    """Every study's ``--help``, each in a collapsed block (the README's flag list)."""
+    import contextlib
+    import importlib
+    import io
+
+    from experiments.cli import EXPERIMENTS
+
+    parts = []
+    for name in EXPERIMENTS:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+            importlib.import_module(f"experiments.{name}").main(["--help"])
+        parts.append(f"<details><summary><code>elbolab run {name} --help</code></summary>\n\n"
+                     f"```text\n{buf.getvalue().rstrip()}\n```\n</details>")
+    return "\n\n".join(parts)
+
+
 def main(run_dirs, readme: Path) -> None:
     tables = {s: study_table(d, s) for s, d in collect(run_dirs).items()}
+    tables["flags"] = flags_section()
     if str(readme) == "-":
         for s, t in tables.items():
             print(f"{BEGIN.format(s)}\n{t}\n{END}\n")
