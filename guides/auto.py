@@ -67,23 +67,14 @@ class ComposedGuide(nn.Module):
         self.plate = plate
 
     def forward(self, x, subsample_size=None):
-        # one data plate (one minibatch) shared by every local part, the autoguide's included
-        self._plate = pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
-                                 device=x.device)
         out = {}
         if self.global_guide is not None:
             out.update(self.global_guide(x, subsample_size=subsample_size) or {})
-        if self.local_guides:
-            with self._plate as idx:
-                for g in self.local_guides:
-                    g.register()
-                    out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
-        if self.auto_local is not None:
-            out.update(self.auto_local(x, subsample_size=subsample_size) or {})
-        return out
+        return {**out, **self.local_part(x, subsample_size)}
 
     def local_part(self, x, subsample_size=None):
-        """The guide of the local sites alone (q(z | x) with the globals left to the caller)."""
+        """The guide of the local sites alone (q(z | x) with the globals left to the caller).
+        One data plate (one minibatch) is shared by every local part, the autoguide's included."""
         self._plate = pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
                                  device=x.device)
         out = {}

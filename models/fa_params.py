@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from models.validate import float_tensor_fields
+
 
 @dataclass
 class FAParams:
@@ -17,15 +19,7 @@ class FAParams:
     psi: torch.Tensor
 
     def __post_init__(self):
-        for name in ("W", "mu", "psi"):
-            v = getattr(self, name)
-            if not isinstance(v, torch.Tensor):
-                v = torch.as_tensor(v, dtype=torch.float64)
-                setattr(self, name, v)
-            if not v.is_floating_point():
-                raise TypeError(f"{name}: must be a floating tensor, got {v.dtype}")
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{name}: contains NaN or inf")
+        float_tensor_fields(self, ("W", "mu", "psi"))
         if self.W.dim() != 2:
             raise ValueError(f"W: expected shape (d, k), got {tuple(self.W.shape)}")
         d = self.W.shape[0]

@@ -33,7 +33,7 @@ import torch
 
 from models.fa_linalg import gaussian_loglik, mean_cov, pca_init, precision_factor
 from models.gmm import spread_means
-from models.validate import integer
+from models.validate import float_tensor_fields, integer
 
 #: the noise model: one diagonal Psi shared by every component (Ghahramani & Hinton 1996)
 NOISE = "shared-diagonal"
@@ -49,15 +49,7 @@ class MFAParams:
     psi: torch.Tensor
 
     def __post_init__(self):
-        for name in ("pi", "W", "mu", "psi"):
-            v = getattr(self, name)
-            if not isinstance(v, torch.Tensor):
-                v = torch.as_tensor(v, dtype=torch.float64)
-                setattr(self, name, v)
-            if not v.is_floating_point():
-                raise TypeError(f"{name}: must be a floating tensor, got {v.dtype}")
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{name}: contains NaN or inf")
+        float_tensor_fields(self, ("pi", "W", "mu", "psi"))
         if self.W.dim() != 3:
             raise ValueError(f"W: expected shape (K, d, k), got {tuple(self.W.shape)}")
         K, d, _ = self.W.shape

@@ -213,3 +213,17 @@ def _number(value, name: str) -> float:
     if math.isnan(v):
         raise ValueError(f"{name}: is NaN")
     return v
+
+
+def float_tensor_fields(obj, names) -> None:
+    """Turn ``obj``'s attributes ``names`` into floating tensors in place (float64 from non-tensor
+    input), or raise naming the field: not floating, or NaN/inf."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(v, dtype=torch.float64)
+            setattr(obj, name, v)
+        if not v.is_floating_point():
+            raise TypeError(f"{name}: must be a floating tensor, got {v.dtype}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name}: contains NaN or inf")
