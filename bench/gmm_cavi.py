@@ -77,7 +77,7 @@ def run(n=100_000, K=5, prior_var=10.0, repeat=3, seed=0, sweeps=100, verbose=Tr
     m_diff = np.abs(o[order_o] - sk.means_[order_s, 0]).max()
     s2_o = ours.posterior["s2"].numpy()[order_o]
     s2_s = 1.0 / sk.mean_precision_[order_s]
-    from models.gmm import CaviState
+    from models.gmm_fit import CaviState
 
     m_s = torch.tensor(sk.means_, dtype=x.dtype)
     s2_sk = torch.tensor(1.0 / sk.mean_precision_, dtype=x.dtype)

@@ -35,7 +35,8 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
 from guides.base import GuideSpec
-from models.gmm import BayesianGMM, CaviState, spread_means
+from models.gmm import BayesianGMM, spread_means
+from models.gmm_fit import CaviState
 from models.validate import integer, positive
 
 #: Pyro param names of the mean-field and collapsed guides (q(c) as unconstrained logits)
@@ -98,7 +99,7 @@ def _unpack(state: CaviState, field: str = "init"):
     """(m, s, phi) of a CAVI state, detached (s = sqrt(s2), the sd of q(mu_k))."""
     if not isinstance(state, CaviState):
         raise TypeError(
-            f"{field}: expected a models.gmm.CaviState (CAVI's state), got {type(state).__name__}"
+            f"{field}: expected a models.gmm_fit.CaviState (CAVI's state), got {type(state).__name__}"
         )
     return state.m.detach(), state.s2.sqrt().detach(), state.phi.detach()
 
@@ -165,7 +166,7 @@ def build_mean_field(
 
 
 def mean_field_guide_from(state: CaviState, *, fixed: bool = True, enumerate_c: bool = True):
-    """The mean-field guide holding CAVI's state (:class:`models.gmm.CaviState`).
+    """The mean-field guide holding CAVI's state (:class:`models.gmm_fit.CaviState`).
 
     ``fixed=True`` (default): the values are constants, so the guide describes exactly that q
     whatever the param store holds (for ELBO evaluation). ``fixed=False``: they are the initial

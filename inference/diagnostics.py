@@ -307,7 +307,7 @@ def cavi_guide(fit: FitResult, family, x):
     ``guide_for(state)`` when it has one (variational Bayes FA), the GMM's mean-field guide, or a
     local diagonal Gaussian from ``posterior['<site>_loc' / '<site>_scale']``; else
     NotVariational."""
-    from models.gmm import CaviState as GmmCavi
+    from models.gmm_fit import CaviState as GmmCavi
 
     algo = family.cavi() if isinstance(family, ClosedFormCAVI) else None
     if callable(getattr(algo, "guide_for", None)):

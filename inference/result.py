@@ -47,7 +47,7 @@ class FitResult:
     ``log_likelihood`` pointwise values shaped ``(chain, draw, n)``.
 
     ``state`` by engine: ``em``/``cavi``: the family algorithm's dataclass state (e.g.
-    ``models.gmm.CaviState``); ``svi``: :class:`inference.svi.SviState` (the fitted guide, the
+    ``models.gmm_fit.CaviState``); ``svi``: :class:`inference.svi.SviState` (the fitted guide, the
     parameters, the guide spec and the run); ``mcmc``: :class:`inference.mcmc.NutsRun`.
     """
 

@@ -45,7 +45,8 @@ def test_interleaved_alternates_and_keeps_reported_seconds():
 def test_bgmm_settings_make_the_same_model_and_the_check_can_fail():
     import inference
     from bench.gmm_cavi import _fit_bgmm, bgmm
-    from models.gmm import BayesianGMM, CaviState
+    from models.gmm import BayesianGMM
+    from models.gmm_fit import CaviState
 
     fam = BayesianGMM(3, 10.0)
     x, _ = fam.simulate(400, seed=1)

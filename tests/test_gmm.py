@@ -27,7 +27,8 @@ from inference.elbo import estimate_elbo
 from inference.runtime import isolated
 from models.ascent import AscentSettings, ascend
 from models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
-from models.gmm import BayesianGMM, CaviState, MapState, label_symmetry_term, sorted_means
+from models.gmm import BayesianGMM, label_symmetry_term, sorted_means
+from models.gmm_fit import CaviState, MapState
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -404,9 +405,9 @@ def test_guides_take_a_typed_cavi_state():
     with isolated(0):
         tr = poutine.trace(mean_field_guide_from(st)).get_trace(x)
     np.testing.assert_allclose(tr.nodes["mu"]["fn"].base_dist.loc.numpy(), st.m.numpy())
-    with pytest.raises(TypeError, match="^state: expected a models.gmm.CaviState"):
+    with pytest.raises(TypeError, match="^state: expected a models.gmm_fit.CaviState"):
         mean_field_guide_from({"m": st.m, "s2": st.s2, "phi": st.phi})
-    with pytest.raises(TypeError, match="^init: expected a models.gmm.CaviState"):
+    with pytest.raises(TypeError, match="^init: expected a models.gmm_fit.CaviState"):
         build_collapsed(fam, x, init={"m": st.m})
 
 
