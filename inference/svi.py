@@ -42,11 +42,18 @@ from inference.checkpoint import (
     snapshot_params,
 )
 from inference.elbo import estimate_elbo
-from inference.result import FitResult, check_settings, data_fields, site_is_plate
+from inference.result import FitResult, check_settings, data_fields
 from inference.runtime import Timer, isolated
+from inference.svi_pair import (
+    check_coverage,
+    load_params_from,
+    param_names,
+    posterior_draws,
+    store_state,
+)
 from inference.svi_settings import Settings
 from inference.svi_steps import PyroStep, direct_step, make_loss
-from models.capabilities import MissingCapability, PointwiseLogLikelihood
+from models.capabilities import MissingCapability
 
 
 @dataclass
@@ -349,10 +356,10 @@ def fit(
             max_plate_nesting=nest,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-        store = _store_state()
-        guide_names = _param_names(guide_fn, x)
-        model_names = _param_names(family.model, x) - guide_names
-        samples, log_lik = _posterior_draws(family, guide_fn, x, ev.num_posterior_samples)
+        store = store_state()
+        guide_names = param_names(guide_fn, x)
+        model_names = param_names(family.model, x) - guide_names
+        samples, log_lik = posterior_draws(family, guide_fn, x, ev.num_posterior_samples)
     converged = run.converged and not run.diverged
     return FitResult(
         **data_fields(family, x, seed),
@@ -375,82 +382,3 @@ def fit(
         state=SviState(guide_fn, spec, params, tuple(sorted(model_names)),
                        tuple(sorted(guide_names)), guide_options, run, family, store),
     )
-
-
-def check_coverage(family, guide_fn, x, spec: GuideSpec) -> None:
-    """Every latent site of the model is sampled by the guide, or summed out (enumerated, with a
-    guide that enumerates): else an error naming the uncovered sites."""
-    from guides.auto import latent_sites
-
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the training draws stay those of the seed
-        glob, loc, enum = latent_sites(family.model, x)
-        with torch.no_grad(), poutine.block():
-            gtr = poutine.trace(guide_fn).get_trace(x)
-    sampled = {k for k, s in gtr.nodes.items() if s["type"] == "sample" and not site_is_plate(s)}
-    needed = set(glob) | set(loc) | (set() if (spec.collapsed or spec.enumerated) else set(enum))
-    missing = sorted(needed - sampled)
-    if missing:
-        raise ValueError(
-            f"guide: {spec.name!r} does not cover the latent site(s) {missing} of the "
-            f"{family.name} model; use a guide that samples them (e.g. 'auto-normal' for any "
-            "model) or make them observed")
-
-
-def load_params_from(payload: dict, model, guide, x) -> None:
-    """Create the params of model and guide, then copy a checkpoint's values in."""
-    with torch.no_grad():
-        gtr = poutine.trace(guide).get_trace(x)
-        poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
-    store = dict(pyro.get_param_store().named_parameters())
-    missing = [k for k in payload["params"] if k not in store]
-    if missing:
-        raise KeyError(f"resume: parameters {missing} are not created by this model/guide")
-    restore_params({k: v.to(store[k].device) for k, v in payload["params"].items()})
-
-
-def _store_state() -> dict:
-    state = pyro.get_param_store().get_state()
-    return {"params": {k: v.detach().clone() for k, v in state["params"].items()},
-            "constraints": dict(state["constraints"])}
-
-
-def _param_names(fn, x) -> set[str]:
-    with torch.no_grad():
-        tr = poutine.trace(fn).get_trace(x)
-    return {s["name"] for s in tr.nodes.values() if s["type"] == "param"}
-
-
-def _posterior_draws(family, guide_fn, x, num_samples: int):
-    """Draws from q, shaped (1 chain, draw, ...), and the pointwise log likelihood if the family
-    can compute it (for ArviZ). Vectorized with an outer plate; shapes taken from one plain draw."""
-    if num_samples <= 0:
-        return {}, {}
-
-    def latent(tr):
-        return {
-            name: site["value"]
-            for name, site in tr.nodes.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and not site["infer"].get("is_auxiliary")
-            and not site_is_plate(site)
-        }
-
-    nest = family.max_plate_nesting
-    with torch.no_grad():
-        shapes = {k: v.shape for k, v in latent(poutine.trace(guide_fn).get_trace(x)).items()}
-        try:
-            with pyro.plate("_posterior_draws", num_samples, dim=-(nest + 1)):
-                vec = latent(poutine.trace(guide_fn).get_trace(x))
-            samples = {k: vec[k].reshape(num_samples, *shapes[k]).unsqueeze(0) for k in shapes}
-        except (RuntimeError, ValueError, KeyError):  # guides that cannot be vectorized
-            draws = [latent(poutine.trace(guide_fn).get_trace(x)) for _ in range(num_samples)]
-            samples = {k: torch.stack([d[k] for d in draws]).unsqueeze(0) for k in shapes}
-    log_lik = {}
-    if isinstance(family, PointwiseLogLikelihood):
-        try:
-            log_lik = {"x": family.pointwise_log_likelihood(samples, x)}
-        except KeyError:  # the guide's sites are not the ones the family reads
-            log_lik = {}
-    return samples, log_lik
