@@ -153,7 +153,8 @@ def flags_section() -> str:
 
 def main(run_dirs, readme: Path) -> None:
     tables = {s: study_table(d, s) for s, d in collect(run_dirs).items()}
-    tables["flags"] = flags_section()
+    if str(readme) == "-" or BEGIN.format("flags") in readme.read_text():
+        tables["flags"] = flags_section()
     if str(readme) == "-":
         for s, t in tables.items():
             print(f"{BEGIN.format(s)}\n{t}\n{END}\n")

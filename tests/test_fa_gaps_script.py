@@ -14,14 +14,13 @@ import torch
 import inference
 from experiments import cli
 from experiments.common import SUMMARY_COLUMNS
-from experiments.fa_gaps import (
-    GAP_COLUMNS,
+from experiments.fa_bayes_impute import (
     POSTERIOR_COLUMNS,
-    parse,
     posterior_table,
     run_bayes,
     vb_covariance_moments,
 )
+from experiments.fa_gaps import GAP_COLUMNS, parse
 from inference import cavi
 from models.bayes_fa import BayesianFactorAnalysis
 from models.fa import FactorAnalysis
