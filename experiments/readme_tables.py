@@ -153,7 +153,7 @@ def flags_section() -> str:
 
 def main(run_dirs, readme: Path) -> None:
     tables = {s: study_table(d, s) for s, d in collect(run_dirs).items()}
-    if str(readme) == "-" or BEGIN.format("flags") in readme.read_text():
+    if str(readme) == "-" or (readme.is_file() and BEGIN.format("flags") in readme.read_text()):
         tables["flags"] = flags_section()
     if str(readme) == "-":
         for s, t in tables.items():
