@@ -13,6 +13,26 @@ from pyro.poutine.subsample_messenger import _Subsample
 from models.capabilities import BOUNDS
 
 
+class _Conditioned:
+    """A family whose model has its global latents fixed (observed) at ``fixed``."""
+
+    def __init__(self, family, fixed: dict):
+        from pyro import poutine
+
+        self.base, self.fixed = family, fixed
+        self.name = f"{family.name} | globals fixed"
+        self.max_plate_nesting = family.max_plate_nesting
+        self.discrete_sites = family.discrete_sites
+        # the globals take their values and leave the trace: densities are those of p(x, z | globals)
+        self.model = poutine.block(poutine.condition(family.model, data=fixed), hide=list(fixed))
+
+    def check_data(self, x):
+        return self.base.check_data(x)
+
+    def settings(self) -> dict:
+        return {**self.base.settings(), "conditioned_on": sorted(self.fixed)}
+
+
 def to_numpy(v) -> np.ndarray:
     """A tensor (any device) or array-like as a numpy array."""
     if isinstance(v, torch.Tensor):
@@ -122,6 +142,48 @@ class FitResult:
             ev.details["conditioned_on"] = {k: v.detach().cpu() for k, v in fixed.items()}
             ev.method = f"{ev.method} | globals fixed"
         return ev
+
+    def posterior_samples(self, num_samples: int = 1000, *, seed: int = 0, x=None) -> dict:
+        """Draws from the fitted guide (SVI) as ``(1, num_samples, ...)`` per latent site (plate
+        index sites left out); ``x`` defaults to the data the fit was built on."""
+        from inference.runtime import seed_everything
+        from inference.svi_pair import posterior_draws
+
+        x = self._data(x)
+        with self.fitted() as (_, guide):
+            seed_everything(seed)
+            samples, _ = posterior_draws(self.state.family, guide, x, num_samples)
+        return samples
+
+    def decompose_gaps(self, x=None, local_family=None, *, fixed: dict | None = None, **options):
+        """The gap decomposition (:func:`inference.gaps.decompose_gaps`) of the fitted amortized
+        guide under the fitted model. With global latents (a composed guide) the model is
+        conditioned on them (``fixed``, default the fitted global guide's median), the gaps are
+        those of log p(x | globals), the log evidence defaults to :meth:`iwae` under the same
+        conditioning, and ``frame.attrs["conditioned_on"]`` says so."""
+        from inference.gaps import decompose_gaps
+
+        x = self._data(x)
+        with self.fitted() as (_, guide):
+            family, amortized = self.state.family, guide
+            if callable(getattr(guide, "global_median", None)) and guide.global_guide is not None:
+                fixed = guide.global_median(x) if fixed is None else fixed
+                family = _Conditioned(family, fixed)
+                amortized = guide.local_guides[0] if len(guide.local_guides) == 1 else None
+                if amortized is None:
+                    raise ValueError("guide: the gap decomposition needs one per-point local "
+                                     "guide (e.g. 'linear-diag', 'mlp') for the local site")
+            if fixed and "log_evidence" not in options:
+                options["log_evidence"] = self.iwae(x, num_samples=2000, fixed=fixed)
+            frame = decompose_gaps(family, x, amortized, local_family, **options)
+        if fixed:
+            frame.attrs["conditioned_on"] = {k: v.detach().cpu().tolist() for k, v in fixed.items()}
+        return frame
+
+    def _data(self, x):
+        if x is None:
+            raise ValueError("x: pass the data (the result keeps the fit, not the data)")
+        return self.state.family.check_data(x)
 
     def save(self, folder):
         """Save to ``folder`` (see :mod:`inference.persist`); returns the folder."""

@@ -219,3 +219,18 @@ def test_iwae_of_a_kept_fit_conditions_on_the_globals(data):
     assert "globals fixed" in ev.method
     assert ev.value <= exact + 4 * ev.se + 1e-6
     assert (exact - ev.value) / data.shape[0] < 0.02
+
+
+def test_gap_decomposition_of_a_kept_fit_conditions_on_the_globals(data):
+    """Given theta = t the model is z_n ~ N(0, 1), x_n | z_n ~ N(t + z_n, v): Gaussian, with a
+    1-D posterior, so a diagonal Gaussian family holds it (approximation gap 0) and a linear
+    encoder can represent the exact posterior mean (x_n - t) / (1 + v) (amortization gap ~ 0)."""
+    res = inference.fit("svi", ShiftedNoise(), data, seed=0, guide="linear-diag", num_steps=2000,
+                        lr=0.05, eval_particles=100)
+    frame = res.decompose_gaps(data, num_particles=200, seed=0)
+    assert "theta" in frame.attrs["conditioned_on"]
+    mean = frame[frame["scope"] == "mean"].iloc[0]
+    assert abs(mean["approximation_gap"]) < 4 * mean["approximation_gap_se"] + 0.01
+    assert -4 * mean["amortization_gap_se"] - 1e-3 < mean["amortization_gap"] < 0.05
+    draws = res.posterior_samples(100, seed=1, x=data)
+    assert draws["theta"].shape[:2] == (1, 100) and "data" not in draws
