@@ -351,7 +351,18 @@ def run(family, x=None, *, engines=None, guides=None, out=None, seed: int = 0,
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return common.entry("fit", lambda a: study(parse(a)) and 0, argv)
+    return common.entry("fit", _study_of_a_users_model, argv)
+
+
+def _study_of_a_users_model(argv) -> int:
+    """The study, with errors raised inside the user's model reported as one clear line."""
+    settings = parse(argv)
+    try:
+        return study(settings) and 0
+    except (ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise common.CliError(
+            f"--model: the model or an engine on it raised {type(exc).__name__}: {first}") from None
 
 
 if __name__ == "__main__":

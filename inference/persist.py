@@ -127,10 +127,21 @@ def _rebuild(meta, tensors, family, x):
     from inference.svi import SviRun, SviState
 
     family = copy.deepcopy(family)
+    saved = meta.get("family", {})
+    here = {"class": f"{type(family).__module__}:{type(family).__qualname__}",
+            "settings": _jsonable(family.settings())}
+    if saved and saved != here:
+        raise ValueError(
+            f"family: the result was fitted with {saved['class']} {saved['settings']}, got "
+            f"{here['class']} {here['settings']}")
     x = family.check_data(x)
     spec = registry.for_family(family).get(meta["guide"])
     if spec is None:
         raise ValueError(f"guide: {meta['guide']!r} is not a guide of the {family.name} family")
+    if not spec.amortized and x.shape[0] != meta["n_data"]:
+        raise ValueError(
+            f"x: the {meta['guide']!r} guide holds one q per data point for {meta['n_data']} "
+            f"points; got {x.shape[0]}")
     ref = x
     store = {"params": {k: v.to(ref.device) for k, v in tensors["params"].items()},
              "constraints": {k: CONSTRAINTS[c] for k, c in meta["constraints"].items()}}

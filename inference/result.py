@@ -113,35 +113,60 @@ class FitResult:
         with self.fitted() as (model, guide):
             seed_everything(seed)
             spec = self.state.spec
-            x = self.state.family.check_data(x)
+            x = self._data(x)
             return estimate_elbo(model, guide, x, num_particles=num_particles,
                                  batch_size=batch_size, collapsed=spec.collapsed,
                                  enumerate=spec.collapsed or spec.enumerated,
                                  max_plate_nesting=self.state.family.max_plate_nesting)
 
-    def iwae(self, x, *, num_samples: int = 1000, seed: int = 0, fixed: dict | None = None,
-             latent: str = "z"):
+    def iwae(self, x, *, num_samples: int = 1000, seed: int = 0, fixed=None,
+             latent: str | None = None):
         """IWAE evidence estimate of ``x`` under the fitted model, with the fitted guide.
 
-        Global latents are conditioned on ``fixed`` (default: the fitted global guide's median),
-        and ``details["conditioned_on"]`` says so: the estimate is then of log p(x | globals).
+        A model with global latents has no per-point evidence: pass ``fixed`` (site -> value, or
+        ``"median"`` for the fitted global guide's median) to estimate log p(x | globals) instead
+        (not a bound on log p(x)); ``method`` and ``details["conditioned_on"]`` then say so.
+        ``latent``: the local latent site (default: the model's one local site).
         """
         from inference.evidence import iwae
 
+        x = self._data(x)
         with self.fitted() as (model, guide):
             fam = self.state.family
-            x = fam.check_data(x)
-            local = guide
-            if callable(getattr(guide, "global_median", None)):
-                if fixed is None:
-                    fixed = guide.global_median(x)
-                local = guide.local_part
+            local, fixed = self._local_guide(guide, x, fixed, "iwae")
+            latent = latent or self._local_site(model, x)
             ev = iwae(model, local, x, num_samples=num_samples, seed=seed, fixed=fixed or None,
                       latent=latent, max_plate_nesting=fam.max_plate_nesting)
         if fixed:
             ev.details["conditioned_on"] = {k: v.detach().cpu() for k, v in fixed.items()}
-            ev.method = f"{ev.method} | globals fixed"
+            ev.method = f"{ev.method} | globals fixed: log p(x | globals), not a bound on log p(x)"
         return ev
+
+    def _local_guide(self, guide, x, fixed, what: str):
+        """(the guide of the local sites, the global values it is conditioned on)."""
+        has_globals = getattr(guide, "global_guide", None) is not None
+        if not has_globals:
+            return guide, None
+        if fixed is None:
+            from guides.auto import latent_sites
+
+            glob = sorted(latent_sites(self.state.family.model, x)[0])
+            raise ValueError(
+                f"fixed: the model has global latent(s) {glob}, so {what} can only be computed "
+                "given them; pass fixed='median' (the fitted guide's median) or fixed={site: value}")
+        if isinstance(fixed, str):
+            if fixed != "median":
+                raise ValueError(f"fixed: must be 'median' or a dict site -> value, got {fixed!r}")
+            fixed = guide.global_median(x)
+        return guide.local_part, fixed
+
+    def _local_site(self, model, x) -> str:
+        from guides.auto import latent_sites
+
+        local = sorted(latent_sites(model, x)[1])
+        if len(local) != 1:
+            raise ValueError(f"latent: the model has local latent sites {local}; name one")
+        return local[0]
 
     def posterior_samples(self, num_samples: int = 1000, *, seed: int = 0, x=None) -> dict:
         """Draws from the fitted guide (SVI) as ``(1, num_samples, ...)`` per latent site (plate
@@ -155,35 +180,43 @@ class FitResult:
             samples, _ = posterior_draws(self.state.family, guide, x, num_samples)
         return samples
 
-    def decompose_gaps(self, x=None, local_family=None, *, fixed: dict | None = None, **options):
+    def decompose_gaps(self, x=None, local_family=None, *, fixed=None, **options):
         """The gap decomposition (:func:`inference.gaps.decompose_gaps`) of the fitted amortized
         guide under the fitted model. With global latents (a composed guide) the model is
-        conditioned on them (``fixed``, default the fitted global guide's median), the gaps are
-        those of log p(x | globals), the log evidence defaults to :meth:`iwae` under the same
-        conditioning, and ``frame.attrs["conditioned_on"]`` says so."""
+        conditioned on them (``fixed``: ``"median"`` for the fitted global guide's median, or a
+        dict), the gaps are those of log p(x | globals), the log evidence defaults to
+        :meth:`iwae` under the same conditioning, and ``frame.attrs["conditioned_on"]`` says so."""
         from inference.gaps import decompose_gaps
 
         x = self._data(x)
         with self.fitted() as (_, guide):
             family, amortized = self.state.family, guide
-            if callable(getattr(guide, "global_median", None)) and guide.global_guide is not None:
-                fixed = guide.global_median(x) if fixed is None else fixed
+            local, fixed = self._local_guide(guide, x, fixed, "the gap decomposition")
+            if fixed:
                 family = _Conditioned(family, fixed)
                 amortized = guide.local_guides[0] if len(guide.local_guides) == 1 else None
                 if amortized is None:
                     raise ValueError("guide: the gap decomposition needs one per-point local "
                                      "guide (e.g. 'linear-diag', 'mlp') for the local site")
-            if fixed and "log_evidence" not in options:
-                options["log_evidence"] = self.iwae(x, num_samples=2000, fixed=fixed)
+                if "log_evidence" not in options:
+                    options["log_evidence"] = self.iwae(x, num_samples=2000, fixed=fixed)
             frame = decompose_gaps(family, x, amortized, local_family, **options)
         if fixed:
             frame.attrs["conditioned_on"] = {k: v.detach().cpu().tolist() for k, v in fixed.items()}
         return frame
 
-    def _data(self, x):
+    def _data(self, x, self_n: bool = True):
+        """``x`` checked by the fitted family; a guide with one q per point needs the fit's n."""
         if x is None:
             raise ValueError("x: pass the data (the result keeps the fit, not the data)")
-        return self.state.family.check_data(x)
+        x = self.state.family.check_data(x)
+        spec = getattr(self.state, "spec", None)
+        if spec is not None and not spec.amortized and x.shape[0] != self.n_data:
+            raise ValueError(
+                f"x: the {self.guide!r} guide holds one q per data point for the fit's "
+                f"{self.n_data} points; got {x.shape[0]} (evaluate on the same data, or fit an "
+                "amortized guide)")
+        return x
 
     def save(self, folder):
         """Save to ``folder`` (see :mod:`inference.persist`); returns the folder."""

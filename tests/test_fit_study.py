@@ -57,6 +57,19 @@ USER_MODULE = textwrap.dedent('''
             return Evidence(float(lp.sum()), 0.0, "exact", x.shape[0], {"pointwise": lp})
 
     NOT_A_FAMILY = 3
+
+    class BadScale(LocalOnly):
+        """A user's model that fails on its own bad argument (scale < 0) when run."""
+
+        name = "bad-scale"
+
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def model(self, x, subsample_size=None):
+            with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1) as i:
+                pyro.sample("x", dist.Normal(x.new_zeros(1), self.scale).to_event(1), obs=x[i])
+                pyro.sample("u", dist.Normal(x.new_zeros(1), self.scale).to_event(1))
 ''')
 
 
@@ -236,3 +249,16 @@ def test_help_lists_every_setting(capsys):
     for flag in ("--model", "--model-args", "--engines", "--guides", "--iwae-samples",
                  "--ais-steps", "--config"):
         assert flag in text
+
+
+def test_an_error_inside_the_users_model_is_one_clear_line(tmp_path, user_module, capsys):
+    data = tmp_path / "data.csv"
+    pd.DataFrame({"x": [0.1, -0.3, 0.7, 1.2]}).to_csv(data, index=False)
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "fit", "--model", f"{user_module}:BadScale", "--model-args",
+                  '{"scale": -1}', "--data", str(data), *TINY, "--engines", "svi",
+                  "--guides", "auto-normal", "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 3 and "--model: the model or an engine on it raised ValueError" in err[0]

@@ -140,6 +140,12 @@ def test_fit_is_kept_saved_and_loaded_bit_for_bit(data, tmp_path):
     assert back.elbo == res.elbo and back.trace == res.trace
     for k, v in res.state.store["params"].items():
         assert torch.equal(back.state.store["params"][k], v)
+    with pytest.raises(ValueError, match="family: the result was fitted with"):
+        FitResult.load(folder, WithParam(), data)
+    with pytest.raises(ValueError, match="x: the 'mean-field' guide holds one q per data point"):
+        FitResult.load(folder, fam, data[:7])
+    with pytest.raises(ValueError, match="x: the 'mean-field' guide holds one q per data point"):
+        res.elbo_estimate(data[:7])
     e1 = res.elbo_estimate(data, num_particles=200, seed=1)
     e2 = back.elbo_estimate(data, num_particles=200, seed=1)
     assert e1.value == e2.value
@@ -213,7 +219,9 @@ def test_iwae_of_a_kept_fit_conditions_on_the_globals(data):
     local guide must sit below it (a bound) and close to it (the local posterior is Gaussian)."""
     res = inference.fit("svi", ShiftedNoise(), data, seed=0, guide="full-rank", num_steps=1500,
                         lr=0.05, eval_particles=100)
-    ev = res.iwae(data, num_samples=500)
+    with pytest.raises(ValueError, match=r"fixed: the model has global latent\(s\) \['theta'\]"):
+        res.iwae(data, num_samples=10)
+    ev = res.iwae(data, num_samples=500, fixed="median")
     t = float(ev.details["conditioned_on"]["theta"])
     exact = float(dist.Normal(t, math.sqrt(1 + V)).log_prob(data[:, 0]).sum())
     assert "globals fixed" in ev.method
@@ -227,7 +235,7 @@ def test_gap_decomposition_of_a_kept_fit_conditions_on_the_globals(data):
     encoder can represent the exact posterior mean (x_n - t) / (1 + v) (amortization gap ~ 0)."""
     res = inference.fit("svi", ShiftedNoise(), data, seed=0, guide="linear-diag", num_steps=2000,
                         lr=0.05, eval_particles=100)
-    frame = res.decompose_gaps(data, num_particles=200, seed=0)
+    frame = res.decompose_gaps(data, num_particles=200, seed=0, fixed="median")
     assert "theta" in frame.attrs["conditioned_on"]
     mean = frame[frame["scope"] == "mean"].iloc[0]
     assert abs(mean["approximation_gap"]) < 4 * mean["approximation_gap_se"] + 0.01
