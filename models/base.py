@@ -14,17 +14,7 @@ from __future__ import annotations
 import pyro
 import torch
 
-from models.capabilities import (
-    BOUNDS,
-    CAPABILITIES,
-    Evidence,
-    GaussianPosterior,
-    MissingCapability,
-    Moments,
-    capabilities_of,
-    has,
-    require,
-)
+from models.capabilities import capabilities_of
 
 
 class ModelFamily:
@@ -85,7 +75,4 @@ class LocalLatentFamily(ModelFamily):
         return self.local_prior(x).log_prob(z) + self.log_likelihood(x, z)
 
 
-__all__ = [
-    "BOUNDS", "CAPABILITIES", "Evidence", "GaussianPosterior", "LocalLatentFamily",
-    "MissingCapability", "ModelFamily", "Moments", "capabilities_of", "has", "require",
-]
+__all__ = ["LocalLatentFamily", "ModelFamily"]

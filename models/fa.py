@@ -17,7 +17,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from models.base import Evidence, GaussianPosterior, LocalLatentFamily
+from models.base import LocalLatentFamily
+from models.capabilities import Evidence, GaussianPosterior
 from models.fa_fit import METHODS, EMState, FactorCAVI, FactorEM, cavi_elbo_pointwise, fit_em
 from models.fa_linalg import (
     KINDS,
@@ -30,7 +31,7 @@ from models.fa_linalg import (
 )
 from models.fa_missing import em_missing, impute, multiple_impute, observed_loglik
 from models.fa_params import FAParams
-from models.validate import choice, integer, positive
+from models.validate import choice, factor_dim, integer, positive
 
 
 class FactorAnalysis(LocalLatentFamily):
@@ -71,19 +72,10 @@ class FactorAnalysis(LocalLatentFamily):
         self.init = choice(init, "init", ("pca", "random"))
         if params is not None and not isinstance(params, FAParams):
             raise TypeError(f"params: expected FAParams or None, got {type(params).__name__}")
-        if params is not None:
-            if params.latent_dim != self.latent_dim:
-                raise ValueError(
-                    f"params: W has {params.latent_dim} columns, latent_dim is {self.latent_dim}"
-                )
-            if dim is not None and int(dim) != params.dim:
-                raise ValueError(f"dim: {dim} does not match params (d = {params.dim})")
-            dim = params.dim
-        if dim is not None:
-            dim = integer(dim, "dim", minimum=2)
-            if self.latent_dim >= dim:
-                raise ValueError(f"latent_dim: must be < dim ({dim}), got {self.latent_dim}")
-        self.dim = dim
+        if params is not None and params.latent_dim != self.latent_dim:
+            raise ValueError(
+                f"params: W has {params.latent_dim} columns, latent_dim is {self.latent_dim}")
+        self.dim = factor_dim(dim, self.latent_dim, None if params is None else params.dim)
         self.params = params
 
     # -- boundary ---------------------------------------------------------------------------

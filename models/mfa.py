@@ -45,7 +45,7 @@ from models.mfa_em import (
     init_params,
     log_marginal,
 )
-from models.validate import as_data, integer, positive
+from models.validate import as_data, factor_dim, integer, positive
 
 PARAM_NAMES = ("pi", "W", "mu", "psi")
 
@@ -76,14 +76,7 @@ class MixtureOfFactorAnalysers(ModelFamily):
                 raise ValueError(
                     f"params: K={params.K}, latent_dim={params.latent_dim} do not match the "
                     f"family's K={self.K}, latent_dim={self.latent_dim}")
-            if dim is not None and int(dim) != params.dim:
-                raise ValueError(f"dim: {dim} does not match params (d = {params.dim})")
-            dim = params.dim
-        if dim is not None:
-            dim = integer(dim, "dim", minimum=2)
-            if self.latent_dim >= dim:
-                raise ValueError(f"latent_dim: must be < dim ({dim}), got {self.latent_dim}")
-        self.dim = dim
+        self.dim = factor_dim(dim, self.latent_dim, None if params is None else params.dim)
         self.params = params
 
     def __repr__(self) -> str:

@@ -227,3 +227,18 @@ def float_tensor_fields(obj, names) -> None:
             raise TypeError(f"{name}: must be a floating tensor, got {v.dtype}")
         if not torch.isfinite(v).all():
             raise ValueError(f"{name}: contains NaN or inf")
+
+
+def factor_dim(dim, latent_dim: int, params_dim: int | None = None) -> int | None:
+    """The data dimension of a factor model: ``dim`` (or the parameters'), >= 2 and > latent_dim;
+    errors name the field."""
+    if params_dim is not None:
+        if dim is not None and int(dim) != params_dim:
+            raise ValueError(f"dim: {dim} does not match params (d = {params_dim})")
+        dim = params_dim
+    if dim is None:
+        return None
+    dim = integer(dim, "dim", minimum=2)
+    if latent_dim >= dim:
+        raise ValueError(f"latent_dim: must be < dim ({dim}), got {latent_dim}")
+    return dim

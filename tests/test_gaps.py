@@ -20,7 +20,7 @@ from inference import diagnostics as D
 from inference import gaps
 from inference.pointwise import log_weights, pointwise_elbo
 from inference.runtime import isolated
-from models.base import Evidence, MissingCapability
+from models.capabilities import Evidence, MissingCapability
 from models.fa import FactorAnalysis
 from tests.toy import NormalMean
 

@@ -13,7 +13,8 @@ from pyro.distributions import constraints
 
 import guides
 from guides.base import GuideSpec
-from models.base import Evidence, ModelFamily
+from models.base import ModelFamily
+from models.capabilities import Evidence
 from models.validate import as_data
 
 
