@@ -6,8 +6,8 @@ For each guide of ``guides.for_family(BayesianGMM)`` and each n, the engine's lo
 (:func:`inference.svi.run_svi`: Pyro's ELBO, the optimizer, the loop's per-step checks) runs
 ``--steps`` minibatch steps of ``--batch`` points on data simulated from the model (K = 3, d = 1,
 float64) after a few warm-up steps; the figure is seconds per step. The step alone (the guide,
-the model, the ELBO's gradient and the optimizer's update, without the loop's snapshot and
-parameter checks) is timed too. Sizes are interleaved (every size once per round).
+the model, the ELBO's gradient and the guarded update, without the loop's bookkeeping) is timed
+too. Sizes are interleaved (every size once per round).
 
 Goal: the largest n costs at most 1.5x the smallest (a step touches only the batch's rows).
 
@@ -127,8 +127,8 @@ def run(sizes=(1000, 10_000, 100_000, 1_000_000), batch=500, steps=40, repeat=3,
             f"itself at n={lo:.0e}: {med[lo] * 1e3:.1f} ms",
             ratio, f"<= {GOAL:g}x from n={lo:.0e} to {hi:.0e}", GOAL, load, [check],
             lower_is_better=True,
-            note=f"ms/step by n {per_n}; the step without the loop's per-step snapshot and "
-                 f"parameter checks: {bare[lo] * 1e3:.1f} -> {bare[hi] * 1e3:.1f} ms "
+            note=f"ms/step by n {per_n}; the step without the loop's bookkeeping: "
+                 f"{bare[lo] * 1e3:.1f} -> {bare[hi] * 1e3:.1f} ms "
                  f"({bare[hi] / bare[lo]:.2f}x)"))
     return rows
 

@@ -51,8 +51,7 @@ def run_elbolab(x, steps, seed, *, validate=True, jit=False, mean_field_kl=False
     vae, enc = _pair(seed, x)
     # one draw per step and a constant rate, as in the plain loop
     s = svi.Settings(num_steps=steps, lr=1e-3, lr_decay=1.0, num_particles=1,
-                     subsample_size=BATCH, jit=jit, mean_field_kl=mean_field_kl,
-                     snapshot_every=50, direct=direct)
+                     subsample_size=BATCH, jit=jit, mean_field_kl=mean_field_kl, direct=direct)
     old = pyro.infer.util.is_validation_enabled()
     pyro.enable_validation(validate)
     try:

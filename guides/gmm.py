@@ -18,7 +18,7 @@ did, 120 nats below the others, on the default experiment with uniform seeding).
 Parameters live in the active Pyro param store; build and fit inside ``inference.runtime.isolated``.
 
 Minibatches cost O(batch), not O(n). Every guide draws the batch's indices itself
-(:func:`minibatch_indices`: no permutation of all n points) and declares them on the ``data``
+(:func:`models.numerics.minibatch_indices`: no permutation of all n points) and declares them on the ``data``
 plate, so the model's plate replays the same rows. q(c) is held as unconstrained logits (n, K)
 and only the batch's rows are read, by an embedding lookup with a sparse gradient; the SVI
 engine's optimizer (:class:`inference.sparse_adam.LazyClippedAdam`) then moves only those rows.
@@ -37,38 +37,11 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_val
 from guides.base import GuideSpec
 from models.gmm import BayesianGMM, spread_means
 from models.gmm_fit import CaviState
+from models.numerics import minibatch_indices
 from models.validate import integer, positive
 
 #: Pyro param names of the mean-field and collapsed guides (q(c) as unconstrained logits)
 LOC, SCALE, LOGITS = "q_mu_loc", "q_mu_scale", "q_c_logits"
-
-
-def minibatch_indices(n: int, size: int | None, device=None,
-                      generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """``size`` distinct indices of range(n), a uniformly random subset in random order, drawn in
-    O(size log size) from ``generator`` (default torch's) (None when ``size`` is None or >= n:
-    the full plate).
-
-    Sequential sampling without replacement: i.i.d. uniform draws, keeping the first occurrence
-    of each value, until ``size`` distinct values are in hand (about size^2 / 2n repeats). For
-    n <= 4 size a permutation of range(n) is as cheap and is used instead.
-    """
-    if size is None or size >= n:
-        return None
-    if generator is not None:
-        device = generator.device
-    if n <= 4 * size:
-        return torch.randperm(n, device=device, generator=generator)[:size]
-    out = torch.empty(0, dtype=torch.long, device=device)
-    while out.numel() < size:
-        need = size - out.numel()
-        extra = torch.randint(n, (need + need * size // n + 8,), device=device, generator=generator)
-        draw = torch.cat([out, extra])
-        uniq, inverse = torch.unique(draw, return_inverse=True)
-        first = torch.full_like(uniq, draw.numel()).scatter_reduce_(
-            0, inverse, torch.arange(draw.numel(), device=device), "amin")
-        out = draw[first.sort().values][:size]
-    return out
 
 
 def _batch(x: torch.Tensor, subsample_size: int | None):
@@ -268,6 +241,5 @@ __all__ = [
     "build_mean_field",
     "guide_specs",
     "mean_field_guide_from",
-    "minibatch_indices",
     "spread_means",
 ]

@@ -2,9 +2,9 @@
 
 A checkpoint holds the unconstrained parameters, the optimizer's state, the step, the ELBO trace,
 the random states (torch CPU and CUDA, as uint8 tensors) and the loop's own state (held-out ELBO
-trace and best parameters of early stopping, the last good snapshot), so a run resumed from it
-continues exactly where the interrupted one was: on CPU, bit for bit. It is written to a temporary
-file and renamed into place, and loaded with ``torch.load(..., weights_only=True)``.
+trace and best parameters of early stopping), so a run resumed from it continues exactly where
+the interrupted one was: on CPU, bit for bit. It is written to a temporary file and renamed into
+place, and loaded with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from torch.distributions import transform_to
 
 
 def snapshot_params() -> dict[str, torch.Tensor]:
@@ -22,31 +23,47 @@ def snapshot_params() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
 
-def all_finite(snapshot: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in snapshot.values())
+class ParamCheck:
+    """Names and constraint checks of the current param store's tensors, for the guarded update
+    (:meth:`inference.sparse_adam.LazyClippedAdam.guarded_step`): ``valid(u, rows)`` says whether
+    the constrained value of the unconstrained tensor ``u`` (its ``rows`` only, when given) is
+    finite and inside its constraint (e.g. a positive scale exp(u) that underflowed to 0 after a
+    huge step is not). Real-valued tensors pass (their finiteness is checked by the optimizer)."""
 
+    def __init__(self):
+        self._known: dict[int, tuple[str, object]] = {}
+        self._real: set[int] = set()
 
-def invalid_params() -> list[str]:
-    """Names of the params in the current store whose value is unusable: a non-finite
-    unconstrained tensor, or a constrained value that is non-finite or outside its constraint
-    (e.g. a positive scale exp(u) that underflowed to 0 after a huge step)."""
-    store = pyro.get_param_store()
-    bad, kinds = [], None
-    for name, u in store.named_parameters():
-        if not bool(torch.isfinite(u).all()):
-            bad.append(name)
-            continue
-        if kinds is None:
-            kinds = store.get_state()["constraints"]
-        c = kinds.get(name)
+    def refresh(self) -> None:
+        self._real = set()
+        store = pyro.get_param_store()
+        kinds = store.get_state()["constraints"]
+        self._known = {id(u): (name, kinds.get(name, constraints.real))
+                       for name, u in store.named_parameters()}
+
+    def name(self, u: torch.Tensor) -> str:
+        if id(u) not in self._known:
+            self.refresh()
+        return self._known.get(id(u), ("<a tensor outside the param store>", None))[0]
+
+    def valid(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> bool:
+        if id(u) in self._real:
+            return True
+        if id(u) not in self._known:
+            self.refresh()
+        c = self._known.get(id(u), (None, constraints.real))[1]
         if c is None or c is constraints.real or c is constraints.real_vector:
-            continue
+            self._real.add(id(u))
+            return True
         with torch.no_grad():
-            v = store[name]
-            ok = bool(torch.isfinite(v).all()) and bool(c.check(v).all())
-        if not ok:
-            bad.append(name)
-    return bad
+            v = transform_to(c)(u if rows is None else u[rows])
+            return bool(torch.isfinite(v).all()) and bool(c.check(v).all())
+
+    def refusal(self, refused: list[torch.Tensor], grads_finite: bool) -> str:
+        names = sorted({self.name(u) for u in refused})
+        what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return (f"the gradient of {what} was non-finite" if not grads_finite else
+                f"the update made {what} non-finite or left its constraint")
 
 
 def restore_params(snapshot: dict[str, torch.Tensor]) -> None:

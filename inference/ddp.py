@@ -11,7 +11,7 @@ a user's model), with any guide of ``guides.for_family(family)``::
 
 What one step does, on W processes (ranks; ``devices`` x ``num_nodes``): the global minibatch of
 step t, B = ``subsample_size`` distinct indices drawn from a generator seeded by (seed, t)
-(:func:`guides.gmm.minibatch_indices`), is split into W shards of B / W rows (rank r takes
+(:func:`models.numerics.minibatch_indices`), is split into W shards of B / W rows (rank r takes
 rows r, r + W, ...). Rank r seeds torch with (seed, t, r), conditions the plate's subsample site
 on its shard (so the model and the guide see exactly those rows, each term scaled by n / (B/W))
 and computes its ELBO estimate L_r; DDP averages the gradients, so every rank applies the gradient
@@ -47,11 +47,11 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from guides.gmm import minibatch_indices
 from inference.runtime import isolated, seed_everything
 from inference.svi import resolve_guide
 from inference.svi_settings import Settings
 from inference.svi_steps import adam, make_loss
+from models.numerics import minibatch_indices
 from models.validate import choice, integer
 
 RESULT_FILE = "ddp_result.pt"

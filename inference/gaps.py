@@ -212,8 +212,7 @@ def optimize_guide(family, x, guide, *, method: str = "auto", settings: QStarSet
 
         s = svi.Settings(num_steps=settings.steps, lr=settings.lr,
                          num_particles=settings.num_particles, lr_decay=settings.lr_decay,
-                         tol=settings.tol, window=settings.window, learn_model_params=False,
-                         snapshot_every=max(50, settings.window))
+                         tol=settings.tol, window=settings.window, learn_model_params=False)
         run = svi.run_svi(family.model, guide, (x,), s, max_plate_nesting=family.max_plate_nesting)
         return OptimizeRun("svi", run.trace, run.converged, run.steps, run.message)
     if not closed_form_available(family, x, guide):

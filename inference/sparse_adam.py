@@ -14,8 +14,13 @@ count t_r (the number of minibatches that contained row r):
 with the group's decayed rate lr_t (lr times lrd per step, as in ClippedAdam). Rows outside the
 batch keep their values and moments: the lazy Adam of TensorFlow's ``LazyAdam`` and of
 ``torch.optim.SparseAdam``, with Pyro's clipping and rate decay. Dense gradients get exactly
-:class:`pyro.optim.clipped_adam.ClippedAdam`'s update. Duplicate rows in one gradient are summed
+:class:`pyro.optim.clipped_adam.ClippedAdam`'s update (as multi-tensor ops). Duplicate rows in one gradient are summed
 first (the gradient of a row used twice).
+
+:meth:`LazyClippedAdam.guarded_step` is the update the SVI engine uses: applied only if every
+touched value stays usable afterwards, else undone exactly, so a diverging run keeps its last
+good state at the cost of copying what one step touches (the batch's rows of a local parameter,
+not all n).
 """
 
 from __future__ import annotations
@@ -38,8 +43,15 @@ class LazyClippedAdam(ClippedAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """The update of every parameter with a gradient (under no_grad; without the profiling
+        hooks torch wraps ``step`` in, which cost as much as the update of a small network)."""
         for group in self.param_groups:
             group["lr"] *= group["lrd"]
+            dense = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -47,30 +59,104 @@ class LazyClippedAdam(ClippedAdam):
                 if p.grad.is_sparse or "row_step" in state:
                     self._rows(p, group, state)
                 else:
-                    self._dense(p, group, state)
-        return loss
+                    dense.append(p)
+            if dense:
+                self._dense(dense, group)
 
-    @staticmethod
-    def _dense(p, group, state) -> None:
-        """ClippedAdam's update of every element."""
-        grad = p.grad.clamp(-group["clip_norm"], group["clip_norm"])
-        if len(state) == 0:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
+    @torch.no_grad()
+    def guarded_step(self, valid=None, keep_state: bool = False) -> tuple[list, bool]:
+        """:meth:`step`, kept only if every value it touched is usable afterwards. Returns the
+        parameters that refused it (empty: kept) and whether their gradients were finite.
+
+        Undone, with the parameters, moments, step counts and rate restored exactly, when a
+        touched value is non-finite after the update (a NaN gradient, or an infinite one that
+        ``clip_norm`` did not clip, always leads there) or ``valid(p, rows)`` is False (``rows``:
+        the updated rows of a lazily updated parameter, None for all of it; e.g. a constraint
+        check of the constrained value). ``keep_state``: also restore the moments (needed only if
+        optimization goes on after a refusal). Costs a copy of what the step touches (the batch's
+        rows of a local parameter) and one fused finiteness check."""
+        touched = []  # (param, rows or None, gradient values)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    p.grad = p.grad.coalesce()
+                    touched.append((p, p.grad.indices()[0], p.grad.values()))
+                else:
+                    touched.append((p, None, p.grad))
+        saved = self._save(touched, keep_state)
+        self._update()
+        bad = _nonfinite([(p, p if rows is None else p[rows]) for p, rows, _ in touched])
+        if not bad and valid is not None:
+            bad = [p for p, rows, _ in touched if not valid(p, rows)]
+        if not bad:
+            return [], True
+        self._restore(saved)
+        ids = {id(p) for p in bad}
+        return bad, not _nonfinite([(p, g) for p, _, g in touched if id(p) in ids])
+
+    def _save(self, touched, keep_state: bool) -> tuple:
+        lrs = [group["lr"] for group in self.param_groups]
+        values = [(p, rows, (p if rows is None else p[rows]).clone()) for p, rows, _ in touched]
+        states = []
+        if keep_state:
+            for p, rows, _ in touched:
+                st = self.state.get(p, {})
+                states.append((p, rows, {k: v if not torch.is_tensor(v) else
+                                         (v if rows is None or v.shape[:1] != p.shape[:1] else
+                                          v[rows]).clone() for k, v in st.items()}))
+        return lrs, values, states
+
+    def _restore(self, saved) -> None:
+        lrs, values, states = saved
+        for group, lr in zip(self.param_groups, lrs):
+            group["lr"] = lr
+        for p, rows, old in values:
+            if rows is None:
+                p.copy_(old)
+            else:
+                p.index_copy_(0, rows, old)
+        for p, rows, old in states:
+            if not old:
+                self.state.pop(p, None)
+                continue
+            st = self.state[p]
+            for k, v in old.items():
+                if rows is None or not torch.is_tensor(v) or st[k].shape[:1] != p.shape[:1]:
+                    st[k] = v
+                else:
+                    st[k].index_copy_(0, rows, v)
+
+    def _dense(self, params, group) -> None:
+        """ClippedAdam's update of every element of ``params``, as multi-tensor (foreach) ops."""
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        clip = group["clip_norm"]
+        if math.isfinite(clip):
+            grads = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -clip), clip)
         if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        grad_var = (grad - exp_avg) if group["centered_variance"] else grad
-        exp_avg_sq.mul_(beta2).addcmul_(grad_var, grad_var, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        bias_correction1 = 1 - beta1 ** state["step"]
-        bias_correction2 = 1 - beta2 ** state["step"]
-        step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-        p.addcdiv_(exp_avg, denom, value=-step_size)
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        exp_avg = [s["exp_avg"] for s in states]
+        exp_avg_sq = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avg, beta1)
+        torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+        grad_var = torch._foreach_sub(grads, exp_avg) if group["centered_variance"] else grads
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grad_var, grad_var, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_add_(denom, group["eps"])
+        steps = [-group["lr"] * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"])
+                 for s in states]
+        torch._foreach_addcdiv_(params, exp_avg, denom, steps)
 
     @staticmethod
     def _rows(p, group, state) -> None:
@@ -99,6 +185,19 @@ class LazyClippedAdam(ClippedAdam):
         shape = (-1,) + (1,) * (p.dim() - 1)
         step_size = (group["lr"] * torch.sqrt(1 - beta2**t) / (1 - beta1**t)).reshape(shape)
         p.index_add_(0, rows, -step_size * m / (v.sqrt() + group["eps"]))
+
+
+def _nonfinite(pairs) -> list[torch.Tensor]:
+    """The parameters whose paired tensor holds a NaN or an infinity. Fast path: one fused 2-norm
+    per tensor (finite norms: all finite); a non-finite norm (possibly an overflow of large finite
+    values) is confirmed element by element."""
+    pairs = [(p, t) for p, t in pairs if t.numel()]
+    if not pairs:
+        return []
+    ok = torch.isfinite(torch.stack(torch._foreach_norm([t for _, t in pairs], 2)))
+    if bool(ok.all()):
+        return []
+    return [p for (p, t), k in zip(pairs, ok.tolist()) if not k and not bool(t.isfinite().all())]
 
 
 __all__ = ["LazyClippedAdam"]

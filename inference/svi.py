@@ -34,7 +34,6 @@ import guides as guide_registry
 from guides.base import GuideSpec
 from inference.budget import check_svi
 from inference.checkpoint import (
-    invalid_params,
     read_checkpoint,
     restore_params,
     save_checkpoint,
@@ -102,9 +101,9 @@ def run_svi(
 ) -> SviRun:
     """Optimize inside the current param store; never seeds or clears anything.
 
-    A non-finite loss or parameter stops the run with the step, the reason, and the parameters of
-    the last step whose loss and parameters were finite (``skip_nonfinite``: skip such steps and
-    count them). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
+    A step whose loss or gradient is non-finite, or whose update would break a parameter, is not
+    applied (:mod:`inference.svi_steps`); it stops the run with the step, the reason, and the
+    parameters as they were (``skip_nonfinite``: skip such steps, count them and go on). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
     ``resume``: a checkpoint payload (:func:`inference.checkpoint.read_checkpoint`) to continue.
     """
     kwargs = dict(kwargs or {})
@@ -115,7 +114,8 @@ def run_svi(
         model = poutine.block(model, hide_types=["param"])
     if step_fn is None:
         loss = make_loss(settings, collapsed, max_plate_nesting)
-        step_fn = PyroStep(model, guide, args, kwargs, loss, settings)
+        step_fn = PyroStep(model, guide, args, kwargs, loss, settings,
+                           keep_state=settings.objective.skip_nonfinite)
     run = SviRun()
     with pyro.validation_enabled(settings.validate):
         _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume)
@@ -142,20 +142,17 @@ def _resume(step_fn, run: SviRun, payload: dict) -> int:
 
 
 def _loop_state(payload: dict) -> tuple:
-    """(snap, snap_step, best_val, best_snap, bad_evals) saved with a checkpoint."""
-    return (payload.get("snap"), int(payload.get("snap_step", 0)),
-            float(payload.get("best_val", -math.inf)), payload.get("best_params"),
+    """(best_val, best_snap, bad_evals) saved with a checkpoint."""
+    return (float(payload.get("best_val", -math.inf)), payload.get("best_params"),
             int(payload.get("bad_evals", 0)))
 
 
-def _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals) -> dict:
+def _loop_payload(run, best_val, best_snap, bad_evals) -> dict:
     """What the loop must carry over a resume, beyond params, optimizer, step, trace and RNG."""
     out = {"val_trace": torch.tensor(run.val_trace, dtype=torch.float64).reshape(-1, 2),
-           "skipped": torch.tensor(run.skipped), "snap_step": torch.tensor(snap_step),
+           "skipped": torch.tensor(run.skipped),
            "best_val": torch.tensor(best_val, dtype=torch.float64),
            "bad_evals": torch.tensor(bad_evals)}
-    if snap is not None:
-        out["snap"] = snap
     if best_snap is not None:
         out["best_params"] = best_snap
     return out
@@ -163,49 +160,29 @@ def _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals) -> dict:
 
 def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume):
     st, ck = settings.stopping, settings.checkpointing
-    snap, snap_step = None, 0
     best_val, best_snap, bad_evals = -math.inf, None, 0
     start = _resume(step_fn, run, resume) if resume is not None else 0
     if resume is not None:
-        snap, snap_step, best_val, best_snap, bad_evals = _loop_state(resume)
+        best_val, best_snap, bad_evals = _loop_state(resume)
     run.steps = start
     if resume is None and _optimizer(step_fn) is None and hasattr(step_fn, "prepare"):
-        step_fn.prepare()  # create the params now, so the first snapshot holds the start
-    skip, opt_snap = settings.objective.skip_nonfinite, None
-    valid = not invalid_params()
+        step_fn.prepare()  # create the params and the optimizer before the first step
+    skip = settings.objective.skip_nonfinite
     bar = tqdm(range(start, st.num_steps), desc="svi", disable=not settings.progress, leave=False)
     for step in bar:
-        if valid and (snap is None or step % ck.snapshot_every == 0):
-            snap, snap_step = snapshot_params(), step
-            if skip and _optimizer(step_fn) is not None:
-                opt_snap = copy.deepcopy(_optimizer(step_fn).state_dict())
-        try:
-            value = step_fn()
+        try:  # a refused step (non-finite loss, gradient or update) changes no parameter
+            value, refused = step_fn()
         except (ValueError, RuntimeError) as exc:  # distribution validation on NaN parameters
             if not _mentions_nonfinite(str(exc)):
                 raise
-            value, reason = math.nan, f" ({str(exc).splitlines()[0][:160]})"
-        else:
-            reason = ""
-        bad = invalid_params()  # checked after every step: the update itself may break them
-        valid = not bad
-        if not math.isfinite(value) or bad:
-            what = f"loss became {value}" if not math.isfinite(value) else "the update"
-            if bad:
-                what += f" (parameters {bad[:4]} non-finite or outside their constraints)"
-            if snap is not None:
-                restore_params(snap)
-                valid = True
-                if skip and opt_snap is not None:
-                    _optimizer(step_fn).load_state_dict(opt_snap)
+            value, refused = math.nan, f"the step failed ({str(exc).splitlines()[0][:160]})"
+        if refused:
             if skip:
                 run.skipped += 1
                 continue
             run.diverged = True
-            run.message = (
-                f"diverged at step {step + 1}: {what}{reason}; kept the parameters "
-                f"of step {snap_step} (the last with finite loss and parameters)"
-            )
+            run.message = (f"diverged at step {step + 1}: {refused}; kept the parameters of step "
+                           f"{step} (the last with finite loss, gradients and parameters)")
             return run
         run.trace.append(-value)
         run.steps = step + 1
@@ -239,7 +216,7 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
             # last in the step: the held-out evaluation above draws random numbers too
             opt = _optimizer(step_fn)
             save_checkpoint(ck.path, run.steps, run.trace, opt.state_dict() if opt else None,
-                            _loop_payload(run, snap, snap_step, best_val, best_snap, bad_evals))
+                            _loop_payload(run, best_val, best_snap, bad_evals))
     if best_snap is not None:
         restore_params(best_snap)
     if len(run.trace) >= 2 * MIN_JUDGED:
@@ -335,7 +312,8 @@ def fit(
         if settings.objective.direct:
             if enum:
                 raise ValueError(f"direct: guide {spec.name!r} needs enumeration (use Pyro's ELBO)")
-            step_fn = direct_step(family, guide_fn, x, settings)
+            step_fn = direct_step(family, guide_fn, x, settings,
+                                  keep_state=settings.objective.skip_nonfinite)
         elif payload is not None:
             load_params_from(payload, family.model, guide_fn, x)
         check_coverage(family, guide_fn, x, spec)

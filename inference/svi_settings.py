@@ -94,16 +94,13 @@ class Stopping:
 
 @dataclass
 class Checkpointing:
-    """Save the run every ``every`` steps to ``path`` (tensors only; resumable); keep an in-memory
-    snapshot of the last good parameters every ``snapshot_every`` steps."""
+    """Save the run every ``every`` steps to ``path`` (tensors only; resumable)."""
 
     path: Path | str | None = None
     every: int = 0
-    snapshot_every: int = 1
 
     def __post_init__(self):
         integer(self.every, "checkpoint_every", minimum=0)
-        integer(self.snapshot_every, "snapshot_every", minimum=1)
         if self.every and self.path is None:
             raise ValueError("checkpoint: checkpoint_every > 0 needs a checkpoint path")
 

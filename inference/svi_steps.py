@@ -1,7 +1,11 @@
 """The gradient steps of the SVI engine: Pyro's ELBOs and the torch-native (direct) step.
 
-Both return the loss of the step and expose the ClippedAdam they use as ``.optimizer`` (its state
-goes into checkpoints).
+Both return ``(loss, refused)``: the loss of the step and, when the update was not applied, why
+(a non-finite loss or gradient, or an update that broke a parameter, named; see
+:meth:`inference.sparse_adam.LazyClippedAdam.guarded_step`), else ``""``. A refused step leaves
+the parameters as they were. Both expose their optimizer as ``.optimizer`` (its state goes into
+checkpoints); ``keep_state=True`` also undoes the optimizer's moments on a refusal (for runs that
+skip such steps and go on).
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 from pyro.optim.clipped_adam import ClippedAdam
+from torch.distributions import Independent, Normal
 
+from inference.checkpoint import ParamCheck
 from inference.sparse_adam import LazyClippedAdam
 from inference.svi_settings import Settings
 from models.capabilities import LocalDensities, MissingCapability
+from models.numerics import LOG_2PI, minibatch_indices
 
 
 def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
@@ -51,15 +58,30 @@ def adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
     return LazyClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
 
 
+def apply(optimizer, value: float, params, check: ParamCheck, keep_state: bool) -> str:
+    """The guarded update after a loss and its gradients: ``""`` when applied, else why not."""
+    try:
+        if not math.isfinite(value):
+            return f"loss became {value}"
+        if optimizer is None:  # a guide and model without parameters: nothing to move
+            return ""
+        refused, grads_finite = optimizer.guarded_step(check.valid, keep_state)
+        return check.refusal(refused, grads_finite) if refused else ""
+    finally:
+        for p in params:
+            p.grad = None
+
+
 class PyroStep:
     """One gradient step of a Pyro ELBO on every param the model and guide touch (one ClippedAdam
-    over all of them: per-element the same update as ``pyro.optim.ClippedAdam``)."""
+    over all of them: per-element the same update as ``pyro.optim.ClippedAdam``), guarded."""
 
-    def __init__(self, model, guide, args, kwargs, loss, settings):
+    def __init__(self, model, guide, args, kwargs, loss, settings, keep_state: bool = False):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
-        self.loss, self.settings = loss, settings
+        self.loss, self.settings, self.keep_state = loss, settings, keep_state
         self.optimizer: ClippedAdam | None = None
         self._seen: set[int] = set()
+        self._check = ParamCheck()
 
     def prepare(self) -> None:
         """Make the optimizer over the params one step would touch, in the same order (to load
@@ -70,16 +92,19 @@ class PyroStep:
             poutine.replay(self.model, trace=gtr)(*self.args, **self.kwargs)
         self._register([s["value"].unconstrained() for s in cap.trace.nodes.values()])
 
-    def __call__(self) -> float:
-        with poutine.trace(param_only=True) as cap:
-            value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
+    def __call__(self) -> tuple[float, str]:
+        cap = poutine.trace(param_only=True)
+        try:
+            with cap:
+                value = float(self.loss.loss_and_grads(self.model, self.guide, *self.args,
+                                                       **self.kwargs))
+        except BaseException:
+            for site in cap.trace.nodes.values():  # a failed step leaves no gradients behind
+                site["value"].unconstrained().grad = None
+            raise
         params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
         self._register(params)
-        if self.optimizer is not None:  # a guide and model without parameters: nothing to move
-            self.optimizer.step()
-        for p in params:
-            p.grad = None
-        return float(value)
+        return value, apply(self.optimizer, value, params, self._check, self.keep_state)
 
     def _register(self, params) -> None:
         new = [p for p in params if id(p) not in self._seen]
@@ -91,15 +116,33 @@ class PyroStep:
                 self.optimizer.add_param_group({"params": new})
 
 
-def direct_step(family, guide, x: torch.Tensor, settings: Settings):
+def rsample_with_log_prob(q, particles: int):
+    """``particles`` reparameterized draws z ~ q and log q(z) (one draw: no particle dimension,
+    which spares the decoder a batched matmul). For a diagonal Gaussian
+    (``Normal(m, s).to_event(1)``) log q is written in the standard draws eps of z = m + s eps:
+    sum_k [-eps_k^2 / 2 - log s_k] - k/2 log 2 pi, the same value and the same total derivative
+    in (m, s) as ``q.log_prob(z)``, with fewer operations to differentiate."""
+    base = q.base_dist if isinstance(q, Independent) and q.reinterpreted_batch_ndims == 1 else None
+    if isinstance(base, Normal):
+        loc, scale = base.loc, base.scale
+        shape = loc.shape if particles == 1 else (particles, *loc.shape)
+        eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+        log_q = (-0.5 * eps.pow(2) - scale.log()).sum(-1) - 0.5 * loc.shape[-1] * LOG_2PI
+        return loc + scale * eps, log_q
+    z = q.rsample(() if particles == 1 else (particles,))
+    return z, q.log_prob(z)
+
+
+def direct_step(family, guide, x: torch.Tensor, settings: Settings, keep_state: bool = False):
     """A torch-native SVI step: the same reparameterized ELBO estimate as ``Trace_ELBO``, without
     Pyro's tracing (for speed on small networks).
 
     Needs a :class:`~models.capabilities.LocalDensities` family (``log_joint(x, z) -> (..., n)``)
     and ``guide.distribution(x, idx)`` (a reparameterizable q(z_n | x_n) with batch shape (B,)).
-    Per step: idx ~ a uniform minibatch of size B, z_p ~ q (P particles),
-    loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)], the unbiased estimate of -ELBO
-    that Trace_ELBO with plate subsampling computes. The optimized tensors are the param store's.
+    Per step: idx ~ a uniform minibatch of size B, z_p ~ q (P particles,
+    :func:`rsample_with_log_prob`), loss = -(n / B) * mean_p sum_n [log p(x_n, z_pn) - log q(z_pn)],
+    the unbiased estimate of -ELBO that Trace_ELBO with plate subsampling computes. The optimized
+    tensors are the param store's.
     Returns the step function; its ``optimizer`` attribute is the ClippedAdam it uses.
     """
     if not isinstance(family, LocalDensities):
@@ -118,17 +161,21 @@ def direct_step(family, guide, x: torch.Tensor, settings: Settings):
     opt = adam(params, settings, settings.stopping.num_steps)
     n, batch = x.shape[0], settings.objective.subsample_size
     particles = settings.objective.num_particles
+    check = ParamCheck()
 
-    def step():
-        idx = None if batch is None else torch.randperm(n, device=x.device)[:batch]
+    def step() -> tuple[float, str]:
+        idx = None if batch is None else minibatch_indices(n, batch, x.device)
         xb = x if idx is None else x[idx]
-        q = guide.distribution(x, idx)
-        z = q.rsample((particles,))
-        elbo = (family.log_joint(xb, z) - q.log_prob(z)).sum(-1).mean(0) * (n / xb.shape[0])
-        opt.zero_grad()
-        (-elbo).backward()
-        opt.step()
-        return float(-elbo.detach())
+        try:
+            z, log_q = rsample_with_log_prob(guide.distribution(x, idx), particles)
+            terms = (family.log_joint(xb, z) - log_q).sum(-1)  # (P,) or () for one draw
+            elbo = (terms if particles == 1 else terms.mean(0)) * (n / xb.shape[0])
+            (-elbo).backward()
+        except BaseException:
+            opt.zero_grad()
+            raise
+        value = float(-elbo.detach())
+        return value, apply(opt, value, params, check, keep_state)
 
     step.optimizer = opt
     return step

@@ -30,7 +30,7 @@ from models.validate import integer
 
 #: how a VAE is trained unless said otherwise (single-draw ELBO, constant Adam rate, no draws
 #: from q kept); other ``inference.svi.Settings`` fields keep the engine's defaults
-VAE_DEFAULTS = {"num_particles": 1, "lr_decay": 1.0, "snapshot_every": 50,
+VAE_DEFAULTS = {"num_particles": 1, "lr_decay": 1.0,
                 "num_posterior_samples": 0, "val_particles": 100}
 
 

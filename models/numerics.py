@@ -48,3 +48,31 @@ def one_thread(t: torch.Tensor | None = None):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def minibatch_indices(n: int, size: int | None, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """``size`` distinct indices of range(n), a uniformly random subset in random order, drawn in
+    O(size log size) from ``generator`` (default torch's) (None when ``size`` is None or >= n:
+    the full plate).
+
+    Sequential sampling without replacement: i.i.d. uniform draws, keeping the first occurrence
+    of each value, until ``size`` distinct values are in hand (about size^2 / 2n repeats). For
+    n <= 32 size a permutation of range(n) is cheaper (measured on CPU) and is used instead.
+    """
+    if size is None or size >= n:
+        return None
+    if generator is not None:
+        device = generator.device
+    if n <= 32 * size:
+        return torch.randperm(n, device=device, generator=generator)[:size]
+    out = torch.empty(0, dtype=torch.long, device=device)
+    while out.numel() < size:
+        need = size - out.numel()
+        extra = torch.randint(n, (need + need * size // n + 8,), device=device, generator=generator)
+        draw = torch.cat([out, extra])
+        uniq, inverse = torch.unique(draw, return_inverse=True)
+        first = torch.full_like(uniq, draw.numel()).scatter_reduce_(
+            0, inverse, torch.arange(draw.numel(), device=device), "amin")
+        out = draw[first.sort().values][:size]
+    return out

@@ -41,7 +41,7 @@ from torch import nn
 
 from models.base import LocalLatentFamily
 from models.fa_params import FAParams
-from models.numerics import ACTIVATIONS, inverse_softplus, mlp
+from models.numerics import ACTIVATIONS, LOG_2PI, inverse_softplus, mlp
 from models.validate import as_data, choice, integer, positive
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -68,10 +68,10 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, weights: dict | None = None):
         """``weights``: tensors replacing the parameters by name (e.g. detached copies)."""
-        names = {id(p): k for k, p in self.named_parameters()}
+        names = None if weights is None else {id(p): k for k, p in self.named_parameters()}
 
         def w(t):
-            return t if weights is None else weights[names[id(t)]]
+            return t if names is None else weights[names[id(t)]]
 
         def linear(layer, h):
             return F.linear(h, w(layer.weight), w(layer.bias))
@@ -192,6 +192,22 @@ class VAE(LocalLatentFamily):
         # the module computes with its own weights; in a fresh store they ARE the store's
         pyro.module(self.module_name, self.decoder)
         super().model(x, subsample_size)
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_n | z_n), shape (..., n): the density of :meth:`observation_dist` written out
+        (no distribution objects; the SVI engine's direct step calls it every step):
+        Bernoulli sum_d [x log sigmoid(f) + (1 - x) log sigmoid(-f)] = -BCE-with-logits;
+        Gaussian -1/2 sum_d [(x - m)^2 / v + log v + log 2 pi]."""
+        out, var = self.decode(z)
+        if var is None:
+            return -F.binary_cross_entropy_with_logits(out, x.expand_as(out),
+                                                       reduction="none").sum(-1)
+        return -0.5 * ((x - out).pow(2) / var + var.log() + LOG_2PI).sum(-1)
+
+    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log N(z_n; 0, I) + log p(x_n | z_n), shape (..., n) (:meth:`local_prior` written out)."""
+        prior = -0.5 * z.pow(2).sum(-1) - 0.5 * self.latent_dim * LOG_2PI
+        return prior + self.log_likelihood(x, z)
 
     def mcmc_model(self, x: torch.Tensor, subsample_size: int | None = None):
         """The same model with the decoder's weights as constants (detached, not registered):

@@ -351,7 +351,6 @@ SVI_BAD = [  # flat option -> bad values
     ("val_particles", [0]),
     ("eval_every", [-1]),
     ("checkpoint_every", [-1]),
-    ("snapshot_every", [0]),
     ("eval_particles", [1, 10**8]),
     ("eval_batch", [0]),
     ("num_posterior_samples", [-1]),

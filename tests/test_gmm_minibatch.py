@@ -25,6 +25,7 @@ from inference import svi
 from inference.runtime import isolated
 from inference.sparse_adam import LazyClippedAdam
 from inference.svi_steps import PyroStep, make_loss
+from models import numerics
 from models.gmm import BayesianGMM
 
 # ----------------------------------------------------------------------------- the index sampler
@@ -37,7 +38,7 @@ def test_minibatch_indices_are_a_uniform_subset(n):
     counts = torch.zeros(n)
     first = torch.zeros(n)
     for _ in range(draws):
-        idx = gg.minibatch_indices(n, B, generator=g)
+        idx = numerics.minibatch_indices(n, B, generator=g)
         assert idx.shape == (B,) and idx.dtype == torch.long
         assert int(idx.min()) >= 0 and int(idx.max()) < n
         assert len(torch.unique(idx)) == B  # without replacement
@@ -49,14 +50,14 @@ def test_minibatch_indices_are_a_uniform_subset(n):
     var = draws * (B / n) * (1 - B / n)
     chi2 = float(((counts - expected) ** 2).sum() / var)
     assert abs(chi2 - (n - 1)) / math.sqrt(2 * (n - 1)) < 5
-    assert gg.minibatch_indices(n, None) is None and gg.minibatch_indices(n, n) is None
+    assert numerics.minibatch_indices(n, None) is None and numerics.minibatch_indices(n, n) is None
 
 
 def test_minibatch_indices_follow_the_global_seed():
     torch.manual_seed(3)
-    a = gg.minibatch_indices(10_000, 50)
+    a = numerics.minibatch_indices(10_000, 50)
     torch.manual_seed(3)
-    b = gg.minibatch_indices(10_000, 50)
+    b = numerics.minibatch_indices(10_000, 50)
     assert torch.equal(a, b)
 
 

@@ -1,0 +1,110 @@
+"""The SVI engine's guarded update: a step that would break a parameter is undone exactly, at the
+cost of what the step touches, and a run reports which parameter broke."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.optim.clipped_adam import ClippedAdam
+
+from inference import svi
+from inference.runtime import isolated
+from inference.sparse_adam import LazyClippedAdam
+
+
+def _state(opt, params):
+    """Every tensor and number the optimizer holds, copied."""
+    out = {"lr": [g["lr"] for g in opt.param_groups]}
+    for i, p in enumerate(params):
+        out[f"p{i}"] = p.detach().clone()
+        for k, v in opt.state.get(p, {}).items():
+            out[f"p{i}.{k}"] = v.clone() if torch.is_tensor(v) else v
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _grads(dense, rows_param, rows, scale=1.0):
+    dense.grad = torch.randn_like(dense) * scale
+    out = torch.nn.functional.embedding(rows, rows_param, sparse=True)
+    (out * torch.randn(out.shape, dtype=out.dtype)).sum().backward()
+
+
+def test_a_nan_gradient_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    dense = torch.randn(4, 3, requires_grad=True)
+    local = torch.randn(1000, 2, dtype=torch.float64, requires_grad=True)
+    opt = LazyClippedAdam([dense, local], lr=0.1, clip_norm=10.0, lrd=0.99)
+    for _ in range(3):
+        _grads(dense, local, torch.randint(1000, (50,)))
+        assert opt.guarded_step(keep_state=True) == ([], True)
+        dense.grad = local.grad = None
+    before = _state(opt, [dense, local])
+    _grads(dense, local, torch.randint(1000, (50,)))
+    local.grad = torch.sparse_coo_tensor(local.grad._indices(), local.grad._values().clone(),
+                                         local.shape, check_invariants=True)
+    local.grad._values()[3, 1] = math.nan
+    refused, grads_finite = opt.guarded_step(keep_state=True)
+    assert [id(p) for p in refused] == [id(local)] and not grads_finite
+    _same(_state(opt, [dense, local]), before)  # the dense parameter's update was undone too
+
+
+def test_an_update_that_breaks_a_constraint_is_undone():
+    torch.manual_seed(1)
+    u = torch.zeros(5, requires_grad=True)  # e.g. log of a positive scale
+    opt = LazyClippedAdam([u], lr=1e3, clip_norm=math.inf, lrd=1.0)
+    u.grad = torch.ones(5)
+    before = _state(opt, [u])
+    refused, grads_finite = opt.guarded_step(lambda p, rows: bool((p.exp() > 0).all()),
+                                             keep_state=True)
+    assert refused and grads_finite  # exp(-1000) underflows to 0: outside (0, inf)
+    _same(_state(opt, [u]), before)
+
+
+def test_the_accepted_update_is_clipped_adams_for_mixed_dtypes():
+    torch.manual_seed(2)
+    a = [torch.randn(3, 2, requires_grad=True), torch.randn(4, dtype=torch.float64,
+                                                          requires_grad=True)]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    opt_a = LazyClippedAdam(a, lr=0.05, clip_norm=0.7, lrd=0.9)
+    opt_b = ClippedAdam(b, lr=0.05, clip_norm=0.7, lrd=0.9)
+    for t in range(5):
+        for pa, pb in zip(a, b):
+            g = torch.randn_like(pa) * (t + 1)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        assert opt_a.guarded_step() == ([], True)
+        opt_b.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_a_run_names_the_parameter_an_update_broke():
+    """A user's model whose positive scale is pushed out of range by a huge rate: the run stops
+    at that step, names the parameter, and keeps the previous (valid) value."""
+    x = torch.randn(40, dtype=torch.float64) * 3
+
+    def model(x):
+        s = pyro.param("noise", x.new_tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    def guide(x):
+        pass
+
+    with isolated(0):
+        run = svi.run_svi(model, guide, (x,), svi.Settings(num_steps=50, lr=800.0))
+        noise = float(pyro.param("noise").detach())
+    assert run.diverged and "the update made noise non-finite" in run.message, run.message
+    assert "kept the parameters of step" in run.message
+    assert math.isfinite(noise) and noise > 0
