@@ -107,6 +107,17 @@ def field_error(args, exc: Exception, flags: dict[str, str]) -> CliError:
     return CliError(text)
 
 
+def process_rank(devices: int = 1) -> int:
+    """This process's global rank in a distributed launch of ``devices`` processes per node, from
+    the environment torchrun, SLURM or Lightning's launcher set (RANK; SLURM_PROCID; NODE_RANK *
+    devices + LOCAL_RANK); 0 when not launched so."""
+    env = os.environ
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key])
+    return int(env.get("NODE_RANK", "0")) * devices + int(env.get("LOCAL_RANK", "0"))
+
+
 def open_run(args, name: str) -> Path:
     """Create the run's working folder ``<out>.incomplete`` (reopened with ``--resume``) after
     every check has passed; return it. :func:`finish` renames it to ``--out``."""

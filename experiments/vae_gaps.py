@@ -107,12 +107,20 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
     if kind == "flow":
         opts.update(flow=args.flow, num_flows=cfg["num_flows"])
     ck, resume = common.checkpointing(args, f"train-{kind}")
+    distributed = {}
+    if args.strategy != "none":
+        distributed = dict(strategy=args.strategy, devices=args.devices,
+                           num_nodes=args.num_nodes)
     res = train_vae(vae, x_fit, guide=guide, guide_options=opts, epochs=cfg["epochs"],
-                    batch_size=args.batch_size, lr=args.lr, val_data=x_val,
+                    batch_size=args.batch_size, lr=args.lr,
+                    val_data=None if distributed else x_val,
                     eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["epochs"]),
                     patience=args.patience, eval_particles=min(cfg["elbo_samples"], 100),
                     seed=seed, progress=not args.no_progress, checkpoint=ck.get("checkpoint"),
-                    checkpoint_every=ck.get("checkpoint_every", 0), resume=resume)
+                    checkpoint_every=ck.get("checkpoint_every", 0), resume=resume,
+                    **distributed)
+    if res is None:  # a distributed process other than global rank 0
+        return vae, None, None
     res.guide = f"{guide}" + (f"-{args.flow}" if kind == "flow" else "")
     return vae, res.state.guide, res
 
@@ -153,6 +161,8 @@ def _main(argv) -> int:
     device, dtype = common.setup(args, "vae_gaps")
     data = load(args, device, dtype, args.seed)
     check_data(args, data)
+    if args.strategy == "ddp" and common.process_rank(args.devices) != 0:
+        return _train_only(args, cfg, data)
     out = common.open_run(args, "vae_gaps")
     validation = is_validation_enabled()
     pyro.enable_validation(bool(args.validate))
@@ -160,6 +170,24 @@ def _main(argv) -> int:
         return _run(args, cfg, out, device, dtype, data)
     finally:
         pyro.enable_validation(validation)
+
+
+def _fit_split(data, seed, device):
+    """(training images, held-out images for early stopping) carved from the training set."""
+    fit_idx, val_idx = images.split(data.x_train.shape[0], 0.1, seed)
+    return (data.x_train[torch.as_tensor(fit_idx, device=device)],
+            data.x_train[torch.as_tensor(val_idx, device=device)])
+
+
+def _train_only(args, cfg, data) -> int:
+    """A distributed process other than global rank 0: take part in every training of the
+    study, write nothing (rank 0 runs the rest and writes the study)."""
+    x_fit, x_val = _fit_split(data, args.seed, data.x_train.device)
+    for kind in cfg["kinds"]:
+        train(kind, data, x_fit, x_val, args, cfg, args.seed)
+    print(f"vae_gaps: process {common.process_rank(args.devices)} done training; rank 0 writes "
+          "the study")
+    return 0
 
 
 def _run(args, cfg, out, device, dtype, data) -> int:
@@ -173,11 +201,9 @@ def _run(args, cfg, out, device, dtype, data) -> int:
         stages[name] = round(now - clock[0], 2)
         clock[0] = now
     # a validation split for early stopping, carved from the training images
-    fit_idx, val_idx = images.split(data.x_train.shape[0], 0.1, seed)
-    x_fit = data.x_train[torch.as_tensor(fit_idx, device=device)]
-    x_val = data.x_train[torch.as_tensor(val_idx, device=device)]
-    print(f"data: {data.info['source']} train {tuple(data.x_train.shape)} (fit {len(fit_idx)}, "
-          f"validation {len(val_idx)}) test {tuple(data.x_test.shape)}; {args.likelihood}")
+    x_fit, x_val = _fit_split(data, seed, device)
+    print(f"data: {data.info['source']} train {tuple(data.x_train.shape)} (fit {len(x_fit)}, "
+          f"validation {len(x_val)}) test {tuple(data.x_test.shape)}; {args.likelihood}")
 
     models, results = {}, []
     for kind in cfg["kinds"]:

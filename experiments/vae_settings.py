@@ -64,6 +64,13 @@ class Settings(StudySettings):
     impute_particles: int = setting(1000, "importance-sampling particles", quick=50)
     gibbs_steps: int = setting(50, "pseudo-Gibbs sweeps", quick=6)
     validate: bool = setting(False, "keep Pyro's validation on")
+    strategy: str = setting("none", "training of the study's VAEs: none (this process), ddp (one "
+                            "process per device, started by Lightning's launcher, torchrun or "
+                            "SLURM; every process runs this command, rank 0 writes the study) "
+                            "or ddp_spawn (processes spawned from this one); later stages run "
+                            "in one process", choices=("none", "ddp", "ddp_spawn"))
+    devices: int = setting(1, "processes per node for --strategy (GPUs with --device cuda)")
+    num_nodes: int = setting(1, "nodes for --strategy ddp")
 
 
 def parse(argv) -> Settings:
@@ -102,7 +109,29 @@ def resolve(args: Settings) -> dict:
         raise args.error("guides", "needs mlp: the FFG encoder's model is the one the capacity, "
                          "semi-amortized, NUTS and imputation stages study")
     cfg["engines"], cfg["kinds"] = engines, [LABELS.get(g, g) for g in trained]
+    _check_strategy(args)
     return cfg
+
+
+def _check_strategy(args: Settings) -> None:
+    args.at_least("devices", 1)
+    args.at_least("num_nodes", 1)
+    if args.strategy == "none":
+        for key in ("devices", "num_nodes"):
+            if getattr(args, key) != 1:
+                raise args.error(key, "more than one process needs --strategy ddp or ddp_spawn")
+        return
+    if args.patience:
+        raise args.error("patience", f"early stopping is not available with --strategy "
+                         f"{args.strategy} (held-out evaluations run between steps, in one "
+                         f"process); give --patience 0 and a fixed --epochs")
+    if args.strategy == "ddp_spawn" and args.num_nodes != 1:
+        raise args.error("num_nodes", "several nodes need --strategy ddp (one process per "
+                         "device, started on every node)")
+    world = args.devices * args.num_nodes
+    if args.batch_size % world:
+        raise args.error("batch_size", f"the global batch must be a multiple of the {world} "
+                         f"processes, got {args.batch_size}")
 
 
 def check_data(args: Settings, data) -> None:

@@ -124,7 +124,8 @@ def _rebuild(meta, tensors, family, x):
     import copy
 
     import guides as registry
-    from inference.svi import SviRun, SviState
+    from inference.svi import SviState
+    from inference.svi_run import SviRun
 
     family = copy.deepcopy(family)
     saved = meta.get("family", {})

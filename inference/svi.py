@@ -10,19 +10,16 @@ Guides whose family sums the discrete sites out (``GuideSpec.collapsed``) are tr
 (or ``TraceMeanField_ELBO``, analytic KL where available, with ``mean_field_kl=True``), or the
 torch-native step (``direct=True``, :func:`direct_step`: the same estimator without tracing).
 
-Convergence. Let y_t be the per-datum ELBO estimate of step t over the last ``window`` = w steps
-(the last half of the run when it is shorter than 2w) and b the least-squares slope of y on t with
-standard error se(b) (residual variance / sum (t - tbar)^2). The run counts as converged when the
-projected gain over one more window is below ``converged_tol`` with 2 standard errors to spare:
-w (b + 2 se(b)) < converged_tol. Monte Carlo noise widens se(b), so a noisy trace is not called
-converged on a lucky window; a short fit window widens it too.
+The run's record and its convergence test (the slope of the per-datum ELBO over the last window,
+with its standard error) are in :mod:`inference.svi_run`; training over several processes
+(``strategy``) in :mod:`inference.svi_distributed`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -32,6 +29,7 @@ from tqdm.auto import tqdm
 
 import guides as guide_registry
 from guides.base import GuideSpec
+from inference import svi_distributed
 from inference.budget import check_svi
 from inference.checkpoint import (
     read_checkpoint,
@@ -50,25 +48,10 @@ from inference.svi_pair import (
     posterior_draws,
     store_state,
 )
+from inference.svi_run import MIN_JUDGED, SviRun, judge
 from inference.svi_settings import Settings
 from inference.svi_steps import PyroStep, direct_step, make_loss
 from models.capabilities import MissingCapability
-
-
-@dataclass
-class SviRun:
-    """The optimization: ELBO estimate per step (nats, total), how it ended."""
-
-    trace: list[float] = field(default_factory=list)
-    converged: bool = False
-    message: str = ""
-    steps: int = 0
-    val_trace: list[tuple[int, float]] = field(default_factory=list)
-    stopped_early: bool = False
-    diverged: bool = False
-    skipped: int = 0
-    slope: float = math.nan  # projected gain over one more window, nats/datum
-    slope_se: float = math.nan
 
 
 @dataclass
@@ -208,7 +191,7 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
                     )
                     return run
         if st.tol and len(run.trace) >= st.window and run.steps % st.window == 0:
-            if _judge(run, st, n, st.tol):
+            if judge(run, st, n, st.tol):
                 run.message = (f"converged at step {run.steps}: projected gain "
                                f"{run.slope:.2e} +- {run.slope_se:.1e} nats/datum < tol")
                 return run
@@ -220,7 +203,7 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     if best_snap is not None:
         restore_params(best_snap)
     if len(run.trace) >= 2 * MIN_JUDGED:
-        _judge(run, st, n, st.converged_tol)
+        judge(run, st, n, st.converged_tol)
         run.message = run.message or (
             f"ran {run.steps} steps; projected gain over one more window {run.slope:.2e} +- "
             f"{run.slope_se:.1e} nats/datum ({'<' if run.converged else '>='} converged_tol "
@@ -231,26 +214,6 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     if run.skipped:
         run.message += f"; skipped {run.skipped} non-finite steps"
     return run
-
-
-#: fewest steps the convergence slope is fitted on
-MIN_JUDGED = 20
-
-
-def _judge(run: SviRun, st, n: int, tol: float) -> bool:
-    """The slope test of the module docstring: the slope is fitted on the last ``window`` steps
-    (on the last half of the run when it is shorter than two windows) and projected over one
-    ``window``."""
-    w = min(st.window, len(run.trace) // 2)
-    y = torch.tensor(run.trace[-w:], dtype=torch.float64) / n
-    t = torch.arange(w, dtype=torch.float64)
-    tc = t - t.mean()
-    b = float((tc * (y - y.mean())).sum() / (tc**2).sum())
-    resid = y - y.mean() - b * tc
-    se = float(((resid**2).sum() / (w - 2) / (tc**2).sum()).sqrt())
-    run.slope, run.slope_se = b * st.window, se * st.window
-    run.converged = run.slope + 2 * run.slope_se < tol
-    return run.converged
 
 
 def _mentions_nonfinite(text: str) -> bool:
@@ -289,7 +252,10 @@ def fit(
     """Fit ``guide`` (name, GuideSpec or callable) to ``family.model`` on data ``x``.
 
     ``guide_options`` go to the guide's builder; ``resume`` is a checkpoint path written by a run
-    with the same settings (``checkpoint=..., checkpoint_every=N``) to continue from.
+    with the same settings (``checkpoint=..., checkpoint_every=N``) to continue from. With a
+    distributed ``strategy`` the steps run data-parallel on Lightning (:mod:`inference.ddp`) and
+    the fitted pair is evaluated here; on the processes other than global rank 0 (strategy
+    ``"ddp"`` under a launcher) it returns None.
     """
     settings = check_settings(settings, Settings, "svi")
     family = copy.deepcopy(family)  # a fit never changes the caller's family (e.g. a decoder)
@@ -302,6 +268,8 @@ def fit(
             f"subsample_size: {settings.objective.subsample_size} is larger than the data "
             f"({x.shape[0]} points)")
     spec = resolve_guide(family, guide)
+    if settings.distributed.strategy is not None:
+        svi_distributed.check(settings, resume, x, spec)
     payload = read_checkpoint(resume) if resume is not None else None
     nest = family.max_plate_nesting
     guide_options = dict(guide_options or {})
@@ -318,10 +286,15 @@ def fit(
             load_params_from(payload, family.model, guide_fn, x)
         check_coverage(family, guide_fn, x, spec)
         check_svi(family.model, guide_fn, x, settings, enum)  # memory, before any step
-        run = run_svi(
-            family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest,
-            step_fn=step_fn, resume=payload,
-        )
+        if settings.distributed.strategy is not None:
+            run = svi_distributed.train(family, guide_fn, x, spec, guide_options, settings, seed)
+            if run is None:
+                return None  # a process other than global rank 0: rank 0 reports
+        else:
+            run = run_svi(
+                family.model, guide_fn, (x,), settings, collapsed=enum, max_plate_nesting=nest,
+                step_fn=step_fn, resume=payload,
+            )
         ev = settings.evaluation
         est = estimate_elbo(
             family.model,

@@ -1,11 +1,12 @@
 """Settings of the SVI engine, grouped by what they control.
 
-``Settings`` holds five groups: :class:`Optimizer` (how parameters move), :class:`Objective`
+``Settings`` holds six groups: :class:`Optimizer` (how parameters move), :class:`Objective`
 (which ELBO estimator is differentiated), :class:`Stopping` (when the run ends and what counts as
-converged), :class:`Checkpointing` (what is saved during the run) and :class:`Evaluation` (how the
-fitted pair is scored afterwards). Flat keywords are accepted too and routed to their group, so
+converged), :class:`Checkpointing` (what is saved during the run), :class:`Evaluation` (how the
+fitted pair is scored afterwards) and :class:`Distributed` (training over several processes). Flat keywords are accepted too and routed to their group, so
 ``Settings(num_steps=500, lr=0.01)`` reads as before; an unknown name is an error listing the
-valid ones, and a setting that cannot apply to the chosen path is an error (see ``validate_for``).
+valid ones, and a setting that cannot apply to the chosen path is an error (checked where the path
+is chosen, in :func:`inference.svi.fit`).
 """
 
 from __future__ import annotations
@@ -120,12 +121,50 @@ class Evaluation:
         integer(self.num_posterior_samples, "num_posterior_samples", minimum=0)
 
 
+#: distributed strategies (PyTorch Lightning's names)
+STRATEGIES = ("ddp", "ddp_spawn")
+
+
+@dataclass
+class Distributed:
+    """Data-parallel training with PyTorch Lightning's DDP (:mod:`inference.ddp`): ``strategy``
+    None (this process), ``"ddp_spawn"`` (spawns the processes; works from a call, a notebook or a
+    test) or ``"ddp"`` (Lightning's launcher, ``torchrun`` or SLURM start one process per device:
+    every process runs the same program); ``devices`` processes per node on ``num_nodes`` nodes;
+    ``accelerator`` ``"cpu"`` (gloo), ``"gpu"`` (NCCL) or ``"auto"`` (gpu when the data are on
+    CUDA)."""
+
+    strategy: str | None = None
+    devices: int = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+
+    def __post_init__(self):
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: must be None or one of {list(STRATEGIES)}, got "
+                             f"{self.strategy!r}")
+        integer(self.devices, "devices", minimum=1)
+        integer(self.num_nodes, "num_nodes", minimum=1)
+        if self.accelerator not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"accelerator: must be 'auto', 'cpu' or 'gpu', got "
+                             f"{self.accelerator!r}")
+        if self.strategy is None and (self.devices != 1 or self.num_nodes != 1):
+            bad = "devices" if self.devices != 1 else "num_nodes"
+            raise ValueError(f"{bad}: more than one process needs strategy='ddp' or "
+                             f"'ddp_spawn'")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
 _GROUPS = {
     "optimizer": Optimizer,
     "objective": Objective,
     "stopping": Stopping,
     "checkpointing": Checkpointing,
     "evaluation": Evaluation,
+    "distributed": Distributed,
 }
 #: flat keyword -> (group, field)
 _FLAT = {f.name: (g, f.name) for g, cls in _GROUPS.items() for f in fields(cls)}
@@ -136,18 +175,20 @@ del _FLAT["path"], _FLAT["every"]
 
 @dataclass(init=False)
 class Settings:
-    """SVI settings in five groups (see the module docstring); flat keywords are routed."""
+    """SVI settings in six groups (see the module docstring); flat keywords are routed."""
 
     optimizer: Optimizer = field(default_factory=Optimizer)
     objective: Objective = field(default_factory=Objective)
     stopping: Stopping = field(default_factory=Stopping)
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     evaluation: Evaluation = field(default_factory=Evaluation)
+    distributed: Distributed = field(default_factory=Distributed)
     validate: bool = False  # Pyro's distribution checks; data are validated at the boundary
     progress: bool = False
 
     def __init__(self, *, optimizer=None, objective=None, stopping=None, checkpointing=None,
-                 evaluation=None, validate: bool = False, progress: bool = False, **flat):
+                 evaluation=None, distributed=None, validate: bool = False,
+                 progress: bool = False, **flat):
         unknown = sorted(set(flat) - set(_FLAT))
         if unknown:
             raise TypeError(
@@ -155,7 +196,8 @@ class Settings:
                 f"{sorted(_GROUPS)}, validate, progress"
             )
         given = {"optimizer": optimizer, "objective": objective, "stopping": stopping,
-                 "checkpointing": checkpointing, "evaluation": evaluation}
+                 "checkpointing": checkpointing, "evaluation": evaluation,
+                 "distributed": distributed}
         for group, cls in _GROUPS.items():
             kw = {f: flat[k] for k, (g, f) in _FLAT.items() if g == group and k in flat}
             obj = given[group]
@@ -191,5 +233,5 @@ class Settings:
 FLAT_OPTIONS = tuple(sorted(_FLAT))
 Settings.FLAT_OPTIONS = FLAT_OPTIONS
 
-__all__ = ["FLAT_OPTIONS", "Checkpointing", "Evaluation", "Objective", "Optimizer", "Settings",
-           "Stopping"]
+__all__ = ["FLAT_OPTIONS", "STRATEGIES", "Checkpointing", "Distributed", "Evaluation", "Objective",
+           "Optimizer", "Settings", "Stopping"]

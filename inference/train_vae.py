@@ -48,6 +48,9 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     param store's tensors every ``checkpoint_every_epochs`` (or every ``checkpoint_every`` steps;
     a resumable checkpoint of :mod:`inference.checkpoint`), and ``resume`` (such a checkpoint's
     path, from a run with the same arguments) continues it.
+    ``strategy="ddp"`` or ``"ddp_spawn"`` with ``devices`` (and ``num_nodes``, ``accelerator``)
+    trains data-parallel on Lightning (:mod:`inference.svi_distributed`; ``batch_size`` is the
+    global batch, a multiple of the processes; no held-out evaluation).
     ``family``'s decoder ends with the trained weights (on the data's device and dtype), so a
     second call continues training. Returns the engine's FitResult (``state.guide`` is the
     trained encoder, ``state.family`` the engine's fitted copy of ``family``). Other keyword
@@ -64,8 +67,12 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     checkpoint_every = integer(checkpoint_every, "checkpoint_every", minimum=0)
     per_epoch = math.ceil(n / batch)
     with_val = val_data is not None and eval_every_epochs > 0
-    if "direct" not in settings:
-        settings["direct"] = direct_capable(family, x, guide, guide_options)
+    strategy = settings.get("strategy")
+    if strategy is not None and val_data is not None:
+        raise ValueError(f"val_data: held-out evaluation and early stopping are not available "
+                         f"with strategy={strategy!r} (a fixed number of epochs is trained)")
+    if "direct" not in settings:  # the distributed trainer runs Pyro's ELBO
+        settings["direct"] = strategy is None and direct_capable(family, x, guide, guide_options)
     s = svi.Settings(
         num_steps=epochs * per_epoch, lr=lr, subsample_size=batch if batch < n else None,
         val_data=val_data if with_val else None,
@@ -78,6 +85,8 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     )
     res = svi.fit(family, x, s, seed=seed, guide=guide, guide_options=guide_options,
                   resume=resume)
+    if res is None:
+        return None  # a distributed process other than global rank 0
     # the engine fits a copy of the family; a VAE owns its decoder, so it keeps the trained one
     family.to(x).load_state_dict(res.state.family.state_dict())
     return res
@@ -120,6 +129,10 @@ def training_outcome(result: FitResult) -> dict:
         note = f"reached the cap of {run.steps} steps; {slope}; {best}"
     else:
         note = f"{run.message}; {best}"
+    strategy = result.settings.get("strategy")
+    if strategy is not None and end != "diverged":
+        world = int(result.settings.get("devices", 1)) * int(result.settings.get("num_nodes", 1))
+        note += f"; trained on {world} processes ({strategy})"
     return {"training_end": end, "training_steps": int(run.steps),
             "best_val_elbo_per_datum": float(best_val), "best_val_step": int(best_step),
             "train_slope_per_window": float(run.slope), "train_slope_se": float(run.slope_se),

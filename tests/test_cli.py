@@ -5,6 +5,7 @@ lines naming the flag (no traceback, no folder left behind)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,14 @@ def test_help_lists_every_setting_with_its_default(capsys, name):
     ("fa_gaps", ["--no-nuts", "--engines", "em,mcmc"], "--no-nuts", "contradicts"),
     ("vae_gaps", ["--guides", "mlp,exact"], "--guides", "mlp, flow, linear-diag, linear-full"),
     ("vae_gaps", ["--engines", "mcmc"], "--engines", "svi is needed"),
+    ("vae_gaps", ["--devices", "2"], "--devices", "needs --strategy"),
+    ("vae_gaps", ["--strategy", "ddp_spawn", "--devices", "2", "--patience", "3"], "--patience",
+     "not available with --strategy"),
+    ("vae_gaps", ["--strategy", "ddp", "--devices", "3", "--patience", "0"], "--batch-size",
+     "multiple of the 3 processes"),
+    ("vae_gaps", ["--strategy", "ddp_spawn", "--num-nodes", "2", "--patience", "0"],
+     "--num-nodes", "several nodes need --strategy ddp"),
+    ("vae_gaps", ["--strategy", "horovod"], "--strategy", "ddp"),
 ])
 def test_engines_and_guides_are_checked(capsys, tmp_path, study, flags, flag, words):
     err = fails(capsys, STUDIES[study], ["--quick", *flags, "--out", str(tmp_path / "o")], flag,
@@ -304,3 +313,30 @@ def test_errors_at_the_real_command_line(tmp_path):
 def test_cli_error_is_a_system_exit_with_status_2():
     err = CliError("--x: bad")
     assert isinstance(err, SystemExit) and err.code == 2 and str(err) == "--x: bad"
+
+
+def test_process_rank_reads_the_launchers_environment(monkeypatch):
+    from experiments.common import process_rank
+
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert process_rank(4) == 0
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert process_rank(4) == 6  # Lightning's launcher on the second node
+    monkeypatch.setenv("RANK", "5")
+    assert process_rank(4) == 5  # torchrun says it directly
+
+
+def test_vae_gaps_trains_on_two_spawned_processes(tmp_path):
+    pytest.importorskip("lightning")
+    import pandas as pd
+
+    out = tmp_path / "v"
+    argv = ["--quick", "--no-progress", "--strategy", "ddp_spawn", "--devices", "2",
+            "--patience", "0", "--engines", "svi", "--guides", "mlp", "--batch-size", "64",
+            "--out", str(out)]
+    assert vae_gaps.main(argv) == 0
+    s = pd.read_csv(out / "summary.csv")
+    assert "trained on 2 processes (ddp_spawn)" in s.training_note[0]
+    assert json.loads((out / "run.json").read_text())["settings"]["strategy"] == "ddp_spawn"

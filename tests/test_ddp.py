@@ -74,3 +74,43 @@ def test_bad_requests_name_the_setting_before_starting_processes():
         ddp.fit_ddp(vae, x, guide="mlp", devices=2, num_step=2, subsample_size=16)
     with pytest.raises(ValueError, match="^strategy"):
         ddp.fit_ddp(vae, x, guide="mlp", strategy="horovod", num_steps=2, subsample_size=16)
+
+
+def test_fit_with_a_strategy_trains_distributed_and_evaluates_the_pair_here():
+    """The user's path: ``inference.fit("svi", ..., strategy="ddp_spawn", devices=2)`` returns a
+    FitResult holding the one-process reference's parameters, with its ELBO evaluated on them."""
+    import inference
+
+    vae, x = _data()
+    res = inference.fit("svi", vae, x, guide="mlp", strategy="ddp_spawn", devices=2,
+                        accelerator="cpu", seed=1, eval_particles=200, num_posterior_samples=0,
+                        **OPTS)
+    ref = ddp.fit_single(vae, x, guide="mlp", world_size=2, seed=1, **OPTS)
+    for k in ref.params:
+        torch.testing.assert_close(res.state.params[k], ref.params[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(res.trace), torch.tensor(ref.trace), rtol=1e-5,
+                               atol=0)
+    assert "on 2 processes" in res.message and not res.converged
+    again = res.elbo_estimate(x, num_particles=200)  # the kept pair is the trained one
+    assert abs(again.value - res.elbo) < 4 * (again.se**2 + res.elbo_se**2) ** 0.5
+
+
+def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
+    import inference
+
+    vae, x = _data()
+    base = dict(guide="mlp", strategy="ddp_spawn", devices=2, **OPTS)
+    for bad, value in (("tol", 0.1), ("direct", True), ("skip_nonfinite", True),
+                       ("learn_model_params", False)):
+        with pytest.raises(ValueError, match=f"^{bad}: not available with strategy"):
+            inference.fit("svi", vae, x, **{**base, bad: value})
+    with pytest.raises(ValueError, match="^subsample_size"):
+        inference.fit("svi", vae, x, **{**base, "subsample_size": 15})
+    with pytest.raises(ValueError, match="^devices: more than one process"):
+        inference.fit("svi", vae, x, guide="mlp", devices=2, **OPTS)
+    with pytest.raises(ValueError, match="^strategy"):
+        inference.fit("svi", vae, x, **{**base, "strategy": "horovod"})
+    from inference.train_vae import train_vae
+
+    with pytest.raises(ValueError, match="^val_data"):
+        train_vae(vae, x, epochs=1, batch_size=16, strategy="ddp_spawn", devices=2, val_data=x)
