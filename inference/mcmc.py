@@ -21,7 +21,7 @@ from pyro.infer import MCMC, NUTS, config_enumerate
 
 from inference.budget import check_mcmc
 from inference.result import FitResult, check_settings, data_fields, site_is_plate, to_numpy
-from inference.runtime import Timer, isolated, one_thread, seed_everything
+from inference.runtime import Timer, device_note, isolated, one_thread, seed_everything
 from models.capabilities import McmcModel, PointwiseLogLikelihood, PosteriorInvariants
 from models.validate import boolean, integer, positive, probability
 
@@ -225,12 +225,17 @@ def fit(
         converged=converged,
         message=(
             f"{settings.num_chains} chains x {settings.num_samples} draws; "
-            f"{diag['divergences']} divergences{why}"
+            f"{diag['divergences']} divergences{why}" + _note("mcmc", x)
         ),
         settings={**family.settings(), **vars(settings)},
         diagnostics=diag,
         state=run,
     )
+
+
+def _note(engine: str, x) -> str:
+    note = device_note(engine, x)
+    return f"; {note}" if note else ""
 
 
 def _prepared(model, x, fix_params, family):

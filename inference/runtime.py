@@ -82,6 +82,28 @@ def _set_random_states(saved: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+#: data elements below which a CUDA run of a step-by-step engine is usually slower than the CPU
+SMALL_FOR_CUDA = 100_000
+
+_WHY_SMALL = {
+    "mcmc": "NUTS takes thousands of leapfrog steps of a few small kernels each, and every U-turn "
+            "check and acceptance reads a number back to the host",
+    "svi": "each SVI step is a few small kernels, and the loop reads the loss back to the host "
+           "every step",
+}
+
+
+def device_note(engine: str, x: torch.Tensor) -> str:
+    """A sentence for a result whose data are on CUDA but small enough (fewer than
+    :data:`SMALL_FOR_CUDA` elements) that the CPU is usually faster for ``engine``'s many small,
+    host-synchronized steps; ``""`` otherwise. The run is not moved: the note says so instead."""
+    if x.device.type != "cuda" or x.numel() >= SMALL_FOR_CUDA or engine not in _WHY_SMALL:
+        return ""
+    return (f"note: ran on {x.device} as asked, but the data are small ({x.numel()} elements < "
+            f"{SMALL_FOR_CUDA}); {_WHY_SMALL[engine]}, so the CPU is usually faster here "
+            f"(device='cpu' / --device cpu)")
+
+
 def synchronize(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

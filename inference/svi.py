@@ -40,7 +40,7 @@ from inference.checkpoint import (
 )
 from inference.elbo import estimate_elbo
 from inference.result import FitResult, check_settings, data_fields
-from inference.runtime import Timer, isolated
+from inference.runtime import Timer, device_note, isolated
 from inference.svi_pair import (
     check_coverage,
     load_params_from,
@@ -325,7 +325,7 @@ def fit(
         log_likelihood=log_lik,
         seconds=timer.seconds,
         converged=converged,
-        message=run.message,
+        message=run.message + (f"; {note}" if (note := device_note("svi", x)) else ""),
         settings={**family.settings(), **settings.flat(), "guide_options": guide_options},
         diagnostics={"steps": run.steps, "eval_particles": est.num_particles,
                      "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,

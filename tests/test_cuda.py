@@ -44,3 +44,10 @@ def test_gmm_evidence_on_cuda(x_cuda):
     ev_gpu = fam.log_evidence(x)
     ev_cpu = fam.log_evidence(x.cpu())
     assert ev_gpu.value == pytest.approx(ev_cpu.value, abs=1e-3)
+
+
+def test_small_data_on_cuda_says_the_cpu_is_usually_faster(x_cuda):
+    fam, x = x_cuda
+    res = inference.fit("mcmc", fam, x, mcmc.Settings(num_samples=10, warmup=10, num_chains=1),
+                        seed=0)
+    assert "the CPU is usually faster" in res.message and res.device.startswith("cuda")
