@@ -207,6 +207,8 @@ if L is not None:
             # spawned processes receive the family's tensors in shared memory: every rank would
             # update one decoder; each rank trains its own copy
             family = copy.deepcopy(family)
+            # each rank computes on its own device (cuda:<local rank> on GPUs), not the caller's
+            x = x.to(self.trainer.strategy.root_device)
             self.pair = _Pair(family, x, spec, opts, settings, seed)
             self.params = nn.ParameterList(self.pair.parameters)
 
