@@ -51,3 +51,14 @@ def test_small_data_on_cuda_says_the_cpu_is_usually_faster(x_cuda):
     res = inference.fit("mcmc", fam, x, mcmc.Settings(num_samples=10, warmup=10, num_chains=1),
                         seed=0)
     assert "the CPU is usually faster" in res.message and res.device.startswith("cuda")
+
+
+@pytest.mark.parametrize("study", ["gmm_engines", "fa_gaps", "vae_gaps"])
+def test_every_study_runs_on_cuda(tmp_path, study):
+    import importlib
+    import json
+
+    mod = importlib.import_module(f"experiments.{study}")
+    out = tmp_path / study
+    assert mod.main(["--quick", "--no-progress", "--device", "cuda", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["device"].startswith("cuda")
