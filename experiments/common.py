@@ -63,9 +63,10 @@ def settings(cls, argv, prog: str, description: str):
     return resumed
 
 
-def setup(args, name: str) -> tuple[torch.device, torch.dtype]:
-    """Check the settings every study has and ``--out`` (creating nothing); set the torch
-    threads; return (device, dtype). The run's folder is made by :func:`open_run`."""
+def setup(args, name: str, writes: bool = True) -> tuple[torch.device, torch.dtype]:
+    """Check the settings every study has and ``--out`` (creating nothing; not checked when this
+    process ``writes`` nothing, e.g. a distributed rank other than 0); set the torch threads;
+    return (device, dtype). The run's folder is made by :func:`open_run`."""
     try:
         validate_seed(args.seed)
     except ValueError:
@@ -75,7 +76,9 @@ def setup(args, name: str) -> tuple[torch.device, torch.dtype]:
         args.at_least("threads", 1)
     if args.out is None:
         args.out = Path("runs") / name
-    rundir.check_out(Path(args.out), overwrite=args.overwrite, resuming=args.resume is not None)
+    if writes:
+        rundir.check_out(Path(args.out), overwrite=args.overwrite,
+                         resuming=args.resume is not None)
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

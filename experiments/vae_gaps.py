@@ -158,11 +158,13 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse(argv)
     cfg = resolve(args)
-    device, dtype = common.setup(args, "vae_gaps")
+    # under a launcher every process runs this command; only global rank 0 writes the study
+    rank = common.process_rank(args.devices) if args.strategy == "ddp" else 0
+    device, dtype = common.setup(args, "vae_gaps", writes=rank == 0)
     data = load(args, device, dtype, args.seed)
     check_data(args, data)
-    if args.strategy == "ddp" and common.process_rank(args.devices) != 0:
-        return _train_only(args, cfg, data)
+    if rank != 0:
+        return _train_only(args, cfg, data, rank)
     out = common.open_run(args, "vae_gaps")
     validation = is_validation_enabled()
     pyro.enable_validation(bool(args.validate))
@@ -179,14 +181,13 @@ def _fit_split(data, seed, device):
             data.x_train[torch.as_tensor(val_idx, device=device)])
 
 
-def _train_only(args, cfg, data) -> int:
+def _train_only(args, cfg, data, rank: int) -> int:
     """A distributed process other than global rank 0: take part in every training of the
     study, write nothing (rank 0 runs the rest and writes the study)."""
     x_fit, x_val = _fit_split(data, args.seed, data.x_train.device)
     for kind in cfg["kinds"]:
         train(kind, data, x_fit, x_val, args, cfg, args.seed)
-    print(f"vae_gaps: process {common.process_rank(args.devices)} done training; rank 0 writes "
-          "the study")
+    print(f"vae_gaps: process {rank} done training; rank 0 writes the study")
     return 0
 
 

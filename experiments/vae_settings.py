@@ -125,6 +125,10 @@ def _check_strategy(args: Settings) -> None:
         raise args.error("patience", f"early stopping is not available with --strategy "
                          f"{args.strategy} (held-out evaluations run between steps, in one "
                          f"process); give --patience 0 and a fixed --epochs")
+    for key in ("checkpoint_every", "resume"):
+        if getattr(args, key):
+            raise args.error(key, f"not available with --strategy {args.strategy} (the "
+                             "distributed trainer runs a fixed number of steps, unsaved)")
     if args.strategy == "ddp_spawn" and args.num_nodes != 1:
         raise args.error("num_nodes", "several nodes need --strategy ddp (one process per "
                          "device, started on every node)")

@@ -195,21 +195,23 @@ if L is not None:
         per training step, sharded across the ranks; see the module docstring). Module-level so
         spawned processes can unpickle it."""
 
-        def __init__(self, family, x, spec, guide_options, settings, seed, out):
+        def __init__(self, family, x, guide, guide_options, settings, seed, out):
             super().__init__()
-            self.ctx = (family, x, spec, guide_options, settings, seed, str(out))
+            # the guide goes by name where it has one: a family's composed guides are closures,
+            # rebuilt in each process rather than pickled
+            self.ctx = (family, x, guide, guide_options, settings, seed, str(out))
             self.pair: _Pair | None = None
             self.params = nn.ParameterList()
             self.trace: list[float] = []
 
         def setup(self, stage: str) -> None:
-            family, x, spec, opts, settings, seed, _ = self.ctx
+            family, x, guide, opts, settings, seed, _ = self.ctx
             # spawned processes receive the family's tensors in shared memory: every rank would
             # update one decoder; each rank trains its own copy
             family = copy.deepcopy(family)
             # each rank computes on its own device (cuda:<local rank> on GPUs), not the caller's
             x = x.to(self.trainer.strategy.root_device)
-            self.pair = _Pair(family, x, spec, opts, settings, seed)
+            self.pair = _Pair(family, x, resolve_guide(family, guide), opts, settings, seed)
             self.params = nn.ParameterList(self.pair.parameters)
 
         def configure_optimizers(self):
@@ -242,6 +244,22 @@ if L is not None:
                            Path(self.ctx[6]) / RESULT_FILE)
 
 
+def _check_picklable(family, x, guide, guide_options, settings) -> None:
+    """ddp_spawn sends the family, data, guide and settings to new processes by pickling: what
+    cannot be pickled is an error naming it, before any process starts."""
+    import pickle
+
+    for name, obj in (("family", family), ("guide", guide), ("guide_options", guide_options),
+                      ("settings", settings), ("x", x)):
+        try:
+            pickle.dumps(obj)
+        except Exception as exc:  # pickling raises many types (AttributeError, TypeError, ...)
+            raise ValueError(
+                f"{name}: strategy='ddp_spawn' sends it to new processes by pickling, which "
+                f"failed ({str(exc)[:160]}); define it at module level of an importable file, "
+                "pass the guide by name, or use strategy='ddp' under a launcher") from None
+
+
 def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
             guide_options: dict | None = None, devices: int = 2, num_nodes: int = 1,
             accelerator: str = "cpu", strategy: str = "ddp_spawn", seed: int = 0,
@@ -260,7 +278,12 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
     accelerator = choice(accelerator, "accelerator", ("cpu", "gpu", "cuda", "auto"))
     family = copy.deepcopy(family)  # a fit never changes the caller's family (a VAE's decoder)
     family_x, world = _check(family, x, settings, devices, num_nodes)
-    spec = resolve_guide(family, guide)
+    resolve_guide(family, guide)  # an unknown guide is an error here, before any process starts
+    if strategy == "ddp_spawn":
+        if num_nodes != 1:
+            raise ValueError("num_nodes: several nodes need strategy='ddp' (one process per "
+                             "device, started on every node); ddp_spawn runs on one node")
+        _check_picklable(family, family_x, guide, guide_options, settings)
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="elbolab-ddp-")
@@ -269,7 +292,7 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
     steps = settings.stopping.num_steps
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(steps)),
                                          batch_size=1, shuffle=False)
-    module = SviModule(family, family_x, spec, guide_options, settings, seed, out)
+    module = SviModule(family, family_x, guide, guide_options, settings, seed, out)
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         max_steps=steps, max_epochs=1, use_distributed_sampler=False, logger=False,

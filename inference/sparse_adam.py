@@ -91,10 +91,22 @@ class LazyClippedAdam(ClippedAdam):
         if not bad and valid is not None:
             bad = [p for p, rows, _ in touched if not valid(p, rows)]
         if not bad:
+            self._last = saved
             return [], True
         self._restore(saved)
         ids = {id(p) for p in bad}
         return bad, not _nonfinite([(p, g) for p, _, g in touched if id(p) in ids])
+
+    @torch.no_grad()
+    def undo_last(self) -> bool:
+        """Undo the last update :meth:`guarded_step` kept (once; with its moments if it was
+        taken with ``keep_state``), e.g. when the loss at the parameters it produced is
+        non-finite. False when there is none to undo."""
+        saved, self._last = getattr(self, "_last", None), None
+        if saved is None:
+            return False
+        self._restore(saved)
+        return True
 
     def _save(self, touched, keep_state: bool) -> tuple:
         lrs = [group["lr"] for group in self.param_groups]

@@ -85,8 +85,9 @@ def run_svi(
     """Optimize inside the current param store; never seeds or clears anything.
 
     A step whose loss or gradient is non-finite, or whose update would break a parameter, is not
-    applied (:mod:`inference.svi_steps`); it stops the run with the step, the reason, and the
-    parameters as they were (``skip_nonfinite``: skip such steps, count them and go on). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
+    applied (:mod:`inference.svi_steps`); a non-finite loss also undoes the update before it (the
+    parameters it produced gave that loss). The run stops with the step, the reason, and the last
+    parameters whose loss was finite (``skip_nonfinite``: count both as skipped and go on). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
     ``resume``: a checkpoint payload (:func:`inference.checkpoint.read_checkpoint`) to continue.
     """
     kwargs = dict(kwargs or {})
@@ -160,12 +161,20 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
                 raise
             value, refused = math.nan, f"the step failed ({str(exc).splitlines()[0][:160]})"
         if refused:
+            undone = not math.isfinite(value) and _undo_last(step_fn)
+            if undone:  # the loss at these parameters is non-finite: back to the last finite one
+                run.trace.pop()
             if skip:
-                run.skipped += 1
+                run.skipped += 1 + undone
                 continue
             run.diverged = True
+            kept = step - undone
+            run.steps = kept
+            why = (f"the last at which the loss was finite; step {step}'s update was undone"
+                   if undone else "the update was not applied" if math.isfinite(value) else
+                   "the loss at them was non-finite; no earlier state was in memory")
             run.message = (f"diverged at step {step + 1}: {refused}; kept the parameters of step "
-                           f"{step} (the last with finite loss, gradients and parameters)")
+                           f"{kept} ({why})")
             return run
         run.trace.append(-value)
         run.steps = step + 1
@@ -214,6 +223,18 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     if run.skipped:
         run.message += f"; skipped {run.skipped} non-finite steps"
     return run
+
+
+def _notes(elbo: float, x) -> str:
+    """What the message must add: a non-finite ELBO at the kept parameters, small data on CUDA."""
+    out = "" if math.isfinite(elbo) else "; the ELBO estimate at the kept parameters is not finite"
+    note = device_note("svi", x)
+    return out + (f"; {note}" if note else "")
+
+
+def _undo_last(step_fn) -> bool:
+    opt = _optimizer(step_fn)
+    return bool(opt is not None and hasattr(opt, "undo_last") and opt.undo_last())
 
 
 def _mentions_nonfinite(text: str) -> bool:
@@ -287,7 +308,9 @@ def fit(
         check_coverage(family, guide_fn, x, spec)
         check_svi(family.model, guide_fn, x, settings, enum)  # memory, before any step
         if settings.distributed.strategy is not None:
-            run = svi_distributed.train(family, guide_fn, x, spec, guide_options, settings, seed)
+            by_name = guide if guide is None or isinstance(guide, str) else spec
+            run = svi_distributed.train(family, guide_fn, x, by_name, guide_options, settings,
+                                        seed)
             if run is None:
                 return None  # a process other than global rank 0: rank 0 reports
         else:
@@ -325,7 +348,7 @@ def fit(
         log_likelihood=log_lik,
         seconds=timer.seconds,
         converged=converged,
-        message=run.message + (f"; {note}" if (note := device_note("svi", x)) else ""),
+        message=run.message + _notes(est.value, x),
         settings={**family.settings(), **settings.flat(), "guide_options": guide_options},
         diagnostics={"steps": run.steps, "eval_particles": est.num_particles,
                      "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,

@@ -42,16 +42,18 @@ def check(settings: Settings, resume, x, spec: GuideSpec) -> None:
                          f"is a multiple of the {world} processes, got {batch}")
 
 
-def train(family, guide_fn, x, spec, guide_options, settings, seed) -> SviRun | None:
+def train(family, guide_fn, x, guide, guide_options, settings, seed) -> SviRun | None:
     """Train with :func:`inference.ddp.fit_ddp`, then load the fitted parameters into this
-    process's param store (the pair is created by tracing it once)."""
+    process's param store (the pair is created by tracing it once). ``guide``: the guide's name
+    (each process builds it; a family's composed guides are closures that do not pickle) or a
+    GuideSpec."""
     from inference.ddp import fit_ddp
 
     d = settings.distributed
     accelerator = d.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if x.device.type == "cuda" else "cpu"
-    out = fit_ddp(family, x, settings, guide=spec, guide_options=guide_options,
+    out = fit_ddp(family, x, settings, guide=guide, guide_options=guide_options,
                   devices=d.devices, num_nodes=d.num_nodes, accelerator=accelerator,
                   strategy=d.strategy, seed=seed, progress=settings.progress)
     if out is None:

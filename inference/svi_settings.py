@@ -41,7 +41,8 @@ class Objective:
     compiled with ``jit``), or the torch-native step (``direct``: same estimator, no tracing;
     needs a :class:`~models.capabilities.LocalDensities` family and a guide with
     ``distribution(x, idx)``). ``learn_model_params=False`` keeps the model's ``pyro.param``s
-    fixed. ``skip_nonfinite``: skip (and count) steps whose loss is not finite instead of stopping."""
+    fixed. ``skip_nonfinite``: instead of stopping, skip a step whose loss, gradient or update is
+    not finite (a non-finite loss also undoes the update before it) and count them."""
 
     num_particles: int = 4
     subsample_size: int | None = None
@@ -140,6 +141,8 @@ class Distributed:
     accelerator: str = "auto"
 
     def __post_init__(self):
+        if self.strategy == "none":  # the command line's name for None
+            self.strategy = None
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: must be None or one of {list(STRATEGIES)}, got "
                              f"{self.strategy!r}")
@@ -148,6 +151,9 @@ class Distributed:
         if self.accelerator not in ("auto", "cpu", "gpu"):
             raise ValueError(f"accelerator: must be 'auto', 'cpu' or 'gpu', got "
                              f"{self.accelerator!r}")
+        if self.strategy == "ddp_spawn" and self.num_nodes != 1:
+            raise ValueError("num_nodes: several nodes need strategy='ddp' (one process per "
+                             "device, started on every node); ddp_spawn runs on one node")
         if self.strategy is None and (self.devices != 1 or self.num_nodes != 1):
             bad = "devices" if self.devices != 1 else "num_nodes"
             raise ValueError(f"{bad}: more than one process needs strategy='ddp' or "

@@ -166,6 +166,8 @@ def test_help_lists_every_setting_with_its_default(capsys, name):
     ("vae_gaps", ["--strategy", "ddp_spawn", "--num-nodes", "2", "--patience", "0"],
      "--num-nodes", "several nodes need --strategy ddp"),
     ("vae_gaps", ["--strategy", "horovod"], "--strategy", "ddp"),
+    ("vae_gaps", ["--strategy", "ddp_spawn", "--devices", "2", "--patience", "0",
+                  "--checkpoint-every", "5"], "--checkpoint-every", "not available with"),
 ])
 def test_engines_and_guides_are_checked(capsys, tmp_path, study, flags, flag, words):
     err = fails(capsys, STUDIES[study], ["--quick", *flags, "--out", str(tmp_path / "o")], flag,
@@ -340,3 +342,22 @@ def test_vae_gaps_trains_on_two_spawned_processes(tmp_path):
     s = pd.read_csv(out / "summary.csv")
     assert "trained on 2 processes (ddp_spawn)" in s.training_note[0]
     assert json.loads((out / "run.json").read_text())["settings"]["strategy"] == "ddp_spawn"
+
+
+def test_vae_gaps_under_lightnings_launcher_writes_one_study(tmp_path):
+    """--strategy ddp from a plain command: Lightning's launcher starts rank 1 by re-running the
+    command; rank 1 trains and writes nothing, rank 0 writes the study once."""
+    pytest.importorskip("lightning")
+    exe = Path(sys.executable).parent / "elbolab"
+    if not exe.exists():
+        pytest.skip("the elbolab console script is not installed next to this interpreter")
+    out = tmp_path / "d"
+    r = subprocess.run([str(exe), "run", "vae_gaps", "--quick", "--no-progress", "--engines", "svi",
+                        "--guides", "mlp", "--strategy", "ddp", "--devices", "2", "--patience",
+                        "0", "--batch-size", "64", "--out", str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "process 1 done training; rank 0 writes the study" in r.stdout
+    assert (out / "summary.csv").exists() and not (tmp_path / "d.incomplete").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

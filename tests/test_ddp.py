@@ -114,3 +114,32 @@ def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
 
     with pytest.raises(ValueError, match="^val_data"):
         train_vae(vae, x, epochs=1, batch_size=16, strategy="ddp_spawn", devices=2, val_data=x)
+
+
+def test_a_users_model_with_a_composed_guide_trains_on_spawned_processes():
+    """A model from a user's module (tests/toy.py) with the composed mean-field guide (closures,
+    rebuilt by name in each process) equals the one-process reference."""
+    import inference
+    from tests.toy import NoisyLocal
+
+    x = 1.5 + torch.randn(48, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    opts = dict(num_steps=4, subsample_size=16, lr=1e-2, num_particles=1)
+    res = inference.fit("svi", NoisyLocal(), x, guide="mean-field", strategy="ddp_spawn",
+                        devices=2, accelerator="cpu", seed=2, eval_particles=20,
+                        num_posterior_samples=0, **opts)
+    ref = ddp.fit_single(NoisyLocal(), x, guide="mean-field", world_size=2, seed=2, **opts)
+    for k in ref.params:
+        torch.testing.assert_close(res.state.params[k], ref.params[k], rtol=1e-6, atol=1e-8)
+
+
+def test_what_cannot_reach_spawned_processes_is_named_before_they_start():
+    import inference
+    from tests.test_guarded_step import _NoiseModel
+
+    x = torch.randn(32, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^family: strategy='ddp_spawn' sends it"):
+        inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", strategy="ddp_spawn",
+                      devices=2, num_steps=2, subsample_size=16)
+    with pytest.raises(ValueError, match="^num_nodes: several nodes need strategy='ddp'"):
+        inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", strategy="ddp_spawn",
+                      devices=2, num_nodes=2, num_steps=2, subsample_size=16)

@@ -108,3 +108,44 @@ def test_a_run_names_the_parameter_an_update_broke():
     assert run.diverged and "the update made noise non-finite" in run.message, run.message
     assert "kept the parameters of step" in run.message
     assert math.isfinite(noise) and noise > 0
+
+
+class _NoiseModel:
+    """A user's model (written here): a positive global noise scale and a mean as pyro.params,
+    a per-point latent z in the "data" plate."""
+
+    @staticmethod
+    def family():
+        from pyro.distributions import constraints as c
+
+        from models.base import ModelFamily
+        from models.validate import as_data
+
+        class NoiseModel(ModelFamily):
+            name = "noise-model"
+
+            def check_data(self, x):
+                return as_data(x, "x", ndim=2)
+
+            def model(self, x, subsample_size=None):
+                sigma = pyro.param("sigma", x.new_ones(1), constraint=c.positive)
+                mu = pyro.param("mu", x.new_zeros(1))
+                with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1) as i:
+                    z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+                    pyro.sample("x", dist.Normal(mu + z, sigma).to_event(1), obs=x[i])
+
+        return NoiseModel()
+
+
+def test_a_run_that_diverges_keeps_parameters_whose_elbo_is_finite():
+    """lr = 300 on a user's model: the first steps give finite but absurd losses, then NaN. The
+    kept parameters are the last at which the loss was finite, so the reported ELBO is too."""
+    import inference
+
+    g = torch.Generator().manual_seed(0)
+    x = (1.5 + torch.randn(200, 1, generator=g) * 1.25).double()
+    res = inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", lr=300.0,
+                        num_steps=200, eval_particles=50, num_posterior_samples=0, seed=0)
+    assert res.diagnostics["diverged"] and "kept the parameters of step" in res.message
+    assert math.isfinite(res.elbo) and math.isfinite(res.elbo_estimate(x).value)
+    assert len(res.trace) == res.diagnostics["steps"]

@@ -73,3 +73,21 @@ class NormalMean(ModelFamily):
 
 
 guides.register(NormalMean, NormalMean().guides, "normal")
+
+
+class NoisyLocal(ModelFamily):
+    """A user-style model with learned globals and a per-point latent:
+    z_i ~ N(0, 1), x_i | z_i ~ N(mu + z_i, sigma^2), with mu and sigma > 0 as pyro.params."""
+
+    name = "noisy-local"
+
+    def check_data(self, x):
+        return as_data(x, "data", ndim=2)
+
+    def model(self, x, subsample_size=None):
+        sigma = pyro.param("sigma", x.new_ones(1), constraint=constraints.positive)
+        mu = pyro.param("mu", x.new_zeros(1))
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as i:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(mu + z, sigma).to_event(1), obs=x[i])
