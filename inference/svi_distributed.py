@@ -5,6 +5,8 @@ process like any other fit. Settings the distributed trainer does not run are er
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
 from pyro import poutine
@@ -72,6 +74,13 @@ def train(family, guide_fn, x, guide, guide_options, settings, seed) -> SviRun |
             u.copy_(torch.distributions.transform_to(kinds[name]).inv(value))
     run = SviRun(trace=list(out.trace), steps=len(out.trace))
     st = settings.stopping
+    bad = next((i for i, v in enumerate(run.trace) if not math.isfinite(v)), None)
+    if bad is not None:  # the distributed trainer does not guard or undo its updates
+        run.diverged = True
+        run.message = (f"diverged: the all-reduced ELBO of step {bad + 1} of {run.steps} on "
+                       f"{out.world_size} processes was {run.trace[bad]}; the parameters are "
+                       "those after the last step (the distributed trainer does not undo steps)")
+        return run
     if len(run.trace) >= 2 * MIN_JUDGED:
         judge(run, st, x.shape[0], st.converged_tol)
         gain = (f"projected gain over one more window {run.slope:.2e} +- {run.slope_se:.1e} "

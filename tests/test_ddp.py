@@ -143,3 +143,16 @@ def test_what_cannot_reach_spawned_processes_is_named_before_they_start():
     with pytest.raises(ValueError, match="^num_nodes: several nodes need strategy='ddp'"):
         inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", strategy="ddp_spawn",
                       devices=2, num_nodes=2, num_steps=2, subsample_size=16)
+
+
+def test_a_distributed_run_whose_elbo_became_non_finite_is_reported_diverged(monkeypatch):
+    import inference
+
+    vae, x = _data()
+    ref = ddp.fit_single(vae, x, guide="mlp", world_size=2, seed=1, **OPTS)
+    ref.trace[2] = float("nan")
+    monkeypatch.setattr(ddp, "fit_ddp", lambda *args, **kwargs: ref)  # no processes needed
+    res = inference.fit("svi", vae, x, guide="mlp", strategy="ddp_spawn", devices=2, seed=1,
+                        eval_particles=20, num_posterior_samples=0, **OPTS)
+    assert res.diagnostics["diverged"] and not res.converged
+    assert "all-reduced ELBO of step 3 of 4" in res.message
