@@ -161,11 +161,16 @@ class MLPEncoderGuide(EncoderGuide):
         h = self.body(self._inputs(x, idx))
         return self.loc_net(h), torch.diag_embed(self.positive_scale(self.scale_net(h)))
 
+    def loc_scale(self, x, idx=None):
+        """(mean, standard deviation) of q(z_n | x_n) for the rows ``idx``, (b, k) each: what
+        the SVI engine's direct step draws from without building a distribution object."""
+        h = self.body(self._inputs(x, idx))
+        return self.loc_net(h), self.positive_scale(self.scale_net(h))
+
     def distribution(self, x, idx=None):
         import pyro.distributions as dist
 
-        h = self.body(self._inputs(x, idx))
-        return dist.Normal(self.loc_net(h), self.positive_scale(self.scale_net(h))).to_event(1)
+        return dist.Normal(*self.loc_scale(x, idx)).to_event(1)
 
 
 def encoder_from_config(config: dict, *, like: torch.Tensor) -> EncoderGuide:

@@ -124,13 +124,18 @@ def rsample_with_log_prob(q, particles: int):
     in (m, s) as ``q.log_prob(z)``, with fewer operations to differentiate."""
     base = q.base_dist if isinstance(q, Independent) and q.reinterpreted_batch_ndims == 1 else None
     if isinstance(base, Normal):
-        loc, scale = base.loc, base.scale
-        shape = loc.shape if particles == 1 else (particles, *loc.shape)
-        eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
-        log_q = (-0.5 * eps.pow(2) - scale.log()).sum(-1) - 0.5 * loc.shape[-1] * LOG_2PI
-        return loc + scale * eps, log_q
+        return diagonal_normal_draw(base.loc, base.scale, particles)
     z = q.rsample(() if particles == 1 else (particles,))
     return z, q.log_prob(z)
+
+
+def diagonal_normal_draw(loc: torch.Tensor, scale: torch.Tensor, particles: int):
+    """z = loc + scale * eps and log N(z; loc, diag scale^2) summed over the last dimension,
+    written in eps (:func:`rsample_with_log_prob`); one draw has no particle dimension."""
+    shape = loc.shape if particles == 1 else (particles, *loc.shape)
+    eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+    log_q = (-0.5 * eps.pow(2) - scale.log()).sum(-1) - 0.5 * loc.shape[-1] * LOG_2PI
+    return loc + scale * eps, log_q
 
 
 def direct_step(family, guide, x: torch.Tensor, settings: Settings, keep_state: bool = False):
@@ -162,12 +167,16 @@ def direct_step(family, guide, x: torch.Tensor, settings: Settings, keep_state: 
     n, batch = x.shape[0], settings.objective.subsample_size
     particles = settings.objective.num_particles
     check = ParamCheck()
+    loc_scale = getattr(guide, "loc_scale", None)
 
     def step() -> tuple[float, str]:
         idx = None if batch is None else minibatch_indices(n, batch, x.device)
         xb = x if idx is None else x[idx]
         try:
-            z, log_q = rsample_with_log_prob(guide.distribution(x, idx), particles)
+            if loc_scale is not None:  # a diagonal Gaussian guide: no distribution object
+                z, log_q = diagonal_normal_draw(*loc_scale(x, idx), particles)
+            else:
+                z, log_q = rsample_with_log_prob(guide.distribution(x, idx), particles)
             terms = (family.log_joint(xb, z) - log_q).sum(-1)  # (P,) or () for one draw
             elbo = (terms if particles == 1 else terms.mean(0)) * (n / xb.shape[0])
             (-elbo).backward()
