@@ -112,13 +112,22 @@ def field_error(args, exc: Exception, flags: dict[str, str]) -> CliError:
 
 def process_rank(devices: int = 1) -> int:
     """This process's global rank in a distributed launch of ``devices`` processes per node, from
-    the environment torchrun, SLURM or Lightning's launcher set (RANK; SLURM_PROCID; NODE_RANK *
-    devices + LOCAL_RANK); 0 when not launched so."""
+    the environment the launchers set: RANK (torchrun), else NODE_RANK * devices + LOCAL_RANK
+    (Lightning's launcher, also inside an interactive SLURM job), else SLURM_PROCID (srun); 0 when
+    not launched so."""
     env = os.environ
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in env:
-            return int(env[key])
-    return int(env.get("NODE_RANK", "0")) * devices + int(env.get("LOCAL_RANK", "0"))
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "LOCAL_RANK" in env:
+        return int(env.get("NODE_RANK", "0")) * devices + int(env["LOCAL_RANK"])
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    return int(env.get("NODE_RANK", "0")) * devices
+
+
+def local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK, else SLURM_LOCALID; 0 when not launched)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 def open_run(args, name: str) -> Path:

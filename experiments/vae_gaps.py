@@ -161,6 +161,8 @@ def _main(argv) -> int:
     # under a launcher every process runs this command; only global rank 0 writes the study
     rank = common.process_rank(args.devices) if args.strategy == "ddp" else 0
     device, dtype = common.setup(args, "vae_gaps", writes=rank == 0)
+    if args.strategy == "ddp" and device.type == "cuda":  # one GPU per process on the node
+        device = torch.device("cuda", common.local_rank())
     data = load(args, device, dtype, args.seed)
     check_data(args, data)
     if rank != 0:
@@ -209,6 +211,11 @@ def _run(args, cfg, out, device, dtype, data) -> int:
     models, results = {}, []
     for kind in cfg["kinds"]:
         vae, enc, res = train(kind, data, x_fit, x_val, args, cfg, seed)
+        if res is None:
+            raise common.CliError(
+                "--strategy: Lightning made this process a rank other than 0, but the launcher's "
+                "environment (RANK, LOCAL_RANK, NODE_RANK, SLURM_PROCID) said 0; unset stray "
+                "rank variables or launch with torchrun")
         models[kind] = (vae, enc)
         results.append(res)
         print(f"trained {kind}: ELBO {res.elbo_per_datum:.3f} nats/image "

@@ -3,8 +3,10 @@
 A checkpoint holds the unconstrained parameters, the optimizer's state, the step, the ELBO trace,
 the random states (torch CPU and CUDA, as uint8 tensors) and the loop's own state (held-out ELBO
 trace and best parameters of early stopping), so a run resumed from it continues exactly where
-the interrupted one was: on CPU, bit for bit. It is written to a temporary file and renamed into
-place, and loaded with ``torch.load(..., weights_only=True)``.
+the interrupted one was: on CPU, bit for bit. One exception: the record that undoes the last
+update (kept in memory only) is not saved, so a non-finite loss on the very first step after
+resuming keeps the parameters it was computed at (the message says so). It is written to a
+temporary file and renamed into place, and loaded with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ STRATEGIES = ("ddp_spawn", "ddp", "auto")
 @dataclass
 class DdpRun:
     """The outcome of :func:`fit_ddp` / :func:`fit_single`: fitted parameters (constrained values
-    by Pyro param name, on the CPU), the all-reduced ELBO estimate of each step (nats, total), the
+    by Pyro param name, on the CPU; ``unconstrained``: the optimized tensors), the all-reduced ELBO estimate of each step (nats, total), the
     largest difference of any parameter between ranks at the end (0 when they stayed identical),
     the number of processes and the wall time."""
 
@@ -71,6 +71,7 @@ class DdpRun:
     world_size: int
     seconds: float = math.nan
     settings: dict = field(default_factory=dict)
+    unconstrained: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -121,6 +122,12 @@ class _Pair:
         store = pyro.get_param_store()
         return {k: store[k].detach().cpu().clone() for k in self.names}
 
+    def unconstrained(self) -> dict[str, torch.Tensor]:
+        """The optimized tensors themselves (loading these loses nothing at a constraint's
+        boundary, where inverting a constrained value can give an infinity)."""
+        u = dict(pyro.get_param_store().named_parameters())
+        return {k: u[k].detach().cpu().clone() for k in self.names}
+
 
 def _check(family, x, settings, devices, num_nodes):
     x = family.check_data(x)
@@ -158,8 +165,8 @@ def fit_single(family, x, settings: Settings | None = None, *, world_size: int =
             loss.backward()
             opt.step()
             trace.append(-float(loss.detach()))
-        params = pair.constrained()
-    return DdpRun(params, trace, 0.0, world, time.perf_counter() - t0, settings.flat())
+        params, free = pair.constrained(), pair.unconstrained()
+    return DdpRun(params, trace, 0.0, world, time.perf_counter() - t0, settings.flat(), free)
 
 
 try:  # optional: pip install 'elbolab[ddp]'
@@ -237,7 +244,9 @@ if L is not None:
             sizes = [p.numel() for p in self.params]
             by_name = {k: float(d.max()) for k, d in zip(self.pair.names, diff.split(sizes))}
             if self.global_rank == 0:
-                torch.save({"params": self.pair.constrained(), "spread_by_param": by_name,
+                torch.save({"params": self.pair.constrained(),
+                            "unconstrained": self.pair.unconstrained(),
+                            "spread_by_param": by_name,
                             "trace": torch.tensor(self.trace, dtype=torch.float64),
                             "rank_spread": torch.tensor(spread),
                             "world_size": torch.tensor(self.trainer.world_size)},
@@ -309,7 +318,7 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
         tmp.cleanup()
     return DdpRun(dict(payload["params"]), [float(v) for v in payload["trace"]],
                   float(payload["rank_spread"]), int(payload["world_size"]), seconds,
-                  settings.flat())
+                  settings.flat(), dict(payload["unconstrained"]))
 
 
 __all__ = ["DdpRun", "RESULT_FILE", "SviModule", "fit_ddp", "fit_single", "global_batch"]

@@ -100,6 +100,8 @@ def run_svi(
         loss = make_loss(settings, collapsed, max_plate_nesting)
         step_fn = PyroStep(model, guide, args, kwargs, loss, settings,
                            keep_state=settings.objective.skip_nonfinite)
+    if settings.objective.skip_nonfinite and hasattr(step_fn, "keep_state"):
+        step_fn.keep_state = True  # skipped steps must not leave their moments behind
     run = SviRun()
     with pyro.validation_enabled(settings.validate):
         _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume)

@@ -67,11 +67,14 @@ def train(family, guide_fn, x, guide, guide_options, settings, seed) -> SviRun |
     kinds = store.get_state()["constraints"]
     with torch.no_grad():
         for name, u in store.named_parameters():
-            if name not in out.params:
+            if name in out.unconstrained:  # the optimized tensor itself: nothing lost
+                u.copy_(out.unconstrained[name].to(device=u.device, dtype=u.dtype))
+            elif name in out.params:
+                value = out.params[name].to(device=u.device, dtype=u.dtype)
+                u.copy_(torch.distributions.transform_to(kinds[name]).inv(value))
+            else:
                 raise RuntimeError(f"strategy: parameter {name!r} was not trained by the "
                                    "distributed run")
-            value = out.params[name].to(device=u.device, dtype=u.dtype)
-            u.copy_(torch.distributions.transform_to(kinds[name]).inv(value))
     run = SviRun(trace=list(out.trace), steps=len(out.trace))
     st = settings.stopping
     bad = next((i for i, v in enumerate(run.trace) if not math.isfinite(v)), None)

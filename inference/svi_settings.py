@@ -158,6 +158,9 @@ class Distributed:
             bad = "devices" if self.devices != 1 else "num_nodes"
             raise ValueError(f"{bad}: more than one process needs strategy='ddp' or "
                              f"'ddp_spawn'")
+        if self.strategy is None and self.accelerator != "auto":
+            raise ValueError("accelerator: applies to a distributed strategy only (one process "
+                             "computes where the data are)")
 
     @property
     def world_size(self) -> int:

@@ -184,7 +184,7 @@ def direct_step(family, guide, x: torch.Tensor, settings: Settings, keep_state: 
             opt.zero_grad()
             raise
         value = float(-elbo.detach())
-        return value, apply(opt, value, params, check, keep_state)
+        return value, apply(opt, value, params, check, step.keep_state)
 
-    step.optimizer = opt
+    step.optimizer, step.keep_state = opt, keep_state
     return step

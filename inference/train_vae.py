@@ -68,6 +68,8 @@ def train_vae(family, x, *, guide="mlp", guide_options: dict | None = None, epoc
     per_epoch = math.ceil(n / batch)
     with_val = val_data is not None and eval_every_epochs > 0
     strategy = settings.get("strategy")
+    if strategy == "none":  # the command line's name for one process
+        strategy = settings["strategy"] = None
     if strategy is not None and val_data is not None:
         raise ValueError(f"val_data: held-out evaluation and early stopping are not available "
                          f"with strategy={strategy!r} (a fixed number of epochs is trained)")

@@ -326,6 +326,8 @@ def test_process_rank_reads_the_launchers_environment(monkeypatch):
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert process_rank(4) == 6  # Lightning's launcher on the second node
+    monkeypatch.setenv("SLURM_PROCID", "0")  # inherited inside an interactive SLURM job
+    assert process_rank(4) == 6  # Lightning's launcher still decides
     monkeypatch.setenv("RANK", "5")
     assert process_rank(4) == 5  # torchrun says it directly
 

@@ -110,6 +110,8 @@ def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
         inference.fit("svi", vae, x, guide="mlp", devices=2, **OPTS)
     with pytest.raises(ValueError, match="^strategy"):
         inference.fit("svi", vae, x, **{**base, "strategy": "horovod"})
+    with pytest.raises(ValueError, match="^accelerator: applies to a distributed strategy"):
+        inference.fit("svi", vae, x, guide="mlp", accelerator="gpu", **OPTS)
     from inference.train_vae import train_vae
 
     with pytest.raises(ValueError, match="^val_data"):

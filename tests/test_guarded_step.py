@@ -149,3 +149,20 @@ def test_a_run_that_diverges_keeps_parameters_whose_elbo_is_finite():
     assert res.diagnostics["diverged"] and "kept the parameters of step" in res.message
     assert math.isfinite(res.elbo) and math.isfinite(res.elbo_estimate(x).value)
     assert len(res.trace) == res.diagnostics["steps"]
+
+
+def test_skip_mode_undoes_moments_of_a_callers_own_step_too():
+    """run_svi with a caller's direct step and skip_nonfinite: a refused step leaves no NaN in
+    Adam's moments (the engine turns the step's keep_state on)."""
+    import guides
+    from models.vae import VAE
+
+    x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    vae = VAE(6, 2, hidden=(5,), seed=1)
+    s = svi.Settings(num_steps=5, subsample_size=10, num_particles=1, skip_nonfinite=True)
+    with isolated(0):
+        guide = guides.make("mlp", vae, x, hidden=(4,))
+        step = svi.direct_step(vae, guide, x, s)
+        assert step.keep_state is False
+        svi.run_svi(vae.model, guide, (x,), s, step_fn=step)
+        assert step.keep_state is True
