@@ -35,10 +35,13 @@ SLURM start them: every process calls :func:`fit_ddp`, rank 0 returns the result
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,6 +256,27 @@ if L is not None:
                            Path(self.ctx[6]) / RESULT_FILE)
 
 
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """Lightning's informational lines (accelerator found, tips) and its LeafSpec deprecation
+    warning off for the fit in this process, unless ``progress``; restored afterwards."""
+    if progress:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
+                                              "lightning.fabric.utilities.rank_zero")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def _check_picklable(family, x, guide, guide_options, settings) -> None:
     """ddp_spawn sends the family, data, guide and settings to new processes by pickling: what
     cannot be pickled is an error naming it, before any process starts."""
@@ -302,14 +326,15 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(steps)),
                                          batch_size=1, shuffle=False)
     module = SviModule(family, family_x, guide, guide_options, settings, seed, out)
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        max_steps=steps, max_epochs=1, use_distributed_sampler=False, logger=False,
-        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0)
     t0 = time.perf_counter()
-    with isolated(seed):  # rank 0 may be this process: keep the caller's param store and RNG
-        trainer.fit(module, train_dataloaders=loader)
+    with _quiet(progress):
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+            max_steps=steps, max_epochs=1, use_distributed_sampler=False, logger=False,
+            enable_checkpointing=False, enable_progress_bar=progress,
+            enable_model_summary=False, num_sanity_val_steps=0)
+        with isolated(seed):  # rank 0 may be this process: keep the caller's param store, RNG
+            trainer.fit(module, train_dataloaders=loader)
     seconds = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return None
