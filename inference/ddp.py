@@ -277,13 +277,13 @@ def _quiet(progress: bool):
                 lg.setLevel(level)
 
 
-def _check_picklable(family, x, guide, guide_options, settings) -> None:
-    """ddp_spawn sends the family, data, guide and settings to new processes by pickling: what
-    cannot be pickled is an error naming it, before any process starts."""
+def _check_picklable(family, guide, guide_options, settings) -> None:
+    """ddp_spawn sends the family, guide and settings to new processes by pickling: what cannot
+    be pickled is an error naming it, before any process starts."""
     import pickle
 
     for name, obj in (("family", family), ("guide", guide), ("guide_options", guide_options),
-                      ("settings", settings), ("x", x)):
+                      ("settings", settings)):  # the data are a tensor: they always pickle
         try:
             pickle.dumps(obj)
         except Exception as exc:  # pickling raises many types (AttributeError, TypeError, ...)
@@ -316,7 +316,7 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
         if num_nodes != 1:
             raise ValueError("num_nodes: several nodes need strategy='ddp' (one process per "
                              "device, started on every node); ddp_spawn runs on one node")
-        _check_picklable(family, family_x, guide, guide_options, settings)
+        _check_picklable(family, guide, guide_options, settings)
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="elbolab-ddp-")

@@ -24,7 +24,7 @@ import torch
 from models.ascent import AscentSettings, ascend
 from models.capabilities import Evidence
 from models.gmm_sequential import sequential
-from models.numerics import LOG_2PI
+from models.numerics import LOG_2PI, importance_summary
 from models.validate import check_size, choice, integer
 
 if TYPE_CHECKING:
@@ -316,12 +316,7 @@ def importance(family: BayesianGMM, x: torch.Tensor, num_samples: int, seed: int
     if not symmetric:
         ok = (mu[:, 1:, 0] > mu[:, :-1, 0]).all(-1)
         log_w = torch.where(ok, log_w + math.lgamma(K + 1), -math.inf)
-    top = log_w.max()
-    w = torch.exp(log_w - top)
-    mean = w.mean()
-    value = float(torch.log(mean) + top)
-    se = float(w.std() / (math.sqrt(num_samples) * mean))
-    ess = float(w.sum() ** 2 / (w**2).sum())
+    value, se, ess = importance_summary(log_w)
     details = {"num_samples": num_samples, "ess": ess, "components": J * len(perms)}
     return Evidence(value, se, "importance", n, details)
 

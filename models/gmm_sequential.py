@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from models.capabilities import Evidence
-from models.numerics import LOG_2PI
+from models.numerics import LOG_2PI, importance_summary
 from models.validate import check_size, integer
 
 if TYPE_CHECKING:
@@ -74,12 +74,7 @@ def sequential(family: BayesianGMM, x: torch.Tensor, num_samples: int, seed: int
         counts[rows, move] += 1
         sums[rows, move] += xi
         opened = opened + (move == opened).long()
-    top = log_w.max()
-    w = torch.exp(log_w - top)
-    mean = w.mean()
-    value = float(torch.log(mean) + top)
-    se = float(w.std() / (math.sqrt(S) * mean))
-    ess = float(w.sum() ** 2 / (w**2).sum())
+    value, se, ess = importance_summary(log_w)
     return Evidence(value, se, "sequential", n, {"num_samples": S, "ess": ess})
 
 

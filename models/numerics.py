@@ -76,3 +76,16 @@ def minibatch_indices(n: int, size: int | None, device=None,
             0, inverse, torch.arange(draw.numel(), device=device), "amin")
         out = draw[first.sort().values][:size]
     return out
+
+
+def importance_summary(log_w: torch.Tensor) -> tuple[float, float, float]:
+    """(log mean w, its delta-method standard error, effective sample size) of S importance
+    log-weights: log((1/S) sum w_s), sd(w) / (sqrt(S) mean(w)), (sum w)^2 / sum w^2 (computed
+    with the largest weight factored out)."""
+    top = log_w.max()
+    w = torch.exp(log_w - top)
+    mean = w.mean()
+    value = float(torch.log(mean) + top)
+    se = float(w.std() / (math.sqrt(log_w.numel()) * mean))
+    ess = float(w.sum() ** 2 / (w**2).sum())
+    return value, se, ess

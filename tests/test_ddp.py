@@ -136,14 +136,17 @@ def test_a_users_model_with_a_composed_guide_trains_on_spawned_processes():
 
 def test_what_cannot_reach_spawned_processes_is_named_before_they_start():
     import inference
-    from tests.test_guarded_step import _NoiseModel
+    from tests.toy import NoisyLocal
+
+    class InATest(NoisyLocal):  # defined in a function: a spawned process cannot import it
+        pass
 
     x = torch.randn(32, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="^family: strategy='ddp_spawn' sends it"):
-        inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", strategy="ddp_spawn",
+        inference.fit("svi", InATest(), x, guide="mean-field", strategy="ddp_spawn",
                       devices=2, num_steps=2, subsample_size=16)
     with pytest.raises(ValueError, match="^num_nodes: several nodes need strategy='ddp'"):
-        inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", strategy="ddp_spawn",
+        inference.fit("svi", InATest(), x, guide="mean-field", strategy="ddp_spawn",
                       devices=2, num_nodes=2, num_steps=2, subsample_size=16)
 
 

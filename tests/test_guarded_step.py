@@ -110,41 +110,16 @@ def test_a_run_names_the_parameter_an_update_broke():
     assert math.isfinite(noise) and noise > 0
 
 
-class _NoiseModel:
-    """A user's model (written here): a positive global noise scale and a mean as pyro.params,
-    a per-point latent z in the "data" plate."""
-
-    @staticmethod
-    def family():
-        from pyro.distributions import constraints as c
-
-        from models.base import ModelFamily
-        from models.validate import as_data
-
-        class NoiseModel(ModelFamily):
-            name = "noise-model"
-
-            def check_data(self, x):
-                return as_data(x, "x", ndim=2)
-
-            def model(self, x, subsample_size=None):
-                sigma = pyro.param("sigma", x.new_ones(1), constraint=c.positive)
-                mu = pyro.param("mu", x.new_zeros(1))
-                with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1) as i:
-                    z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
-                    pyro.sample("x", dist.Normal(mu + z, sigma).to_event(1), obs=x[i])
-
-        return NoiseModel()
-
-
 def test_a_run_that_diverges_keeps_parameters_whose_elbo_is_finite():
-    """lr = 300 on a user's model: the first steps give finite but absurd losses, then NaN. The
-    kept parameters are the last at which the loss was finite, so the reported ELBO is too."""
+    """lr = 300 on a user's model (tests/toy.py): the first steps give finite but absurd losses,
+    then NaN. The kept parameters are the last at which the loss was finite, so the reported ELBO
+    is too."""
     import inference
+    from tests.toy import NoisyLocal
 
     g = torch.Generator().manual_seed(0)
     x = (1.5 + torch.randn(200, 1, generator=g) * 1.25).double()
-    res = inference.fit("svi", _NoiseModel.family(), x, guide="mean-field", lr=300.0,
+    res = inference.fit("svi", NoisyLocal(), x, guide="mean-field", lr=300.0,
                         num_steps=200, eval_particles=50, num_posterior_samples=0, seed=0)
     assert res.diagnostics["diverged"] and "kept the parameters of step" in res.message
     assert math.isfinite(res.elbo) and math.isfinite(res.elbo_estimate(x).value)
@@ -152,17 +127,31 @@ def test_a_run_that_diverges_keeps_parameters_whose_elbo_is_finite():
 
 
 def test_skip_mode_undoes_moments_of_a_callers_own_step_too():
-    """run_svi with a caller's direct step and skip_nonfinite: a refused step leaves no NaN in
-    Adam's moments (the engine turns the step's keep_state on)."""
+    """run_svi with a caller's direct step and skip_nonfinite: one step with a finite loss but a
+    NaN gradient is skipped and leaves no NaN in Adam's moments (the engine turns the step's
+    keep_state on), so later steps keep learning."""
     import guides
     from models.vae import VAE
 
     x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) < 0.4).float()
     vae = VAE(6, 2, hidden=(5,), seed=1)
-    s = svi.Settings(num_steps=5, subsample_size=10, num_particles=1, skip_nonfinite=True)
+    real, calls = vae.log_joint, {"n": 0}
+
+    def nan_gradient_once(xb, z):
+        calls["n"] += 1
+        out = real(xb, z)
+        if calls["n"] == 3:  # sqrt at 0: value 0, gradient inf * 0 = NaN
+            w = next(vae.decoder.parameters())
+            out = out + 0 * torch.sqrt(w - w.detach()).sum()
+        return out
+
+    vae.log_joint = nan_gradient_once
+    s = svi.Settings(num_steps=8, subsample_size=10, num_particles=1, skip_nonfinite=True)
     with isolated(0):
         guide = guides.make("mlp", vae, x, hidden=(4,))
         step = svi.direct_step(vae, guide, x, s)
-        assert step.keep_state is False
-        svi.run_svi(vae.model, guide, (x,), s, step_fn=step)
-        assert step.keep_state is True
+        run = svi.run_svi(vae.model, guide, (x,), s, step_fn=step)
+        moments = [t for st in step.optimizer.state.values() for t in st.values()
+                   if torch.is_tensor(t)]
+    assert run.skipped == 1 and len(run.trace) == 7 and moments
+    assert all(bool(torch.isfinite(t).all()) for t in moments)
