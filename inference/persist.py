@@ -116,6 +116,9 @@ def load(cls, folder: str | Path, family=None, x=None):
                                    "settings", "diagnostics")}
     result = cls(**fields, trace=tensors["trace"].tolist(), posterior=tensors["posterior"])
     if "params" in tensors and family is not None:
+        if x is None:
+            raise ValueError("x: rebuilding the fitted guide needs the data it was fitted on "
+                             "(FitResult.load(folder, family, x))")
         result.state = _rebuild(meta, tensors, family, x)
     return result
 
