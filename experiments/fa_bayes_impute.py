@@ -28,7 +28,7 @@ POSTERIOR_COLUMNS = [
 
 def run_bayes(args, x, progress):
     """Variational Bayes (CAVI, closed-form ELBO; with cavi in ``--engines``) and NUTS (with mcmc,
-    unless ``--no-nuts``) on the Bayesian FA with its default priors (W_ij ~ N(0, 1),
+    in ``--engines``) on the Bayesian FA with its default priors (W_ij ~ N(0, 1),
     mu_i ~ N(0, 10^2), tau_i ~ Gamma(1, 1): weak for data on a unit scale). Returns (family,
     VB result or None, NUTS result or None)."""
     fam = BayesianFactorAnalysis(args.latent_dim)
@@ -40,8 +40,8 @@ def run_bayes(args, x, progress):
         vb.settings["params"] = "posterior"
     if "mcmc" in args.engine_list:
         s = mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
-                          num_chains=args.chains, max_tree_depth=args.nuts_depth,
-                          progress=progress)
+                          num_chains=args.nuts_chains, max_tree_depth=args.nuts_depth,
+                          jit=args.nuts_jit, progress=progress)
         nuts = inference.fit("mcmc", fam, x, s, seed=args.seed)
         nuts.settings["params"] = "posterior"
         nuts.diagnostics["post_mean_log_lik"] = float(nuts.samples["log_lik"].mean())
@@ -127,13 +127,13 @@ def imputation_table(args, x_train, x_test, kind, p_em, truth, trained):
     add("exact-conditional", impute(x_nan, p_em)[0], time.perf_counter() - t,
         params="em (complete training rows)")
     t = time.perf_counter()
-    imp = importance_impute(fixed, x_nan, num_particles=args.is_particles, seed=args.seed)
+    imp = importance_impute(fixed, x_nan, num_particles=args.impute_particles, seed=args.seed)
     add("importance-prior", imp.mean, time.perf_counter() - t, params="em",
         mean_ess=float(imp.ess.mean()), min_ess=float(imp.ess.min()))
     enc = next((trained[n] for n in ("linear-full", "linear-diag", "mlp") if n in trained), None)
     if enc is not None:
         t = time.perf_counter()
-        imp_g = importance_impute(fixed, x_nan, proposal=enc, num_particles=args.is_particles,
+        imp_g = importance_impute(fixed, x_nan, proposal=enc, num_particles=args.impute_particles,
                                   seed=args.seed)
         add(f"importance-{enc.kind}", imp_g.mean, time.perf_counter() - t, params="em",
             mean_ess=float(imp_g.ess.mean()), min_ess=float(imp_g.ess.min()))

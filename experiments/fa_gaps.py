@@ -1,6 +1,7 @@
 """Factor analysis / PPCA: engines, swappable guides and the exact decomposition of the gaps.
 
-    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --steps 2000 --quick]
+    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --svi-steps 2000
+                                   --quick]
 
 Rows of summary.csv (every ELBO in nats summed over the data, with the exact log evidence at the
 row's own parameters): exact EM (bound "log-likelihood"), CAVI over a mean-field q with the
@@ -16,9 +17,9 @@ resampling (generic route, prior and encoder proposals), EM on data with gaps, c
 Bayesian FA (``models.bayes_fa``, model column "bayes-fa"; FA noise even with ``--model ppca``):
 variational Bayes q(W, mu) q(tau) q(Z) by CAVI (engine "cavi", guide "vb", bound "elbo", the
 closed-form ELBO) and NUTS with z integrated out (engine "mcmc", guide "nuts", bound "none";
-skip with ``--no-nuts``). Their log_evidence is NaN: the Bayesian evidence log int p(x|theta)
-p(theta) dtheta has no closed form, and it is a different quantity from the FA ML log-likelihood
-max_theta log p(x|theta) of the other rows. NUTS diagnostics (R-hat, bulk/tail ESS on the
+leave mcmc out of ``--engines`` to skip it). Their log_evidence is NaN: the Bayesian evidence
+log int p(x|theta) p(theta) dtheta has no closed form, and it is a different quantity from the
+FA ML log-likelihood max_theta log p(x|theta) of the other rows. NUTS diagnostics (R-hat, bulk/tail ESS on the
 rotation-invariant C = W W^T + Psi, mu and the log-likelihood; divergences) go to run.json and
 summary.csv (``diag_*``), its draws to mcmc.nc (ArviZ netCDF). posterior.csv: posterior mean/sd
 of each upper-triangle entry of C under NUTS and VB (closed-form moments), the EM estimate and,
@@ -158,8 +159,8 @@ def run_engines(args, x, kind, progress):
                 continue  # the exact posterior needs fixed parameters
             family = fixed if mode == "fixed-em" else FactorAnalysis(k, kind=kind)
             opts = {"hidden": args.hidden_sizes} if name == "mlp" else {}
-            steps = 1 if (mode == "fixed-em" and name == "exact") else args.steps
-            s = svi.Settings(num_steps=steps, lr=args.lr, lr_decay=0.05, num_particles=4,
+            steps = 1 if (mode == "fixed-em" and name == "exact") else args.svi_steps
+            s = svi.Settings(num_steps=steps, lr=args.svi_lr, lr_decay=0.05, num_particles=4,
                              eval_particles=args.eval_particles, eval_batch=100,
                              learn_model_params=mode == "learned", num_posterior_samples=0,
                              progress=progress)
@@ -195,7 +196,8 @@ def summary_table(results, evidences, ev_em):
 def gap_table(args, fixed, x, trained):
     rows, points = [], []
     cf_gap = {local: closed_form_gap(fixed, x, local) for local in ("mean-field", "full-rank")}
-    qs = gaps.QStarSettings(steps=2000 if args.qstar_optimizer == "auto" else max(args.steps, 200))
+    qs = gaps.QStarSettings(steps=2000 if args.qstar_optimizer == "auto"
+                            else max(args.svi_steps, 200))
     for name, guide in trained.items():
         local = gaps.matching_local_family(guide)  # diagonal -> mean-field, full -> full-rank
         common_kw = dict(optimizer=args.qstar_optimizer, settings=qs, seed=args.seed)
@@ -376,7 +378,7 @@ def run(args) -> dict:
                 "converged_rule": f"r_hat <= {nuts.settings['rhat_max']} and bulk/tail ESS >= "
                                   f"{nuts.settings['ess_per_chain']} per chain",
                 "diagnosed_on": "C = W W^T + Psi (upper triangle), mu, log-likelihood",
-                "chains": args.chains, "samples": args.nuts_samples,
+                "chains": args.nuts_chains, "samples": args.nuts_samples,
                 "warmup": args.nuts_warmup, "max_tree_depth": args.nuts_depth,
                 "seconds": nuts.seconds, "file": "mcmc.nc"},
             "ml_log_lik_per_datum": ml_pd,

@@ -38,11 +38,12 @@ class Settings(StudySettings):
     test_frac: float = setting(0.2, "held-out rows")
     joint_guides: str = setting("mean-field,linear-full,mlp", "guides also trained jointly with "
                                 "the parameters ('' for none)", comma_list=True)
-    steps: int = setting(2000, "SVI steps per fit", quick=40)
-    lr: float = setting(0.02, "SVI learning rate")
+    svi_steps: int = setting(2000, "SVI steps per fit", quick=40)
+    svi_lr: float = setting(0.02, "SVI learning rate")
     hidden: str = setting("32", "MLP encoder hidden sizes, comma list", comma_list=True)
     eval_particles: int = setting(500, "particles per ELBO estimate", quick=50)
-    is_particles: int = setting(2000, "particles for importance-resampling imputation", quick=300)
+    impute_particles: int = setting(2000, "particles for importance-resampling imputation",
+                                    quick=300)
     em_iter: int = setting(2000, "max EM / CAVI iterations", quick=300)
     qstar_optimizer: str = setting("auto", "how q* is optimized: auto = L-BFGS on the closed "
                                    "form (FA), svi = generic", choices=("auto", "svi"))
@@ -53,15 +54,14 @@ class Settings(StudySettings):
     nuts_warmup: int = setting(140, "NUTS warmup steps per chain (below 150 Pyro adapts the mass "
                                "matrix on one window of 75% of the warmup, at 150 on 25 draws)",
                                quick=30)
-    chains: int = setting(3, "NUTS chains", quick=2)
+    nuts_chains: int = setting(3, "NUTS chains", quick=2)
     nuts_depth: int = setting(3, "NUTS max tree depth (in the identified, whitened coordinates "
                               "a U-turn takes ~7 leapfrog steps)")
-    no_nuts: bool = setting(False, "skip NUTS on the Bayesian FA (same as leaving mcmc out of "
-                            "--engines)")
+    nuts_jit: bool = setting(True, "NUTS with the compiled potential", negatable=True)
 
     @property
     def engine_list(self) -> list[str]:
-        return [e for e in _split(self.engines) if not (e == "mcmc" and self.no_nuts)]
+        return _split(self.engines)
 
     @property
     def guide_list(self) -> list[str]:
@@ -89,20 +89,19 @@ def parse(argv) -> Settings:
 
 def check(args: Settings) -> None:
     """Every check the flags allow on their own, naming the flag."""
-    for name, lo in (("n", 10), ("dim", 2), ("steps", 1), ("latent_dim", 1),
-                     ("eval_particles", 2), ("is_particles", 2), ("em_iter", 1),
-                     ("nuts_samples", 4), ("nuts_warmup", 0), ("chains", 1), ("nuts_depth", 1)):
+    for name, lo in (("n", 10), ("dim", 2), ("svi_steps", 1), ("latent_dim", 1),
+                     ("eval_particles", 2), ("impute_particles", 2), ("em_iter", 1),
+                     ("nuts_samples", 4), ("nuts_warmup", 0), ("nuts_chains", 1),
+                     ("nuts_depth", 1)):
         if name not in ("n", "dim") or args.data is None:
             args.at_least(name, lo)
     for name in ("missing_frac", "test_frac"):
         args.in_open_unit(name)
-    args.finite_positive("lr")
+    args.finite_positive("svi_lr")
     args.ints("hidden", 1)
     engines, _ = list_engines_guides(args, ENGINES, STUDY_GUIDES)
     if "em" not in engines:
         raise args.error("engines", "em is needed: every other row of the study uses its fit")
-    if args.no_nuts and "mcmc" in engines and args.given("engines"):
-        raise args.error("no_nuts", "contradicts mcmc in --engines (use one of them)")
     joint = args.names("joint_guides", STUDY_GUIDES, what="guide", allow_empty=True)
     if "exact" in joint:
         raise args.error("joint_guides", "'exact' is the posterior at fixed parameters; it "
@@ -114,7 +113,7 @@ def check(args: Settings) -> None:
 
 
 #: engine/family field -> study flag, to name the flag in errors raised below the study
-FIELD_FLAGS = {"latent_dim": "latent_dim", "k": "latent_dim", "num_steps": "steps", "lr": "lr",
+FIELD_FLAGS = {"latent_dim": "latent_dim", "k": "latent_dim", "num_steps": "svi_steps", "lr": "svi_lr",
                "eval_particles": "eval_particles", "max_iter": "em_iter",
-               "num_samples": "nuts_samples", "warmup": "nuts_warmup", "num_chains": "chains",
+               "num_samples": "nuts_samples", "warmup": "nuts_warmup", "num_chains": "nuts_chains",
                "max_tree_depth": "nuts_depth", "hidden": "hidden"}

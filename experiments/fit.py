@@ -43,7 +43,7 @@ from experiments.fit_evidence import (
     params_from,
 )
 from experiments.fit_family import ENGINES, choose, resolve_family, supported_engines
-from experiments.study import CliError, StudySettings, setting
+from experiments.study import RENAMED, CliError, StudySettings, setting
 from inference import em, mcmc, svi
 from models.capabilities import Evidence, MissingCapability, Simulator, capabilities_of
 from models.data import load_array
@@ -54,7 +54,7 @@ EXTRA_COLUMNS = ["params", "iterations", "iwae", "iwae_se", "ais", "ais_se", "kh
                  "psis_note", "notes"]
 FIELD_FLAGS = {"lr": "svi_lr", "num_particles": "svi_particles", "num_steps": "svi_steps",
                "eval_particles": "eval_particles", "num_samples": "nuts_samples",
-               "warmup": "nuts_warmup", "num_chains": "chains", "max_tree_depth": "nuts_depth",
+               "warmup": "nuts_warmup", "num_chains": "nuts_chains", "max_tree_depth": "nuts_depth",
                "max_iter": "em_iter", "n_init": "restarts"}
 
 
@@ -78,7 +78,8 @@ class Settings(StudySettings):
     svi_lr: float = setting(0.05, "Adam learning rate")
     svi_particles: int = setting(4, "particles per SVI gradient", quick=2)
     eval_particles: int = setting(1000, "particles per ELBO estimate", quick=100)
-    iwae_samples: int = setting(1000, "importance samples per point for IWAE (0: none)", quick=100)
+    iwae_particles: int = setting(1000, "importance samples per point for IWAE (0: none)",
+                                  quick=100)
     ais_steps: int = setting(100, "AIS temperatures, families with LocalDensities (0: none)",
                              quick=10)
     ais_chains: int = setting(16, "AIS chains per data point", quick=4)
@@ -91,9 +92,9 @@ class Settings(StudySettings):
     gap_particles: int = setting(500, "draws per point for the gap decomposition", quick=50)
     nuts_samples: int = setting(500, "NUTS draws per chain", quick=30)
     nuts_warmup: int = setting(300, "NUTS warmup steps per chain", quick=30)
-    chains: int = setting(2, "NUTS chains")
+    nuts_chains: int = setting(2, "NUTS chains")
     nuts_depth: int = setting(6, "NUTS max tree depth", quick=4)
-    jit: bool = setting(False, "NUTS with the compiled potential", negatable=True)
+    nuts_jit: bool = setting(False, "NUTS with the compiled potential", negatable=True)
 
 
 def parse(argv) -> Settings:
@@ -104,10 +105,10 @@ def parse(argv) -> Settings:
 
 def check(args: Settings) -> None:
     """The checks the settings allow on their own, naming the flag."""
-    for name in ("restarts", "em_iter", "svi_steps", "svi_particles", "nuts_samples", "chains",
+    for name in ("restarts", "em_iter", "svi_steps", "svi_particles", "nuts_samples", "nuts_chains",
                  "nuts_depth", "qstar_steps", "ais_chains"):
         args.at_least(name, 1)
-    for name in ("iwae_samples", "ais_steps", "psis_samples", "nuts_warmup"):
+    for name in ("iwae_particles", "ais_steps", "psis_samples", "nuts_warmup"):
         args.at_least(name, 0)
     args.at_least("eval_particles", 2)
     args.at_least("gap_particles", 2)
@@ -142,8 +143,8 @@ def engine_settings(args, progress: bool):
                              num_particles=args.svi_particles, eval_particles=args.eval_particles,
                              eval_batch=min(200, args.eval_particles), progress=progress),
                 mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
-                              num_chains=args.chains, max_tree_depth=args.nuts_depth,
-                              jit=args.jit, progress=progress))
+                              num_chains=args.nuts_chains, max_tree_depth=args.nuts_depth,
+                              jit=args.nuts_jit, progress=progress))
     except (TypeError, ValueError) as exc:
         raise common.field_error(args, exc, FIELD_FLAGS) from None
 
@@ -308,6 +309,10 @@ def make_settings(**values) -> Settings:
     """Settings from keyword arguments (``quick=True`` applies the quick defaults first)."""
     known = {f.name: f for f in fields(Settings) if not f.metadata.get("internal")}
     unknown = sorted(set(values) - set(known))
+    old = {k.replace("-", "_"): v.replace("-", "_") for k, v in RENAMED.items()}
+    for name in unknown:
+        if old.get(name) in known:
+            raise TypeError(f"settings: {name} renamed {old[name]}")
     if unknown:
         raise TypeError(f"settings: unknown {unknown}; the fit study takes {sorted(known)}")
     out, sources = {}, {}

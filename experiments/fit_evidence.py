@@ -123,8 +123,8 @@ def ais_evidence(fam, x, args) -> Evidence:
 
 def iwae_evidence(fam, guide, x, args) -> Evidence:
     """IWAE of the fitted pair (read in the active param store)."""
-    if args.iwae_samples == 0:
-        raise NotApplicable("--iwae-samples 0")
+    if args.iwae_particles == 0:
+        raise NotApplicable("--iwae-particles 0")
     if isinstance(fam, LocalDensities):
         model, site = LocalView(fam).model, fam.latent_site
     else:
@@ -135,7 +135,7 @@ def iwae_evidence(fam, guide, x, args) -> Evidence:
                 f"(the model has global {sorted(glob)}, local {sorted(loc)}, enumerated "
                 f"{sorted(enum)}); or give the family LocalDensities")
         model, site = fam.model, next(iter(loc))
-    return iwae(model, guide, x, num_samples=args.iwae_samples, latent=site,
+    return iwae(model, guide, x, num_samples=args.iwae_particles, latent=site,
                 max_plate_nesting=1, seed=args.seed)
 
 

@@ -70,9 +70,10 @@ class Settings(StudySettings):
     svi_particles: int = setting(4, "particles per SVI gradient")
     nuts_samples: int = setting(500, "NUTS draws per chain", quick=40)
     nuts_warmup: int = setting(300, "NUTS warmup steps per chain", quick=40)
-    chains: int = setting(4, "NUTS chains", quick=2)
-    jit: bool = setting(True, "NUTS with the compiled potential (compiling costs more than 100 "
-                        "tiny NUTS steps)", quick=False, negatable=True)
+    nuts_chains: int = setting(4, "NUTS chains", quick=2)
+    nuts_depth: int = setting(8, "NUTS max tree depth")
+    nuts_jit: bool = setting(True, "NUTS with the compiled potential (compiling costs more than "
+                             "100 tiny NUTS steps)", quick=False, negatable=True)
     eval_particles: int = setting(2000, "particles per ELBO estimate", quick=200)
 
 
@@ -90,7 +91,8 @@ def check(args: Settings) -> None:
         args.at_least("n", 1)
         args.at_least("dim", 1)
     args.at_least("K", 1)
-    for name in ("restarts", "svi_steps", "svi_particles", "nuts_samples", "chains"):
+    for name in ("restarts", "svi_steps", "svi_particles", "nuts_samples", "nuts_chains",
+                 "nuts_depth"):
         args.at_least(name, 1)
     args.at_least("nuts_warmup", 0)
     args.at_least("eval_particles", 2)
@@ -110,7 +112,7 @@ def check_work(args: Settings, n: int, d: int, engines, num_guides: int) -> None
     sweeps = 2 * 1000 * args.restarts * (("em" in engines) + ("cavi" in engines)) / 2
     steps = ("svi" in engines) * num_guides * (args.svi_steps * args.svi_particles
                                                + args.eval_particles)
-    grads = ("mcmc" in engines) * args.chains * (args.nuts_samples + args.nuts_warmup) * 32
+    grads = ("mcmc" in engines) * args.nuts_chains * (args.nuts_samples + args.nuts_warmup) * 32
     work = per * (sweeps + steps + grads)
     if work > MAX_WORK:
         raise common.CliError(
@@ -122,8 +124,9 @@ def check_work(args: Settings, n: int, d: int, engines, num_guides: int) -> None
 #: engine-settings field -> study flag, to name the flag in errors raised by the engines
 FIELD_FLAGS = {"lr": "svi_lr", "lr_decay": "svi_lr_decay", "num_particles": "svi_particles",
                "num_steps": "svi_steps", "num_samples": "nuts_samples", "warmup": "nuts_warmup",
-               "num_chains": "chains", "n_init": "restarts", "eval_particles": "eval_particles",
-               "K": "K", "prior_var": "prior_var", "dim": "dim", "n": "n"}
+               "num_chains": "nuts_chains", "max_tree_depth": "nuts_depth", "n_init": "restarts",
+               "eval_particles": "eval_particles", "K": "K", "prior_var": "prior_var",
+               "dim": "dim", "n": "n"}
 
 
 def load_data(args, family, device, dtype):
@@ -165,8 +168,9 @@ def engine_settings(args, progress: bool):
     m = mcmc.Settings(
         num_samples=args.nuts_samples,
         warmup=args.nuts_warmup,
-        num_chains=args.chains,
-        jit=args.jit,
+        num_chains=args.nuts_chains,
+        max_tree_depth=args.nuts_depth,
+        jit=args.nuts_jit,
         progress=progress,
     )
     return ascent, s, m

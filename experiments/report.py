@@ -345,7 +345,8 @@ def build(run_dir, name: str | None = None) -> tuple[Path, Path]:
 def main(argv=None) -> int:
     from experiments import readme_tables
 
-    p = argparse.ArgumentParser(prog="elbolab report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="elbolab report", description=__doc__,  # whole, as written
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="study, tour or compare folder")
     p.add_argument("--readme", type=Path, default=None, metavar="FILE",
                    help="instead of reports: rewrite the marked result tables in FILE (e.g. "

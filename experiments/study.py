@@ -22,6 +22,20 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+#: old flag -> the name every study now uses for that quantity (issue 17: one name per setting).
+#: Prefixes name the engine (``svi-``, ``nuts-``); draws from a guide q are ``particles``, draws
+#: of NUTS ``samples``. An old name on the command line or in a ``--config`` file is a one-line
+#: error naming the new one; a resumed run's saved settings under an old key are read under it.
+RENAMED = {
+    "steps": "svi-steps", "lr": "svi-lr", "epochs": "svi-epochs",
+    "chains": "nuts-chains", "mcmc-chains": "nuts-chains", "mcmc-samples": "nuts-samples",
+    "mcmc-points": "nuts-points", "jit": "nuts-jit", "no-jit": "no-nuts-jit",
+    "elbo-samples": "eval-particles", "iwae-samples": "iwae-particles",
+    "is-particles": "impute-particles",
+}
+#: old flag -> what to do instead, for flags that are gone
+REMOVED = {"no-nuts": "removed; leave mcmc out of --engines"}
+
 
 class CliError(SystemExit):
     """A bad flag, file or setting. ``str(err)`` is the message; the exit status is 2.
@@ -142,6 +156,19 @@ class StudySettings:
         """Whether ``name`` was set by the user (flag or config), not a default."""
         return self.sources.get(name, "default") in ("command line", "config", "resume")
 
+    @classmethod
+    def upgrade_saved(cls, saved: dict) -> dict:
+        """The settings saved by a run started before a flag was renamed, under today's names
+        (``steps`` -> ``svi_steps``; ``no_nuts = true`` -> mcmc left out of ``engines``)."""
+        for old, new in RENAMED.items():
+            old_key, new_key = old.replace("-", "_"), new.replace("-", "_")
+            if old_key in saved and not old.startswith("no-") and new_key not in saved:
+                saved[new_key] = saved.pop(old_key)
+        if saved.pop("no_nuts", False) and "engines" in saved:
+            saved["engines"] = ",".join(e for e in str(saved["engines"]).split(",")
+                                        if e.strip() != "mcmc")
+        return saved
+
     def values(self) -> dict:
         """The settings as plain values (for run.json and the resume record)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
@@ -165,6 +192,28 @@ def _flags(cls) -> dict[str, dataclasses.Field]:
             if not f.metadata.get("internal")}
 
 
+def renamed(cls) -> dict[str, str]:
+    """old flag (no dashes) -> the error's text, for the old names whose new flag ``cls`` has."""
+    flags = _flags(cls)
+    out = {old: f"renamed --{new}" for old, new in RENAMED.items()
+           if new.removeprefix("no-") in flags and old not in flags}
+    if "engines" in flags:
+        out.update({old: text for old, text in REMOVED.items() if old not in flags})
+    return out
+
+
+def _refuse_old_flags(cls, argv) -> None:
+    """An old flag name in ``argv`` (``--steps 5``, ``--steps=5``): ``--steps: renamed
+    --svi-steps``. Tokens after ``--`` are not flags."""
+    old = renamed(cls)
+    for tok in argv:
+        if tok == "--":
+            return
+        name = str(tok)[2:].split("=", 1)[0] if str(tok).startswith("--") else None
+        if name in old:
+            raise CliError(f"--{name}: {old[name]}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse's usage block is many lines)
         raise CliError(f"{message} (see {self.prog} --help)")
@@ -186,8 +235,12 @@ def _float(text: str) -> float:
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """Flags for every setting of ``cls``; only flags given appear in the parsed namespace."""
+    old = renamed(cls)
+    epilog = ("renamed flags (an old name is an error): "
+              + ", ".join(f"--{k} -> {v.removeprefix('renamed ')}" for k, v in old.items())
+              if old else None)
     p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                allow_abbrev=False)
+                allow_abbrev=False, epilog=epilog)
     own = p.add_argument_group(f"{prog} settings")
     common = p.add_argument_group("settings every study has")
     base = {f.name for f in fields(StudySettings)}
@@ -235,6 +288,11 @@ def read_config(path: Path, cls) -> dict:
     for key, value in data.items():
         name = key.replace("_", "-")
         f = flags.get(name)
+        if f is None and name in renamed(cls):
+            text = renamed(cls)[name]
+            if text.startswith("renamed --"):
+                text = f"renamed {text.removeprefix('renamed --')!r}"
+            raise CliError(f"--config: {key!r} in {str(path)!r}: {text}")
         if f is None:
             near = difflib.get_close_matches(name, list(flags), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -277,6 +335,7 @@ def resolve(cls, argv, prog: str, description: str, *, saved: dict | None = None
 
     ``saved`` (the settings of a run being resumed) replaces the first three layers; a flag
     given together with ``--resume`` must then agree with the saved value."""
+    _refuse_old_flags(cls, argv)
     ns = vars(build_parser(cls, prog, description).parse_args(list(argv)))
     config_path, resume = ns.pop("config", None), ns.pop("resume", None)
     cfg = read_config(config_path, cls) if config_path is not None else {}
@@ -301,6 +360,7 @@ def from_saved(cls, saved: dict, explicit: dict, *,
     ``runtime`` ones (progress bars, threads, replacing a finished run at --out), which may
     change."""
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    saved = cls.upgrade_saved(dict(saved))
     unknown = sorted(set(saved) - set(known))
     if unknown:
         raise CliError(f"--resume: the saved settings hold unknown setting(s) {unknown}")
@@ -327,5 +387,5 @@ def list_engines_guides(s: StudySettings, engines, guides_valid) -> tuple[list, 
     return eng, (gd if "svi" in eng else [])
 
 
-__all__ = ["CliError", "StudySettings", "build_parser", "from_saved", "internal",
-           "list_engines_guides", "read_config", "resolve", "setting"]
+__all__ = ["RENAMED", "REMOVED", "CliError", "StudySettings", "build_parser", "from_saved", "internal",
+           "list_engines_guides", "read_config", "renamed", "resolve", "setting"]

@@ -42,17 +42,20 @@ from inference.runtime import resolve_device
 STUDIES = {
     "gmm_engines": [
         "--n", "100", "--K", "3", "--dim", "1", "--restarts", "3", "--svi-steps", "500",
-        "--nuts-samples", "300", "--nuts-warmup", "200", "--chains", "2", "--eval-particles", "1000",
+        "--nuts-samples", "300", "--nuts-warmup", "200", "--nuts-chains", "2",
+        "--eval-particles", "1000",
     ],
     "fa_gaps": [
-        "--n", "200", "--dim", "6", "--latent-dim", "2", "--steps", "800", "--eval-particles", "200",
-        "--is-particles", "500", "--nuts-samples", "300", "--nuts-warmup", "140", "--chains", "2",
+        "--n", "200", "--dim", "6", "--latent-dim", "2", "--svi-steps", "800",
+        "--eval-particles", "200", "--impute-particles", "500", "--nuts-samples", "300",
+        "--nuts-warmup", "140", "--nuts-chains", "2",
     ],
     "vae_gaps": [
-        "--epochs", "15", "--hidden", "128", "--gap-points", "20", "--qstar-steps", "300",
-        "--iwae-samples", "500", "--elbo-samples", "200", "--ais-steps", "60", "--ais-chains", "4",
-        "--capacities", "16,64", "--capacity-epochs", "8", "--sa-steps", "0,5,20",
-        "--mcmc-points", "1", "--mcmc-samples", "60", "--mcmc-chains", "2", "--impute-points", "50",
+        "--svi-epochs", "15", "--hidden", "128", "--gap-points", "20", "--qstar-steps", "300",
+        "--iwae-particles", "500", "--eval-particles", "200", "--ais-steps", "60",
+        "--ais-chains", "4", "--capacities", "16,64", "--capacity-epochs", "8",
+        "--sa-steps", "0,5,20", "--nuts-points", "1", "--nuts-samples", "60",
+        "--nuts-warmup", "60", "--nuts-chains", "2", "--impute-points", "50",
         "--impute-particles", "200", "--gibbs-steps", "10", "--num-flows", "2",
     ],
 }

@@ -1,16 +1,17 @@
 """VAE on digits: IWAE/AIS evidence, the Cremer et al. (2018) gap study, generation and imputation.
 
     python -m experiments.vae_gaps [--latent-dim 8 --hidden 256 --likelihood bernoulli
-                                    --epochs 1000 --iwae-samples 5000 --ais-steps 300 --quick]
+                                    --svi-epochs 1000 --iwae-particles 5000 --ais-steps 300
+                                    --quick]
 
 Two VAEs (same decoder architecture and initialization) are trained by SVI, one with the
 amortized diagonal-Gaussian ("FFG") encoder ``mlp`` and one with the flow encoder ``flow`` (IAF),
 each until its ELBO on a held-out tenth of the training images has not improved for
-``--patience`` evaluations (every 5 epochs; best weights kept; ``--epochs`` is only a cap);
+``--patience`` evaluations (every 5 epochs; best weights kept; ``--svi-epochs`` is only a cap);
 summary.csv says how each network's training ended (``training_end``, ``training_note``).
 For each, on ``--gap-points`` training and test images (Cremer, Li & Duvenaud 2018, Table 2):
 log p(x) as the larger of two stochastic lower bounds, AIS (from the encoder's Gaussian, HMC
-transitions) and IWAE (``--iwae-samples``), both kept (``gaps.tightest_evidence``), L[q*_Flow] (per-point flow, ``local-flow``), L[q*_FFG] (per-point diagonal Gaussian,
+transitions) and IWAE (``--iwae-particles``), both kept (``gaps.tightest_evidence``), L[q*_Flow] (per-point flow, ``local-flow``), L[q*_FFG] (per-point diagonal Gaussian,
 ``mean-field``), L[q] (the encoder), and approximation = log p - L[q*], amortization = L[q*] - L[q]
 and inference = log p - L[q] gaps, all per data point (nats) with Monte Carlo SEs, the PSIS
 k-hat / ESS of q's and q*'s weights, and flags (a gap below zero by > 3 SE, a k-hat > 0.7).
@@ -111,11 +112,11 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
     if args.strategy != "none":
         distributed = dict(strategy=args.strategy, devices=args.devices,
                            num_nodes=args.num_nodes)
-    res = train_vae(vae, x_fit, guide=guide, guide_options=opts, epochs=cfg["epochs"],
-                    batch_size=args.batch_size, lr=args.lr,
+    res = train_vae(vae, x_fit, guide=guide, guide_options=opts, epochs=cfg["svi_epochs"],
+                    batch_size=args.batch_size, lr=args.svi_lr,
                     val_data=None if distributed else x_val,
-                    eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["epochs"]),
-                    patience=args.patience, eval_particles=min(cfg["elbo_samples"], 100),
+                    eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["svi_epochs"]),
+                    patience=args.patience, eval_particles=min(cfg["eval_particles"], 100),
                     seed=seed, progress=not args.no_progress, checkpoint=ck.get("checkpoint"),
                     checkpoint_every=ck.get("checkpoint_every", 0), resume=resume,
                     **distributed)
@@ -145,7 +146,7 @@ def evidence(vae, encoder, x, cfg, seed):
                                              num_chains=cfg["ais_chains"]), seed=seed)
     with torch.no_grad():
         qz = encoder.distribution(x)
-    w = iwae_from_log_joint(vae.log_joint, qz, x, num_samples=cfg["iwae_samples"], seed=seed)
+    w = iwae_from_log_joint(vae.log_joint, qz, x, num_samples=cfg["iwae_particles"], seed=seed)
     return a, w
 
 
@@ -245,7 +246,7 @@ def _run(args, cfg, out, device, dtype, data) -> int:
                     terms = gaps.gap_terms(
                         vae, x, enc, spec, log_evidence=best,
                         settings=gaps.QStarSettings(steps=cfg["qstar_steps"]),
-                        num_particles=cfg["elbo_samples"], seed=seed)
+                        num_particles=cfg["eval_particles"], seed=seed)
                 qstars[kind, split, fam_kind] = terms
                 elbo_q[kind, split] = (terms.values["elbo_amortized"], terms.se["elbo_amortized"])
                 gap_rows.append(_gap_row(kind, fam_kind, split, terms, best, a, w))
@@ -265,7 +266,7 @@ def _run(args, cfg, out, device, dtype, data) -> int:
         vae, enc = models[kind]
         with torch.no_grad():
             q = enc.distribution(x_fit)
-        s = max(2, min(cfg["iwae_samples"], 500))
+        s = max(2, min(cfg["iwae_particles"], 500))
         est = iwae_from_log_joint(vae.log_joint, q, x_fit, num_samples=s, seed=seed)
         row = res.to_row(est)
         row.update(train_encoder=kind, evidence_note=f"IWAE S={s} (a lower bound)",
@@ -346,7 +347,7 @@ def _gap_row(kind, fam_kind, split, terms, best, a, w):
 
 def psis_on(result, x, cfg, seed) -> dict:
     """PSIS k-hat of a trained pair's weights on the gap-study training images (columns)."""
-    row = diagnostics.psis_row(result, x, num_samples=cfg["elbo_samples"], seed=seed)
+    row = diagnostics.psis_row(result, x, num_samples=cfg["eval_particles"], seed=seed)
     row["psis_note"] = f"on {x.shape[0]} training images" + (
         f"; {row['psis_note']}" if row["psis_note"] else "")
     return row

@@ -37,29 +37,33 @@ class Settings(StudySettings):
     likelihood: str = setting("bernoulli", "bernoulli: binarized pixels; gaussian: [0, 1] "
                               "intensities", choices=("bernoulli", "gaussian"))
     var_floor: float = setting(1e-3, "gaussian likelihood: variance floor")
-    epochs: int = setting(1000, "max training epochs (a cap: training stops once the held-out "
-                          "ELBO has not improved for --patience evaluations)", quick=2)
+    svi_epochs: int = setting(1000, "max SVI training epochs, passes over the training images "
+                              "(a cap: training stops once the held-out ELBO has not improved "
+                              "for --patience evaluations)", quick=2)
     batch_size: int = setting(128, "minibatch size")
-    lr: float = setting(1e-3, "Adam learning rate")
+    svi_lr: float = setting(1e-3, "Adam learning rate")
     patience: int = setting(10, "early stop after this many held-out evaluations (every 5 "
                             "epochs) without improvement; 0 = off")
     flow: str = setting("iaf", "flow of the flow encoder", choices=("iaf", "coupling", "spline"))
     num_flows: int = setting(2, "flow layers", quick=1)
     gap_points: int = setting(50, "train and test images in the gap study (each)", quick=6)
     qstar_steps: int = setting(1000, "max SVI steps for q*", quick=30)
-    iwae_samples: int = setting(5000, "IWAE samples", quick=50)
-    elbo_samples: int = setting(1000, "draws per point for ELBO estimates", quick=20)
+    iwae_particles: int = setting(5000, "IWAE samples per point", quick=50)
+    eval_particles: int = setting(1000, "draws per point for ELBO estimates", quick=20)
     ais_steps: int = setting(300, "AIS temperatures", quick=10)
     ais_chains: int = setting(8, "AIS chains per point", quick=4)
     capacities: str = setting("16,64,256", "encoder widths of the capacity sweep", quick="4,16",
                               comma_list=True)
     capacity_epochs: int = setting(1000, "max epochs per encoder of the capacity sweep (early "
-                                   "stopped like --epochs)", quick=1)
+                                   "stopped like --svi-epochs)", quick=1)
     sa_steps: str = setting("0,5,20,100", "semi-amortized K values", quick="0,3",
                             comma_list=True)
-    mcmc_points: int = setting(3, "test images for NUTS", quick=1)
-    mcmc_samples: int = setting(150, "NUTS warmup = draws", quick=15)
-    mcmc_chains: int = setting(2, "NUTS chains", quick=1)
+    nuts_points: int = setting(3, "test images for NUTS", quick=1)
+    nuts_samples: int = setting(150, "NUTS draws per chain", quick=15)
+    nuts_warmup: int = setting(150, "NUTS warmup steps per chain", quick=15)
+    nuts_chains: int = setting(2, "NUTS chains", quick=1)
+    nuts_depth: int = setting(8, "NUTS max tree depth")
+    nuts_jit: bool = setting(True, "NUTS with the compiled potential", negatable=True)
     impute_points: int = setting(200, "test images for imputation", quick=20)
     impute_particles: int = setting(1000, "importance-sampling particles", quick=50)
     gibbs_steps: int = setting(50, "pseudo-Gibbs sweeps", quick=6)
@@ -73,6 +77,15 @@ class Settings(StudySettings):
     num_nodes: int = setting(1, "nodes for --strategy ddp")
 
 
+    @classmethod
+    def upgrade_saved(cls, saved: dict) -> dict:
+        """As :meth:`StudySettings.upgrade_saved`; a run saved before ``--nuts-warmup`` existed
+        warmed NUTS up for as many steps as it drew."""
+        if "mcmc_samples" in saved and "nuts_warmup" not in saved:
+            saved["nuts_warmup"] = saved["mcmc_samples"]
+        return super().upgrade_saved(saved)
+
+
 def parse(argv) -> Settings:
     """Settings from defaults, --quick, --config and flags."""
     return common.settings(Settings, argv, "vae_gaps", DESCRIPTION)
@@ -80,25 +93,27 @@ def parse(argv) -> Settings:
 
 def resolve(args: Settings) -> dict:
     """The study's sizes as a dict (comma lists parsed), after every check the flags allow."""
-    cfg = {k: getattr(args, k) for k in ("epochs", "hidden", "gap_points", "qstar_steps",
-                                         "ais_steps", "ais_chains", "iwae_samples",
-                                         "elbo_samples", "capacities", "capacity_epochs",
-                                         "sa_steps", "mcmc_points", "mcmc_samples",
-                                         "mcmc_chains", "impute_points", "impute_particles",
-                                         "gibbs_steps", "num_flows")}
+    cfg = {k: getattr(args, k) for k in ("svi_epochs", "hidden", "gap_points", "qstar_steps",
+                                         "ais_steps", "ais_chains", "iwae_particles",
+                                         "eval_particles", "capacities", "capacity_epochs",
+                                         "sa_steps", "nuts_points", "nuts_samples",
+                                         "nuts_warmup", "nuts_chains", "nuts_depth", "nuts_jit",
+                                         "impute_points", "impute_particles", "gibbs_steps",
+                                         "num_flows")}
     cfg["hidden"] = tuple(args.ints("hidden", 1))
     cfg["capacities"] = args.ints("capacities", 1)
     cfg["sa_steps"] = args.ints("sa_steps", 0)
     args.at_least("num_flows", 0)
     args.at_least("batch_size", 1)
     args.at_least("patience", 0)
-    args.finite_positive("lr")
+    args.finite_positive("svi_lr")
     args.finite_positive("var_floor")
-    for key in ("epochs", "gap_points", "qstar_steps", "ais_steps", "ais_chains", "iwae_samples",
-                "capacity_epochs", "mcmc_points", "mcmc_samples", "mcmc_chains",
-                "impute_points", "impute_particles", "gibbs_steps"):
+    for key in ("svi_epochs", "gap_points", "qstar_steps", "ais_steps", "ais_chains",
+                "iwae_particles", "capacity_epochs", "nuts_points", "nuts_samples", "nuts_chains",
+                "nuts_depth", "impute_points", "impute_particles", "gibbs_steps"):
         args.at_least(key, 1)
-    args.at_least("elbo_samples", 2)
+    args.at_least("nuts_warmup", 0)
+    args.at_least("eval_particles", 2)
     if args.latent_dim < 2:
         raise args.error("latent_dim", f"must be >= 2 (flows and the latent map need 2), got "
                          f"{args.latent_dim}")
@@ -124,7 +139,7 @@ def _check_strategy(args: Settings) -> None:
     if args.patience:
         raise args.error("patience", f"early stopping is not available with --strategy "
                          f"{args.strategy} (held-out evaluations run between steps, in one "
-                         f"process); give --patience 0 and a fixed --epochs")
+                         f"process); give --patience 0 and a fixed --svi-epochs")
     for key in ("checkpoint_every", "resume"):
         if getattr(args, key):
             raise args.error(key, f"not available with --strategy {args.strategy} (the "

@@ -35,16 +35,16 @@ def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed, x_val=None):
         ck, resume = common.checkpointing(args, f"capacity-{i}-{h}")
         res = train_vae(vae, x_fit, guide="mlp",
                         guide_options={"hidden": (h,), "name": f"encoder_cap{h}"},
-                        epochs=cfg["capacity_epochs"], batch_size=args.batch_size, lr=args.lr,
+                        epochs=cfg["capacity_epochs"], batch_size=args.batch_size, lr=args.svi_lr,
                         val_data=x_val, patience=args.patience if x_val is not None else 0,
                         eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["capacity_epochs"]),
-                        eval_particles=min(cfg["elbo_samples"], 100), seed=seed,
+                        eval_particles=min(cfg["eval_particles"], 100), seed=seed,
                         learn_model_params=False, checkpoint=ck.get("checkpoint"),
                         checkpoint_every=ck.get("checkpoint_every", 0), resume=resume)
         res.guide = f"mlp-{h}"
         enc = res.state.guide
         with isolated(seed):
-            est = pointwise_elbo(vae.model, enc, x_gap, num_particles=cfg["elbo_samples"])
+            est = pointwise_elbo(vae.model, enc, x_gap, num_particles=cfg["eval_particles"])
         gap = l_star - est.value
         rows.append({"encoder_hidden": h, "elbo_amortized": float(est.value.mean()),
                      "elbo_q_star": float(l_star.mean()),
@@ -68,7 +68,7 @@ def semi_amortized(model, subsets, qstars, elbo_q, cfg, seed):
         for k in cfg["sa_steps"]:
             guide = spec.build(vae, x, encoder=enc, steps=k)
             with isolated(seed), Timer(x.device) as t:
-                est = pointwise_elbo(vae.model, guide, x, num_particles=cfg["elbo_samples"])
+                est = pointwise_elbo(vae.model, guide, x, num_particles=cfg["eval_particles"])
             value = float(est.value.mean())
             rows.append({"split": split, "steps": k, "elbo": value,
                          "elbo_se": float(est.se.pow(2).sum().sqrt()) / x.shape[0],
@@ -82,10 +82,11 @@ def semi_amortized(model, subsets, qstars, elbo_q, cfg, seed):
 def mcmc_reference(model, x_test, qstars, args, cfg, seed):
     """NUTS over z (decoder fixed) on a few test images, against q*_FFG and the encoder q."""
     vae, enc = model
-    m = min(cfg["mcmc_points"], x_test.shape[0])
+    m = min(cfg["nuts_points"], x_test.shape[0])
     x = x_test[:m]
-    s = mcmc.Settings(num_samples=cfg["mcmc_samples"], warmup=cfg["mcmc_samples"],
-                      num_chains=cfg["mcmc_chains"], progress=not args.no_progress)
+    s = mcmc.Settings(num_samples=cfg["nuts_samples"], warmup=cfg["nuts_warmup"],
+                      num_chains=cfg["nuts_chains"], max_tree_depth=cfg["nuts_depth"],
+                      jit=cfg["nuts_jit"], progress=not args.no_progress)
     with isolated(seed):
         run = mcmc.run_nuts(vae.mcmc_model, (x,), s, seed, max_plate_nesting=1)
     z = run.samples["z"].detach()  # (chain, draw, m, k)

@@ -48,38 +48,148 @@ def test_list_names_every_experiment(capsys):
 
 def test_unknown_experiment_is_an_error(capsys):
     assert cli.main(["run", "nope"]) == 2
-    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown study 'nope'" in err and "gmm_engines, fa_gaps, vae_gaps, fit" in err
+
+
+def test_run_without_a_study_lists_the_studies(capsys):
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command" not in err and "elbolab run NAME" in err
+    for name, text in cli.EXPERIMENTS.items():
+        assert name in err and text in err
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["run", "gmm_engine"], "'elbolab run gmm_engines'"),
+    (["run", "vae_gap", "--quick"], "'elbolab run vae_gaps --quick'"),
+    (["rnu", "fa_gaps"], "'elbolab run fa_gaps'"),
+    (["fa_gap", "--quick"], "'elbolab run fa_gaps --quick'"),  # a study typed as a command
+    (["reprot", "runs/x"], "'elbolab report runs/x'"),
+    (["lsit"], "'elbolab list'"),
+])
+def test_a_typo_gets_a_hint_one_can_type(capsys, argv, hint):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"did you mean {hint}?" in err, err
+    command = hint.strip("'").split()[1:]  # the hint is a command that works
+    assert command[0] in ("list", "run", *cli.COMMANDS)
+    assert command[0] != "run" or command[1] in cli.EXPERIMENTS
+
+
+def test_report_help_is_the_whole_description(capsys):
+    from experiments import report
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for line in report.__doc__.strip().splitlines():  # every line, none cut off or rewrapped
+        assert line.strip() in out, line
+    assert "--readme" in out
+
+
+# -- one name per setting: an old flag is an error naming the new one -------------------------
+OLD_FLAGS = [  # (study, old flag, new flag), every name issue 17 retired
+    ("gmm_engines", "--chains", "--nuts-chains"), ("gmm_engines", "--jit", "--nuts-jit"),
+    ("gmm_engines", "--no-jit", "--no-nuts-jit"),
+    ("fa_gaps", "--steps", "--svi-steps"), ("fa_gaps", "--lr", "--svi-lr"),
+    ("fa_gaps", "--chains", "--nuts-chains"), ("fa_gaps", "--is-particles", "--impute-particles"),
+    ("vae_gaps", "--epochs", "--svi-epochs"), ("vae_gaps", "--lr", "--svi-lr"),
+    ("vae_gaps", "--mcmc-samples", "--nuts-samples"), ("vae_gaps", "--mcmc-chains", "--nuts-chains"),
+    ("vae_gaps", "--mcmc-points", "--nuts-points"), ("vae_gaps", "--elbo-samples", "--eval-particles"),
+    ("vae_gaps", "--iwae-samples", "--iwae-particles"),
+    ("fit", "--chains", "--nuts-chains"), ("fit", "--jit", "--nuts-jit"),
+    ("fit", "--iwae-samples", "--iwae-particles"),
+]
+
+
+@pytest.mark.parametrize("study,old,new", OLD_FLAGS)
+def test_an_old_flag_is_an_error_naming_the_new_one(capsys, tmp_path, study, old, new):
+    from experiments import fit
+
+    module = {**STUDIES, "fit": fit}[study]
+    out = tmp_path / "o"
+    value = [] if old in ("--jit", "--no-jit") else ["3"]
+    err = fails(capsys, module, ["--quick", old, *value, "--out", str(out)], old, out)
+    assert f"{old}: renamed {new}" in err
+    err = fails(capsys, module, ["--quick", f"{old}=3", "--out", str(out)], old, out)
+    assert f"renamed {new}" in err
+    field = new.removeprefix("--no-").removeprefix("--").replace("-", "_")
+    assert getattr(module.parse(["--quick", new, *value]), field) == (int(value[0]) if value
+                                                                     else not new.startswith("--no-"))
+    cfg = tmp_path / "old.toml"
+    cfg.write_text(f"{old[2:]} = {'true' if not value else 3}\n")
+    err = fails(capsys, module, ["--config", str(cfg), "--out", str(out)], "--config", out)
+    assert f"renamed {new[2:]!r}" in err and "old.toml" in err
+
+
+def test_no_nuts_is_gone_engines_says_it(capsys, tmp_path):
+    out = tmp_path / "o"
+    err = fails(capsys, fa_gaps, ["--quick", "--no-nuts", "--out", str(out)], "--no-nuts", out)
+    assert "leave mcmc out of --engines" in err
+    assert "mcmc" not in fa_gaps.parse(["--quick", "--engines", "em,cavi,svi"]).engine_list
+
+
+def test_every_nuts_study_has_the_same_nuts_flags():
+    from experiments import fit
+
+    for module in (gmm_engines, fa_gaps, vae_gaps, fit):
+        names = {f.name for f in dataclasses.fields(module.Settings)}
+        assert {"nuts_samples", "nuts_warmup", "nuts_chains", "nuts_depth", "nuts_jit"} <= names
+        assert not names & {"chains", "jit", "no_nuts", "steps", "lr", "epochs", "mcmc_samples",
+                            "mcmc_chains", "elbo_samples", "iwae_samples", "is_particles"}
+
+
+def test_a_run_saved_under_old_names_resumes_under_the_new_ones():
+    from experiments.study import from_saved
+
+    saved = fa_gaps.parse(["--quick"]).values()
+    for new, old in (("svi_steps", "steps"), ("svi_lr", "lr"), ("nuts_chains", "chains"),
+                     ("impute_particles", "is_particles")):
+        saved[old] = saved.pop(new)
+    del saved["nuts_jit"]
+    s = from_saved(fa_gaps.Settings, {**saved, "steps": 77, "no_nuts": True}, {})
+    assert (s.svi_steps, s.nuts_chains, s.impute_particles) == (77, 2, 300)
+    assert "mcmc" not in s.engine_list and s.nuts_jit is True
+    v = vae_gaps.parse(["--quick"]).values()
+    v["mcmc_samples"], v["epochs"] = v.pop("nuts_samples"), v.pop("svi_epochs")
+    del v["nuts_warmup"]
+    r = from_saved(vae_gaps.Settings, {**v, "mcmc_samples": 9}, {})
+    assert (r.nuts_samples, r.nuts_warmup, r.svi_epochs) == (9, 9, 2)  # warmup was = draws
 
 
 # -- --quick sets defaults only -------------------------------------------------------------------
 def test_quick_sets_defaults_and_explicit_flags_win():
     s = gmm_engines.parse(["--quick", "--svi-steps", "7", "--n", "100"])
-    assert (s.svi_steps, s.n, s.chains, s.jit) == (7, 100, 2, False)  # chains, jit: quick
-    assert s.sources["svi_steps"] == "command line" and s.sources["chains"] == "quick"
-    assert gmm_engines.parse(["--quick", "--jit"]).jit is True
-    f = fa_gaps.parse(["--quick", "--steps", "1000", "--dim", "8"])
-    assert (f.steps, f.dim, f.n) == (1000, 8, 60)
-    v = vae_gaps.resolve(vae_gaps.parse(["--quick", "--epochs", "3", "--hidden", "8,4"]))
-    assert (v["epochs"], v["hidden"], v["gap_points"]) == (3, (8, 4), 6)
+    assert (s.svi_steps, s.n, s.nuts_chains, s.nuts_jit) == (7, 100, 2, False)  # quick
+    assert s.sources["svi_steps"] == "command line" and s.sources["nuts_chains"] == "quick"
+    assert gmm_engines.parse(["--quick", "--nuts-jit"]).nuts_jit is True
+    f = fa_gaps.parse(["--quick", "--svi-steps", "1000", "--dim", "8"])
+    assert (f.svi_steps, f.dim, f.n) == (1000, 8, 60)
+    v = vae_gaps.resolve(vae_gaps.parse(["--quick", "--svi-epochs", "3", "--hidden", "8,4"]))
+    assert (v["svi_epochs"], v["hidden"], v["gap_points"]) == (3, (8, 4), 6)
     d = gmm_engines.parse([])
-    assert (d.svi_steps, d.n, d.chains, d.jit) == (500, 100, 4, True)
+    assert (d.svi_steps, d.n, d.nuts_chains, d.nuts_jit) == (500, 100, 4, True)
 
 
 @pytest.mark.parametrize("study,flags,flag", [
     ("gmm_engines", ["--svi-steps", "0"], "--svi-steps"),
-    ("gmm_engines", ["--chains", "0"], "--chains"),
+    ("gmm_engines", ["--nuts-chains", "0"], "--nuts-chains"),
+    ("gmm_engines", ["--nuts-depth", "0"], "--nuts-depth"),
     ("gmm_engines", ["--nuts-samples", "0"], "--nuts-samples"),
     ("gmm_engines", ["--restarts", "0"], "--restarts"),
     ("gmm_engines", ["--eval-particles", "1"], "--eval-particles"),
     ("gmm_engines", ["--nuts-warmup", "-1"], "--nuts-warmup"),
-    ("fa_gaps", ["--steps", "0"], "--steps"),
-    ("fa_gaps", ["--chains", "0"], "--chains"),
+    ("fa_gaps", ["--svi-steps", "0"], "--svi-steps"),
+    ("fa_gaps", ["--nuts-chains", "0"], "--nuts-chains"),
     ("fa_gaps", ["--nuts-samples", "0"], "--nuts-samples"),
     ("fa_gaps", ["--eval-particles", "1"], "--eval-particles"),
     ("fa_gaps", ["--nuts-warmup", "-1"], "--nuts-warmup"),
-    ("vae_gaps", ["--epochs", "0"], "--epochs"),
-    ("vae_gaps", ["--mcmc-chains", "0"], "--mcmc-chains"),
-    ("vae_gaps", ["--elbo-samples", "1"], "--elbo-samples"),
+    ("vae_gaps", ["--svi-epochs", "0"], "--svi-epochs"),
+    ("vae_gaps", ["--nuts-chains", "0"], "--nuts-chains"),
+    ("vae_gaps", ["--nuts-warmup", "-1"], "--nuts-warmup"),
+    ("vae_gaps", ["--eval-particles", "1"], "--eval-particles"),
 ])
 def test_explicit_flag_given_with_quick_is_kept_and_rejected(capsys, tmp_path, study, flags, flag):
     out = tmp_path / "run"
@@ -90,20 +200,20 @@ def test_explicit_flag_given_with_quick_is_kept_and_rejected(capsys, tmp_path, s
 # -- --config -----------------------------------------------------------------------------------
 def test_config_file_between_quick_and_flags(tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('svi-steps = 11\nchains = 3\nguides = ["collapsed", "auto-normal"]\n'
+    cfg.write_text('svi-steps = 11\nnuts-chains = 3\nguides = ["collapsed", "auto-normal"]\n'
                    'svi_lr = 0.05\nquick = true\n')
-    s = gmm_engines.parse(["--config", str(cfg), "--chains", "5"])
-    assert (s.svi_steps, s.chains, s.svi_lr, s.n) == (11, 5, 0.05, 30)  # n: quick (from config)
+    s = gmm_engines.parse(["--config", str(cfg), "--nuts-chains", "5"])
+    assert (s.svi_steps, s.nuts_chains, s.svi_lr, s.n) == (11, 5, 0.05, 30)  # n: quick (config)
     assert s.guides == "collapsed,auto-normal"
-    assert s.sources["svi_steps"] == "config" and s.sources["chains"] == "command line"
+    assert s.sources["svi_steps"] == "config" and s.sources["nuts_chains"] == "command line"
 
 
 @pytest.mark.parametrize("text,words", [
     ("svi-step = 3\n", "unknown setting 'svi-step'"),
-    ("chains = 'four'\n", "expected an integer"),
-    ("chains = 2.5\n", "expected an integer"),
+    ("nuts-chains = 'four'\n", "expected an integer"),
+    ("nuts-chains = 2.5\n", "expected an integer"),
     ("device = 'tpu'\n", "must be one of"),
-    ("chains = \n", "not valid TOML"),
+    ("nuts-chains = \n", "not valid TOML"),
     ("[svi]\nsteps = 3\n", "unknown setting 'svi'"),
     ("resume = 'x'\n", "unknown setting 'resume'"),
 ])
@@ -117,9 +227,9 @@ def test_bad_config_files(capsys, tmp_path, text, words):
 
 def test_config_value_is_validated_naming_the_file(capsys, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text("steps = 0\n")
+    cfg.write_text("svi-steps = 0\n")
     err = fails(capsys, fa_gaps, ["--config", str(cfg), "--quick", "--out", str(tmp_path / "o")],
-                "--steps")
+                "--svi-steps")
     assert "c.toml" in err
 
 
@@ -155,7 +265,6 @@ def test_help_lists_every_setting_with_its_default(capsys, name):
     ("fa_gaps", ["--guides", "mlp,auto-normal"], "--guides", "linear-full"),
     ("fa_gaps", ["--engines", "svi"], "--engines", "em is needed"),
     ("fa_gaps", ["--joint-guides", "exact"], "--joint-guides", "fixed parameters"),
-    ("fa_gaps", ["--no-nuts", "--engines", "em,mcmc"], "--no-nuts", "contradicts"),
     ("vae_gaps", ["--guides", "mlp,exact"], "--guides", "mlp, flow, linear-diag, linear-full"),
     ("vae_gaps", ["--engines", "mcmc"], "--engines", "svi is needed"),
     ("vae_gaps", ["--devices", "2"], "--devices", "needs --strategy"),
@@ -191,15 +300,15 @@ def test_engines_and_guides_select_the_rows(tmp_path):
 
 # -- bad flags, files and data: before any work -------------------------------------------------
 @pytest.mark.parametrize("study,flags,flag", [
-    ("fa_gaps", ["--lr", "-1"], "--lr"),
-    ("fa_gaps", ["--lr", "0"], "--lr"),
-    ("fa_gaps", ["--lr", "nan"], "--lr"),
-    ("fa_gaps", ["--lr", "inf"], "--lr"),
+    ("fa_gaps", ["--svi-lr", "-1"], "--svi-lr"),
+    ("fa_gaps", ["--svi-lr", "0"], "--svi-lr"),
+    ("fa_gaps", ["--svi-lr", "nan"], "--svi-lr"),
+    ("fa_gaps", ["--svi-lr", "inf"], "--svi-lr"),
     ("fa_gaps", ["--hidden", "0"], "--hidden"),
     ("fa_gaps", ["--hidden", "a,b"], "--hidden"),
     ("fa_gaps", ["--missing-frac", "1"], "--missing-frac"),
     ("fa_gaps", ["--latent-dim", "5"], "--latent-dim"),
-    ("vae_gaps", ["--lr", "nan"], "--lr"),
+    ("vae_gaps", ["--svi-lr", "nan"], "--svi-lr"),
     ("vae_gaps", ["--hidden", "0"], "--hidden"),
     ("vae_gaps", ["--latent-dim", "100"], "--latent-dim"),
     ("vae_gaps", ["--latent-dim", "1"], "--latent-dim"),
@@ -210,7 +319,7 @@ def test_engines_and_guides_select_the_rows(tmp_path):
     ("gmm_engines", ["--seed", "-1"], "--seed"),
     ("gmm_engines", ["--threads", "0"], "--threads"),
     ("gmm_engines", ["--checkpoint-every", "-1"], "--checkpoint-every"),
-    ("gmm_engines", ["--chains", "two"], "--chains"),
+    ("gmm_engines", ["--nuts-chains", "two"], "--nuts-chains"),
     ("gmm_engines", ["--svi-step", "3"], "--svi-step"),  # misspelled: no abbreviations
     ("gmm_engines", ["--device", "tpu"], "--device"),
 ])
@@ -298,8 +407,9 @@ def test_read_only_out(capsys, tmp_path, study):
 def test_errors_at_the_real_command_line(tmp_path):
     """Through the console entry point in a fresh interpreter: exit status 2, <= 3 lines."""
     runs = [
-        ["run", "fa_gaps", "--quick", "--lr", "nan", "--out", str(tmp_path / "a")],
+        ["run", "fa_gaps", "--quick", "--svi-lr", "nan", "--out", str(tmp_path / "a")],
         ["run", "gmm_engines", "--K"],
+        ["run", "fa_gaps", "--quick", "--steps", "9", "--out", str(tmp_path / "a")],
     ]
     code = "import sys; from experiments.cli import main; raise SystemExit(main(sys.argv[1:]))"
     for argv in runs:
@@ -308,7 +418,8 @@ def test_errors_at_the_real_command_line(tmp_path):
         assert r.returncode == 2, (argv, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert 1 <= len(lines) <= 3 and "Traceback" not in r.stderr, r.stderr
-        assert {"fa_gaps": "--lr", "gmm_engines": "--K"}[argv[1]] in r.stderr
+        assert {"fa_gaps": "--svi-lr", "gmm_engines": "--K"}[argv[1]] in r.stderr or \
+            "--steps: renamed --svi-steps" in r.stderr
         assert not (tmp_path / "a").exists()
 
 

@@ -122,13 +122,13 @@ def test_vb_covariance_moments_match_monte_carlo_from_q():
 
 
 def test_bayes_rows_without_nuts_and_flag_checks():
-    args = parse(["--quick", "--no-nuts"])
-    assert args.no_nuts and args.chains == 2 and args.nuts_samples == 30
+    args = parse(["--quick", "--engines", "em,cavi,svi"])
+    assert "mcmc" not in args.engine_list and args.nuts_chains == 2 and args.nuts_samples == 30
     x, truth = FactorAnalysis(1, dim=3).simulate(30, seed=0)
     _, vb, nuts = run_bayes(args.__class__(**{**vars(args), "latent_dim": 1}), x, False)
     assert nuts is None and vb.model == "bayes-fa" and vb.guide == "vb"
     post = posterior_table(x, vb, None, truth, truth)
     assert post.nuts_mean.isna().all() and post.vb_mean.notna().all()
-    for flags in (["--chains", "0"], ["--nuts-samples", "2"], ["--nuts-depth", "0"]):
+    for flags in (["--nuts-chains", "0"], ["--nuts-samples", "2"], ["--nuts-depth", "0"]):
         with pytest.raises(SystemExit):
             parse(flags)

@@ -19,7 +19,7 @@ import torch
 from experiments import cli, common
 from experiments import fit as fit_study
 
-TINY = ["--quick", "--svi-steps", "60", "--eval-particles", "50", "--iwae-samples", "50",
+TINY = ["--quick", "--svi-steps", "60", "--eval-particles", "50", "--iwae-particles", "50",
         "--psis-samples", "50", "--ais-steps", "5", "--ais-chains", "2", "--qstar-steps", "20",
         "--gap-particles", "20", "--nuts-samples", "20", "--nuts-warmup", "20",
         "--nuts-depth", "3", "--no-progress"]
@@ -246,7 +246,7 @@ def test_help_lists_every_setting(capsys):
         cli.main(["run", "fit", "--help"])
     assert err.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--model-args", "--engines", "--guides", "--iwae-samples",
+    for flag in ("--model", "--model-args", "--engines", "--guides", "--iwae-particles",
                  "--ais-steps", "--config"):
         assert flag in text
 

@@ -92,7 +92,7 @@ def check_outputs(out, K: int, d: int, n: int, seed: int) -> pd.DataFrame:
 
     idata = az.from_netcdf(out / "mcmc.nc")
     mu = idata.posterior["mu"]
-    assert mu.sizes["chain"] == run["settings"]["chains"] and mu.shape[-2] == K
+    assert mu.sizes["chain"] == run["settings"]["nuts_chains"] and mu.shape[-2] == K
     ll = idata.log_likelihood["x"]
     assert ll.shape == (mu.sizes["chain"], mu.sizes["draw"], n)
     return s
