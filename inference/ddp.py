@@ -39,6 +39,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -200,6 +201,24 @@ def _lightning():
 
 if L is not None:
 
+    class OwnedGroupDDP(L.pytorch.strategies.DDPStrategy):
+        """Lightning's DDP strategy, which also destroys the process group it created when the
+        run ends. Lightning leaves a gloo group alive until the process exits; its worker
+        threads then release their tensors while the interpreter is being finalized, and a
+        rank dies with SIGABRT ("terminate called without an active exception") when that
+        happens late, i.e. under load (pytorch/pytorch#190489). A group that existed before
+        (a user's own ``init_process_group``) is left alone."""
+
+        def setup_environment(self) -> None:
+            self._owns_group = not torch.distributed.is_initialized()
+            super().setup_environment()
+
+        def teardown(self) -> None:
+            super().teardown()
+            if getattr(self, "_owns_group", False) and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+                self._owns_group = False
+
     class SviModule(L.LightningModule):
         """The ELBO of a family's model and a guide as a LightningModule (one global minibatch
         per training step, sharded across the ranks; see the module docstring). Module-level so
@@ -277,6 +296,20 @@ def _quiet(progress: bool):
                 lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    """The caller's environment variables as they were, after Lightning set its own
+    (``MASTER_PORT``, ranks): a later run picks a free port of its own instead of reusing this
+    one, and a fit leaves the caller's global state as it found it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
 def _check_picklable(family, guide, guide_options, settings) -> None:
     """ddp_spawn sends the family, guide and settings to new processes by pickling: what cannot
     be pickled is an error naming it, before any process starts."""
@@ -326,8 +359,10 @@ def fit_ddp(family, x, settings: Settings | None = None, *, guide=None,
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(steps)),
                                          batch_size=1, shuffle=False)
     module = SviModule(family, family_x, guide, guide_options, settings, seed, out)
+    if isinstance(strategy, str) and strategy != "auto":
+        strategy = OwnedGroupDDP(start_method="spawn" if strategy == "ddp_spawn" else "popen")
     t0 = time.perf_counter()
-    with _quiet(progress):
+    with _quiet(progress), _environment_kept():
         trainer = L.Trainer(
             accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
             max_steps=steps, max_epochs=1, use_distributed_sampler=False, logger=False,

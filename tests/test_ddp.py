@@ -161,3 +161,32 @@ def test_a_distributed_run_whose_elbo_became_non_finite_is_reported_diverged(mon
                         eval_particles=20, num_posterior_samples=0, **OPTS)
     assert res.diagnostics["diverged"] and not res.converged
     assert "all-reduced ELBO of step 3 of 4" in res.message
+
+
+def test_a_run_destroys_the_group_it_created_and_leaves_the_environment_as_it_was(monkeypatch, tmp_path):
+    """A rank that exits with its gloo group alive can die with SIGABRT while the interpreter
+    is finalized (pytorch/pytorch#190489): the group a run creates is destroyed when it ends.
+    One process under strategy='ddp' (the group lives in this process, so it can be checked);
+    Lightning's MASTER_PORT and rank variables do not outlive the fit, so the next run picks a
+    free port of its own."""
+    import os
+
+    import torch.distributed as dist
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    before = dict(os.environ)
+    vae, x = _data()
+    run = ddp.fit_ddp(vae, x, guide="mlp", devices=1, strategy="ddp", accelerator="cpu",
+                      seed=1, **OPTS)
+    assert run.world_size == 1 and len(run.trace) == OPTS["num_steps"]
+    assert not dist.is_initialized()
+    assert dict(os.environ) == before
+    # a group the caller created is the caller's: used, and left alone
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp.fit_ddp(vae, x, guide="mlp", devices=1, strategy="ddp", accelerator="cpu", seed=1,
+                    **OPTS)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
