@@ -60,7 +60,7 @@ def fit(name: str, family, x, settings=None, *, seed: int = 0, **options) -> Fit
 def _setting_names(cls) -> set[str]:
     flat = getattr(cls, "FLAT_OPTIONS", None)
     if flat is not None:
-        return set(flat) | {"validate", "progress"}
+        return set(flat) | set(getattr(cls, "RUNTIME_OPTIONS", ("validate", "progress")))
     return {f.name for f in dataclasses.fields(cls)}
 
 

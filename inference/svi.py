@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,14 @@ from inference.checkpoint import (
 )
 from inference.elbo import estimate_elbo
 from inference.result import FitResult, check_settings, data_fields
-from inference.runtime import Timer, device_note, isolated
+from inference.runtime import (
+    PROGRESS_DELAY,
+    Timer,
+    cpu_threads,
+    device_note,
+    isolated,
+    show_progress,
+)
 from inference.svi_pair import (
     check_coverage,
     load_params_from,
@@ -89,6 +97,7 @@ def run_svi(
     parameters it produced gave that loss). The run stops with the step, the reason, and the last
     parameters whose loss was finite (``skip_nonfinite``: count both as skipped and go on). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
     ``resume``: a checkpoint payload (:func:`inference.checkpoint.read_checkpoint`) to continue.
+    The steps run on ``settings.threads`` CPU threads (data on the CPU; restored afterwards).
     """
     kwargs = dict(kwargs or {})
     if settings.objective.subsample_size is not None:
@@ -103,7 +112,8 @@ def run_svi(
     if settings.objective.skip_nonfinite and hasattr(step_fn, "keep_state"):
         step_fn.keep_state = True  # skipped steps must not leave their moments behind
     run = SviRun()
-    with pyro.validation_enabled(settings.validate):
+    data = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    with pyro.validation_enabled(settings.validate), cpu_threads(settings.threads, data):
         _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting, resume)
     return run
 
@@ -154,7 +164,9 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     if resume is None and _optimizer(step_fn) is None and hasattr(step_fn, "prepare"):
         step_fn.prepare()  # create the params and the optimizer before the first step
     skip = settings.objective.skip_nonfinite
-    bar = tqdm(range(start, st.num_steps), desc="svi", disable=not settings.progress, leave=False)
+    progress = show_progress(settings.progress)
+    bar = tqdm(range(start, st.num_steps), desc="svi", disable=not progress, leave=False,
+               delay=PROGRESS_DELAY, file=sys.stderr)
     for step in bar:
         try:  # a refused step (non-finite loss, gradient or update) changes no parameter
             value, refused = step_fn()
@@ -180,8 +192,8 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
             return run
         run.trace.append(-value)
         run.steps = step + 1
-        if settings.progress and step % 50 == 0:
-            bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}")
+        if progress and step % 50 == 0:
+            bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}", refresh=False)
         if st.eval_every and st.val_data is not None and run.steps % st.eval_every == 0:
             val = estimate_elbo(
                 model, guide, st.val_data, num_particles=max(2, st.val_particles),
@@ -296,7 +308,8 @@ def fit(
     payload = read_checkpoint(resume) if resume is not None else None
     nest = family.max_plate_nesting
     guide_options = dict(guide_options or {})
-    with isolated(seed), Timer(x.device) as timer:
+    threads = settings.threads if settings.distributed.strategy is None else None
+    with isolated(seed), cpu_threads(threads, x), Timer(x.device) as timer:
         guide_fn = spec.build(family, x, **guide_options)
         enum = spec.collapsed or spec.enumerated
         step_fn = None

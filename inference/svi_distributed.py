@@ -12,6 +12,7 @@ import torch
 from pyro import poutine
 
 from guides.base import GuideSpec
+from inference.runtime import show_progress
 from inference.svi_run import MIN_JUDGED, SviRun, judge
 from inference.svi_settings import Settings
 
@@ -57,7 +58,8 @@ def train(family, guide_fn, x, guide, guide_options, settings, seed) -> SviRun |
         accelerator = "gpu" if x.device.type == "cuda" else "cpu"
     out = fit_ddp(family, x, settings, guide=guide, guide_options=guide_options,
                   devices=d.devices, num_nodes=d.num_nodes, accelerator=accelerator,
-                  strategy=d.strategy, seed=seed, progress=settings.progress)
+                  strategy=d.strategy, seed=seed,
+                  progress=show_progress(settings.progress))
     if out is None:
         return None
     with torch.no_grad(), poutine.trace(param_only=True):

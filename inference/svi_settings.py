@@ -184,7 +184,16 @@ del _FLAT["path"], _FLAT["every"]
 
 @dataclass(init=False)
 class Settings:
-    """SVI settings in six groups (see the module docstring); flat keywords are routed."""
+    """SVI settings in six groups (see the module docstring); flat keywords are routed.
+
+    Three run-time options sit outside the groups: ``validate`` (Pyro's distribution checks;
+    data are validated at the boundary), ``progress`` (a tqdm bar on stderr that appears once a
+    run has lasted :data:`inference.runtime.PROGRESS_DELAY` seconds; ``None``, the default, shows
+    it when stderr is a terminal or in a notebook, True/False force it) and ``threads`` (torch
+    CPU threads for the fit, restored afterwards; one by default, because an SVI step is many
+    ops on a few thousand elements that run several times faster on one thread than split over
+    busy cores; ``None`` leaves torch's setting; ignored for data on a GPU and with a
+    distributed ``strategy``)."""
 
     optimizer: Optimizer = field(default_factory=Optimizer)
     objective: Objective = field(default_factory=Objective)
@@ -192,17 +201,18 @@ class Settings:
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     evaluation: Evaluation = field(default_factory=Evaluation)
     distributed: Distributed = field(default_factory=Distributed)
-    validate: bool = False  # Pyro's distribution checks; data are validated at the boundary
-    progress: bool = False
+    validate: bool = False
+    progress: bool | None = None
+    threads: int | None = 1
 
     def __init__(self, *, optimizer=None, objective=None, stopping=None, checkpointing=None,
                  evaluation=None, distributed=None, validate: bool = False,
-                 progress: bool = False, **flat):
+                 progress: bool | None = None, threads: int | None = 1, **flat):
         unknown = sorted(set(flat) - set(_FLAT))
         if unknown:
             raise TypeError(
                 f"svi.Settings: unknown option(s) {unknown}; valid: {sorted(_FLAT)} or the groups "
-                f"{sorted(_GROUPS)}, validate, progress"
+                f"{sorted(_GROUPS)}, {', '.join(RUNTIME_OPTIONS)}"
             )
         given = {"optimizer": optimizer, "objective": objective, "stopping": stopping,
                  "checkpointing": checkpointing, "evaluation": evaluation,
@@ -215,20 +225,26 @@ class Settings:
             if obj is not None and kw:
                 raise TypeError(f"{group}: given both as a group and as flat options {sorted(kw)}")
             setattr(self, group, obj if obj is not None else cls(**kw))
-        self.validate, self.progress = boolean(validate, "validate"), boolean(progress, "progress")
+        self.validate = boolean(validate, "validate")
+        self.progress = None if progress is None else boolean(progress, "progress")
+        self.threads = None if threads is None else integer(threads, "threads", minimum=1)
+
+    def _runtime(self) -> dict:
+        return {k: getattr(self, k) for k in RUNTIME_OPTIONS}
 
     FLAT_OPTIONS: tuple[str, ...] = ()
 
     def replace(self, **flat) -> Settings:
         """A copy with some flat options changed (validated like the constructor)."""
         current = {k: getattr(getattr(self, g), f) for k, (g, f) in _FLAT.items()}
-        return Settings(validate=self.validate, progress=self.progress, **{**current, **flat})
+        runtime = {k: flat.pop(k) if k in flat else v for k, v in self._runtime().items()}
+        return Settings(**runtime, **{**current, **flat})
 
     def flat(self) -> dict:
         """Every option by its flat name (for run.json and result rows); ``val_data`` omitted."""
         out = {k: getattr(getattr(self, g), f) for k, (g, f) in _FLAT.items() if k != "val_data"}
         out["checkpoint"] = None if out["checkpoint"] is None else str(out["checkpoint"])
-        return {**out, "validate": self.validate, "progress": self.progress}
+        return {**out, **self._runtime()}
 
     def as_dict(self) -> dict:
         """Grouped, as plain values."""
@@ -236,11 +252,14 @@ class Settings:
         d["stopping"].pop("val_data")
         d["checkpointing"]["path"] = (
             None if self.checkpointing.path is None else str(self.checkpointing.path))
-        return {**d, "validate": self.validate, "progress": self.progress}
+        return {**d, **self._runtime()}
 
 
+#: the options outside the groups (how the run is carried out, not what it computes)
+RUNTIME_OPTIONS = ("validate", "progress", "threads")
 FLAT_OPTIONS = tuple(sorted(_FLAT))
 Settings.FLAT_OPTIONS = FLAT_OPTIONS
+Settings.RUNTIME_OPTIONS = RUNTIME_OPTIONS
 
-__all__ = ["FLAT_OPTIONS", "STRATEGIES", "Checkpointing", "Distributed", "Evaluation", "Objective",
-           "Optimizer", "Settings", "Stopping"]
+__all__ = ["FLAT_OPTIONS", "RUNTIME_OPTIONS", "STRATEGIES", "Checkpointing", "Distributed",
+           "Evaluation", "Objective", "Optimizer", "Settings", "Stopping"]
