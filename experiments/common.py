@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from experiments import rundir, study  # noqa: E402
 from experiments.study import CliError  # noqa: E402
+from inference.reference import component_names  # noqa: E402
 from inference.runtime import resolve_device, validate_seed  # noqa: E402
 
 SUMMARY_COLUMNS = [
@@ -340,9 +341,30 @@ def plot_traces(results, path: Path, title: str = "objective traces") -> Path:
     return path
 
 
+def flag_summary(summary: pd.DataFrame, methods, reference: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with a ``reference_flag`` column: on each row whose posterior reference.csv
+    compares with an unconverged reference (``methods``: each row's method label there, or
+    None), that table's ``ref_flag`` (:func:`inference.reference.flag_reference`); on the row
+    that is that reference, that it is one and did not converge; empty elsewhere."""
+    summary = summary.copy()
+    flags = [""] * len(summary)
+    if len(reference) and "ref_flag" in reference:
+        bad = reference[reference["ref_flag"].fillna("").astype(str) != ""]
+        flag_of = dict(zip(bad["method"], bad["ref_flag"]))
+        ref_flag = dict(zip(bad["reference"], bad["ref_flag"]))
+        for i, method in enumerate(methods):
+            if method in ref_flag:
+                flags[i] = f"this fit is the reference of reference.csv; {ref_flag[method]}"
+            elif method in flag_of:
+                flags[i] = flag_of[method]
+    summary["reference_flag"] = flags
+    return summary
+
+
 def posterior_summary(draws: dict[str, torch.Tensor], engine: str) -> pd.DataFrame:
-    """Mean and sd of each scalar component of ``draws`` (name -> (..., *shape) with the
-    draw dims leading and already flattened to one), one row per component."""
+    """Mean and sd of each scalar component of ``draws`` (name -> (S, *shape): the draws
+    flattened to one leading dimension), one row per component, named ``name[i,j]`` as in
+    :func:`inference.reference.component_names` (the MCMC diagnostics' spelling)."""
     rows = []
     for name, d in draws.items():
         flat = d.reshape(d.shape[0], -1).double().cpu()
@@ -350,11 +372,12 @@ def posterior_summary(draws: dict[str, torch.Tensor], engine: str) -> pd.DataFra
             flat.mean(0),
             flat.std(0) if flat.shape[0] > 1 else torch.full_like(flat[0], math.nan),
         )
+        names = component_names(name, d.shape[1:])
         for j in range(flat.shape[1]):
             rows.append(
                 {
                     "engine": engine,
-                    "quantity": f"{name}[{j}]",
+                    "quantity": names[j],
                     "mean": float(mean[j]),
                     "sd": float(sd[j]),
                 }
@@ -362,11 +385,14 @@ def posterior_summary(draws: dict[str, torch.Tensor], engine: str) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str) -> Path:
-    """Histogram of each component per engine, over the reference's (``reference`` key)."""
+def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str,
+                   names=None) -> Path:
+    """Histogram of each component per engine, over the reference's (``reference`` key);
+    ``names``: the components' names (the tables' spelling), one per panel."""
     ref = draws_by_engine[reference].reshape(draws_by_engine[reference].shape[0], -1).cpu()
     m = ref.shape[1]
-    fig, axes = plt.subplots(1, m, figsize=(4 * m, 3.2), squeeze=False)
+    names = list(names) if names is not None else [f"component {j}" for j in range(m)]
+    fig, axes = plt.subplots(1, m, figsize=(min(3.8 * m, 11.5), 3.4), squeeze=False)
     for j, ax in enumerate(axes[0]):
         lo, hi = float(ref[:, j].min()), float(ref[:, j].max())
         pad = 0.25 * (hi - lo + 1e-9)
@@ -387,10 +413,12 @@ def plot_marginals(draws_by_engine: dict, reference: str, path: Path, title: str
                 ax.hist(d[:, j].numpy(), bins=bins, density=True, histtype="step", label=name)
             else:
                 ax.axvline(float(d[0, j]), ls="--", lw=1, label=f"{name} (point)")
-        ax.set_title(f"component {j}")
-    axes[0][0].legend(fontsize=6)
+        ax.set_title(names[j], fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(labels)), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -67,9 +67,11 @@ from experiments.fa_settings import (  # noqa: E402, F401  (the settings, re-exp
     check,
     parse,
 )
-from inference import diagnostics, em, gaps, svi  # noqa: E402
+from inference import diagnostics, em, gaps, mcmc, svi  # noqa: E402
 from inference.reference import (  # noqa: E402
+    FLAG_COLUMNS,
     REFERENCE_COLUMNS,
+    flag_reference,
     guide_draws,
     local_reference_table,
     reference_table,
@@ -248,14 +250,41 @@ def reference_frame(args, x, fixed, bayes_fam, vb, nuts, params, truth, trained)
                        if k.startswith("svi_")})
         for name, p in points.items():
             draws[name] = p.covariance()[iu[0], iu[1]][None]
-        frames.append(reference_table(draws, "mcmc/nuts",
-                                      [f"C[{i},{j}]" for i, j in iu.T.tolist()]).assign(
-                                          aggregate=""))
-    if trained:
-        frames.append(local_reference_table(fixed, x, trained, num_samples=args.eval_particles,
-                                            seed=args.seed))
+        # against NUTS: provisional (ref_flag on every row) unless NUTS converged
+        ok, why = mcmc.convergence(nuts.diagnostics, mcmc.Settings(**{
+            k: nuts.settings[k] for k in ("rhat_max", "ess_per_chain", "num_chains")}))
+        frames.append(flag_reference(reference_table(draws, "mcmc/nuts", cov_names(d)), ok,
+                                     why).assign(aggregate=""))
+    if trained:  # against the exact p(z | x)
+        frames.append(flag_reference(local_reference_table(
+            fixed, x, trained, num_samples=args.eval_particles, seed=args.seed), True))
     return (pd.concat(frames, ignore_index=True) if frames
-            else pd.DataFrame(columns=[*REFERENCE_COLUMNS, "aggregate"]))
+            else pd.DataFrame(columns=[*REFERENCE_COLUMNS, "aggregate", *FLAG_COLUMNS]))
+
+
+def cov_names(d: int) -> list[str]:
+    """``C[i,j]``, the upper triangle of C = W W^T + Psi in the order of ``torch.triu_indices``
+    (NUTS's flattened ``cov``): one name for the entry in every table and figure."""
+    iu = torch.triu_indices(d, d)
+    return [f"C[{i},{j}]" for i, j in iu.T.tolist()]
+
+
+def reference_methods(results) -> list[str | None]:
+    """Each fit's method label in reference.csv (None for a fit it does not compare)."""
+    out = []
+    for r in results:
+        params = r.settings.get("params") if isinstance(r.settings, dict) else None
+        if r.engine == "em":
+            out.append("em")
+        elif r.engine == "mcmc" or (r.engine == "cavi" and params == "posterior"):
+            out.append(f"{r.engine}/{r.guide}")
+        elif r.engine == "svi" and params == "learned":
+            out.append(f"svi/{r.guide} [learned]")
+        elif r.engine == "svi":
+            out.append(r.guide)  # q(z | x) against the exact p(z | x)
+        else:
+            out.append(None)
+    return out
 
 
 def print_reference(reference):
@@ -272,7 +301,7 @@ def print_reference(reference):
 
 
 def plot_gaps(table, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     xs = np.arange(len(table))
     a, b = table["approximation_gap"].to_numpy(), table["amortization_gap"].to_numpy()
     ax.bar(xs, a, 0.6, yerr=table["approximation_gap_se"], label="approximation gap")
@@ -280,12 +309,11 @@ def plot_gaps(table, path):
     ax.scatter(xs, table["closed_form_approximation_gap"], color="k", marker="_", s=400, zorder=3,
                label="closed-form approximation gap")
     ax.set_xticks(xs, [f"{g}\n(F = {f})" for g, f in zip(table.guide, table.local_family)],
-                  fontsize=7)
+                  fontsize=9)
     ax.set_ylabel("nats per data point")
-    ax.set_title("inference gap = approximation + amortization (Monte Carlo, ±1 SE)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_title("inference gap = approximation + amortization (Monte Carlo, ±1 SE)", fontsize=11)
+    plots.legend_below(ax).set_bbox_to_anchor((0.5, -0.2))
+    fig.savefig(path, dpi=plots.DPI, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -320,6 +348,8 @@ def run(args) -> dict:
           f"k={args.latent_dim}, device={device}, dtype={dtype}")
 
     results, evidences, params, fixed, trained = run_engines(args, x, kind, progress)
+    for r in results:  # the figures' labels name the parameters as summary.csv's params does
+        r.settings.setdefault("params", "fixed-em" if r.engine == "cavi" else "em")
     bayes_fam, vb, nuts = run_bayes(args, x, progress)
     bayes = [r for r in (vb, nuts) if r is not None]
     results += bayes
@@ -329,7 +359,6 @@ def run(args) -> dict:
         results, x, family_of=lambda r: bayes_fam if r.model == bayes_fam.name else fixed,
         num_samples=args.eval_particles, seed=args.seed)
     summary = pd.concat([summary, psis], axis=1)
-    summary.to_csv(out / "summary.csv", index=False)
 
     gap_df, gap_points = gap_table(args, fixed, x, trained)
     if trained:  # guides trained with the EM parameters fixed (svi in --engines)
@@ -345,9 +374,12 @@ def run(args) -> dict:
     post_df.to_csv(out / "posterior.csv", index=False)
     reference = reference_frame(args, x, fixed, bayes_fam, vb, nuts, params, truth, trained)
     reference.to_csv(out / "reference.csv", index=False)
+    summary = common.flag_summary(summary, reference_methods(results), reference)
+    summary.to_csv(out / "summary.csv", index=False)
     if nuts is not None:
         nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
-        plots.mcmc_outputs(nuts.samples, out, ["cov", "mu", "log_lik"])
+        plots.mcmc_outputs(nuts.samples, out, ["cov", "mu", "log_lik"],
+                           labels={"cov": cov_names(x.shape[1])})
     n, d, k = x.shape[0], x.shape[1], args.latent_dim
     ml_pd = evidences[0].per_datum
     n_free = free_parameters(d, k)

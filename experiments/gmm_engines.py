@@ -38,7 +38,7 @@ from experiments.study import StudySettings, list_engines_guides, setting
 from guides.gmm import guide_specs, mean_field_guide_from
 from inference import diagnostics, em, mcmc, svi
 from inference.elbo import estimate_elbo
-from inference.reference import REFERENCE_COLUMNS, reference_table
+from inference.reference import REFERENCE_COLUMNS, component_names, flag_reference, reference_table
 from inference.runtime import isolated
 from models.data import load_array
 from models.gmm import MAX_ASSIGNMENTS, BayesianGMM, sorted_means
@@ -230,13 +230,18 @@ def run(args) -> dict:
     psis = diagnostics.psis_frame(results, x, family_of=lambda r: family,
                                   num_samples=args.eval_particles, seed=args.seed)
     summary = pd.concat([summary, psis], axis=1)  # PSIS k-hat of each variational fit
-    summary.to_csv(out / "summary.csv", index=False)
 
     posterior, draws = posterior_table(family, x, results, args)
     reference = reference_frame(family, x, draws, args)
+    # NUTS as the reference: every number against it is marked provisional unless it converged
+    ok, why = (mcmc.convergence(nuts.diagnostics, m) if nuts is not None else (True, ""))
+    uses_nuts = len(reference) > 0 and (reference["reference"] == "mcmc/nuts").all()
+    reference = flag_reference(reference, ok or not uses_nuts, why)
     reference.to_csv(out / "reference.csv", index=False)
+    summary = common.flag_summary(summary, [f"{r.engine}/{r.guide}" for r in results], reference)
+    summary.to_csv(out / "summary.csv", index=False)
     posterior = posterior.merge(
-        reference[["method", "quantity", "mean_error", "sd_ratio", "w1"]].rename(
+        reference[["method", "quantity", "mean_error", "sd_ratio", "w1", "ref_flag"]].rename(
             columns={"method": "engine"}), on=["engine", "quantity"], how="left")
     posterior.to_csv(out / "posterior.csv", index=False)
     if nuts is not None:
@@ -245,7 +250,8 @@ def run(args) -> dict:
     plots.plot_bounds(results, out / "elbo_traces.png", "GMM: objective per data point", evidence)
     if nuts is not None:  # the histograms are drawn over the NUTS reference
         common.plot_marginals(
-            draws, "mcmc/nuts", out / "posterior_marginals.png", "posterior of the sorted means"
+            draws, "mcmc/nuts", out / "posterior_marginals.png", "posterior of the sorted means",
+            component_names("mu_sorted", draws["mcmc/nuts"].shape[1:]),
         )
     final = common.finish(
         out,
@@ -314,8 +320,7 @@ def reference_frame(family, x, draws, args) -> pd.DataFrame:
     else:
         return pd.DataFrame(columns=REFERENCE_COLUMNS)
     flat = {k: v.reshape(v.shape[0], -1) for k, v in draws.items()}
-    names = [f"mu_sorted[{j}]" for j in range(flat[ref].shape[1])]
-    return reference_table(flat, ref, names)
+    return reference_table(flat, ref, component_names("mu_sorted", draws[ref].shape[1:]))
 
 
 def posterior_table(family, x, results, args):
@@ -345,7 +350,7 @@ def posterior_table(family, x, results, args):
         ref = pd.DataFrame(
             {
                 "engine": "exact",
-                "quantity": [f"mu_sorted[{j}]" for j in range(exact.mean.numel())],
+                "quantity": component_names("mu_sorted", exact.mean.shape),
                 "mean": exact.mean.flatten().tolist(),
                 "sd": exact.sd.flatten().tolist(),
             }

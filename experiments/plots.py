@@ -3,9 +3,11 @@
 ``elbo_traces.png`` (:func:`plot_bounds`): the left panel holds only lower bounds on log p(x)
 (``elbo``, ``elbo-collapsed``, ``iwae``, ``ais``) per data point, with the log evidence as a
 horizontal line; objectives that are not bounds (EM's MAP objective log p(x, theta), the exact
-log-likelihood log p(x | theta_t) that EM climbs) get their own panel. Legends say which
-parameters a row used (``[fixed-em]``, ``[learned]``, from ``result.settings['params']``) and,
-when the results come from several models, the model.
+log-likelihood log p(x | theta_t) that EM climbs) get their own panel. A panel's x axis is
+logarithmic when its longest trace has ``LOG_AXIS_FROM`` points or more, else linear (a few EM
+iterations, each marked); legends sit under their panel. Legends say which
+parameters a row used (``[fixed-em]``, ``[learned]``, from ``result.settings['params']``) and
+the model of a row whose model differs from the first row's (as the report's row labels do).
 
 ``<prefix>_trace.png`` / ``<prefix>_rank.png`` (:func:`plot_mcmc`): ArviZ trace and rank plots
 (Vehtari et al. 2021) of the scalar quantities with the largest R-hat (at most
@@ -22,8 +24,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from inference.reference import mcmc_table  # noqa: E402
+from inference.reference import component_names, mcmc_table  # noqa: E402
 from inference.result import to_numpy  # noqa: E402
 from models.capabilities import Evidence  # noqa: E402
 
@@ -31,10 +34,19 @@ from models.capabilities import Evidence  # noqa: E402
 LOWER_BOUNDS = ("elbo", "elbo-collapsed", "iwae", "ais")
 #: objectives drawn on the second panel (not bounds on log p(x))
 OTHER_OBJECTIVES = ("log-joint-map", "log-likelihood")
+#: a panel whose longest trace has fewer points than this gets a linear x axis (a log axis
+#: squeezes a handful of EM iterations into its right end)
+LOG_AXIS_FROM = 50
+#: inches and dots per inch of a full-width figure: 11.5 x 100 = 1150 px, the report's page
+#: width, so fonts are shown at their size (LEGEND_FONTSIZE pt = 12.5 px)
+FIGURE_WIDTH = 11.5
+DPI = 100
+LEGEND_FONTSIZE = 9
 
 
 def label_of(result, with_model: bool = False) -> str:
-    """``engine/guide [params] (bound)``, with the model first when ``with_model``."""
+    """``engine/guide [params] (bound)``, with the model first when ``with_model`` (the report's
+    row labels, :func:`experiments.findings.fit_labels`, add the bound in a column)."""
     params = result.settings.get("params") if isinstance(result.settings, dict) else None
     text = f"{result.engine}/{result.guide}" + (f" [{params}]" if params else "")
     text += f" ({result.bound})"
@@ -47,18 +59,23 @@ def bounds_figure(results, title: str = "objective per data point", log_evidence
     or a number (total nats; drawn per data point of the first bound's ``n_data``)."""
     bounds = [r for r in results if r.trace and r.bound in LOWER_BOUNDS]
     others = [r for r in results if r.trace and r.bound in OTHER_OBJECTIVES]
-    with_model = len({r.model for r in results}) > 1
+    first_model = results[0].model if results else None  # other models are named
     panels = [("lower bounds on log p(x)", bounds)] + (
         [("objectives that are not bounds on log p(x)", others)] if others else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGURE_WIDTH / 2 * len(panels), 4.6),
+                             squeeze=False)
+    if len(panels) == 1:
+        fig.set_size_inches(FIGURE_WIDTH * 0.6, 4.6)
     ev = log_evidence.value if isinstance(log_evidence, Evidence) else log_evidence
     for ax, (name, rs) in zip(axes[0], panels):
-        finals = []
+        finals, longest = [], 0
         for i, r in enumerate(rs):  # past 10 lines the colours repeat: change the line style
             y = np.asarray(r.trace, dtype=np.float64) / r.n_data
             ax.plot(np.arange(1, len(y) + 1), y, lw=1, ls=("-", "--", ":", "-.")[i // 10 % 4],
-                    label=label_of(r, with_model))
+                    label=label_of(r, r.model != first_model),
+                    marker="o" if len(y) <= 20 else None, ms=3)
             finals.append(y[-1])
+            longest = max(longest, len(y))
         if ev is not None and rs is bounds and bounds:
             method = log_evidence.method if isinstance(log_evidence, Evidence) else "given"
             line = ev / bounds[0].n_data
@@ -69,41 +86,55 @@ def bounds_figure(results, title: str = "objective per data point", log_evidence
             lo, hi = min(finals), max(finals)
             pad = max(hi - lo, 0.05 * max(1.0, abs(hi)))
             ax.set_ylim(lo - 1.5 * pad, hi + 0.3 * pad)
-        ax.set_xscale("log")
-        ax.set_xlabel("iteration / step (log scale)")
+        if longest >= LOG_AXIS_FROM:
+            ax.set_xscale("log")
+            ax.set_xlabel("iteration / step (log scale)")
+        else:  # a few iterations: a linear axis with whole-number ticks
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("iteration / step")
         ax.set_ylabel("nats per data point")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=10)
         if rs:
-            ax.legend(fontsize=6)
+            legend_below(ax)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
+
+
+def legend_below(ax, fontsize: float = LEGEND_FONTSIZE):
+    """The axes' legend under it, in columns, so no line is hidden and the text stays readable
+    at the page's width (saved with ``bbox_inches="tight"``)."""
+    handles, labels = ax.get_legend_handles_labels()
+    ncol = 1 if len(labels) <= 3 else 2
+    return ax.legend(handles, labels, fontsize=fontsize, loc="upper center",
+                     bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False)
 
 
 def plot_bounds(results, path: Path, title: str = "objective per data point", log_evidence=None,
                 evidence_label: str | None = None) -> Path:
     """Write ``elbo_traces.png`` (module docstring) to ``path``."""
     fig = bounds_figure(results, title, log_evidence, evidence_label)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
 
 def plot_mcmc(samples: dict, out: Path, prefix: str = "mcmc", var_names=None,
-              max_quantities: int = 8) -> list[Path]:
+              max_quantities: int = 8, labels: dict | None = None) -> list[Path]:
     """ArviZ trace and rank plots of the ``max_quantities`` scalar components with the largest
-    R-hat among ``samples[var_names]`` (name -> (chain, draw, ...)); returns the two paths."""
+    R-hat among ``samples[var_names]`` (name -> (chain, draw, ...)), named as in
+    :func:`inference.reference.mcmc_table` (``labels``: its argument); returns the two paths."""
     import arviz as az
 
-    table = mcmc_table(samples, var_names)
+    table = mcmc_table(samples, var_names, labels)
     chosen = table["quantity"].head(max_quantities).tolist()
     series = {}
     for v in (var_names or list(samples)):
         full = np.asarray(to_numpy(samples[v]), dtype=np.float64)
-        for idx in np.ndindex(*full.shape[2:]):
-            name = f"{v}[{','.join(map(str, idx))}]" if idx else v
+        flat = full.reshape(full.shape[0], full.shape[1], -1)
+        names = list((labels or {}).get(v) or component_names(v, full.shape[2:]))
+        for j, name in enumerate(names):
             if name in chosen:
-                series[name] = full[(slice(None), slice(None), *idx)]
+                series[name] = flat[:, :, j]
     idata = az.from_dict(posterior={k: series[k] for k in chosen})
     paths = []
     rows = len(chosen)
@@ -124,15 +155,15 @@ def plot_mcmc(samples: dict, out: Path, prefix: str = "mcmc", var_names=None,
 
 
 def mcmc_outputs(samples: dict, out: Path, var_names=None, prefix: str = "mcmc",
-                 max_quantities: int = 8):
+                 max_quantities: int = 8, labels: dict | None = None):
     """``<prefix>_diagnostics.csv`` (R-hat, bulk/tail ESS, MCSE per scalar quantity, worst
-    first; :func:`inference.reference.mcmc_table`) and the trace and rank plots of
-    :func:`plot_mcmc`; returns the table."""
-    table = mcmc_table(samples, var_names)
+    first; :func:`inference.reference.mcmc_table`, whose ``labels`` name the components) and
+    the trace and rank plots of :func:`plot_mcmc`; returns the table."""
+    table = mcmc_table(samples, var_names, labels)
     table.to_csv(Path(out) / f"{prefix}_diagnostics.csv", index=False)
-    plot_mcmc(samples, out, prefix, var_names, max_quantities)
+    plot_mcmc(samples, out, prefix, var_names, max_quantities, labels)
     return table
 
 
-__all__ = ["LOWER_BOUNDS", "OTHER_OBJECTIVES", "bounds_figure", "label_of", "mcmc_outputs",
-           "plot_bounds", "plot_mcmc"]
+__all__ = ["LOWER_BOUNDS", "OTHER_OBJECTIVES", "bounds_figure", "label_of", "legend_below",
+           "mcmc_outputs", "plot_bounds", "plot_mcmc"]

@@ -12,11 +12,17 @@ import pandas as pd
 import torch
 
 import guides
-from experiments import common
+from experiments import common, plots
 from inference import mcmc
 from inference.impute import importance_impute, pseudo_gibbs_impute, rmse
 from inference.pointwise import pointwise_elbo
-from inference.reference import guide_draws, reference_table
+from inference.reference import (
+    component_names,
+    flag_reference,
+    guide_draws,
+    reference_flag,
+    reference_table,
+)
 from inference.runtime import Timer, isolated
 from inference.train_vae import train_vae
 
@@ -41,7 +47,7 @@ def capacity_sweep(vae, x_fit, x_gap, qstars, args, cfg, seed, x_val=None):
                         eval_particles=min(cfg["eval_particles"], 100), seed=seed,
                         learn_model_params=False, checkpoint=ck.get("checkpoint"),
                         checkpoint_every=ck.get("checkpoint_every", 0), resume=resume)
-        res.guide = f"mlp-{h}"
+        res.guide = f"ffg-{h}"  # an FFG encoder of h hidden units (the study's name: ffg)
         enc = res.state.guide
         with isolated(seed):
             est = pointwise_elbo(vae.model, enc, x_gap, num_particles=cfg["eval_particles"])
@@ -80,7 +86,9 @@ def semi_amortized(model, subsets, qstars, elbo_q, cfg, seed):
 
 
 def mcmc_reference(model, x_test, qstars, args, cfg, seed):
-    """NUTS over z (decoder fixed) on a few test images, against q*_FFG and the encoder q."""
+    """NUTS over z (decoder fixed) on a few test images, against q*_FFG and the encoder q.
+    Unless NUTS converged by :func:`inference.mcmc.convergence` (``nuts_converged``), every
+    number against it carries ``ref_flag`` (mcmc.csv, reference.csv)."""
     vae, enc = model
     m = min(cfg["nuts_points"], x_test.shape[0])
     x = x_test[:m]
@@ -91,6 +99,7 @@ def mcmc_reference(model, x_test, qstars, args, cfg, seed):
         run = mcmc.run_nuts(vae.mcmc_model, (x,), s, seed, max_plate_nesting=1)
     z = run.samples["z"].detach()  # (chain, draw, m, k)
     diag = mcmc.invariant_diagnostics({"z": z})
+    converged, why = mcmc.convergence(diag, s)  # the rule of mcmc.fit: flag what uses it
     flat = z.reshape(-1, m, z.shape[-1]).double()
     mean, sd = flat.mean(0), flat.std(0)
     qstar = qstars["ffg", "test", "ffg"].q_star
@@ -114,7 +123,8 @@ def mcmc_reference(model, x_test, qstars, args, cfg, seed):
                      "nuts_r_hat_max": diag.get("r_hat_max", math.nan),
                      "nuts_ess_bulk_min": diag.get("ess_bulk_min", math.nan),
                      "nuts_divergences": int(sum(run.divergences)),
-                     "nuts_draws": int(flat.shape[0])})
+                     "nuts_draws": int(flat.shape[0]), "nuts_converged": converged,
+                     "ref_flag": reference_flag("mcmc/nuts", why) if not converged else ""})
     df = pd.DataFrame(rows)
     common.print_table(df, list(df.columns[:7]), "NUTS reference (ffg decoder fixed)")
     # reference.csv: every z_ij marginal of q*_FFG, q*_Flow and q against NUTS's
@@ -128,8 +138,8 @@ def mcmc_reference(model, x_test, qstars, args, cfg, seed):
         with isolated(seed):
             zq = guide_draws(guide, xs, num_samples=S, seed=seed)["z"][:, :m]
         draws[name] = zq.reshape(S, -1)
-    names = [f"z[{i},{j}]" for i in range(m) for j in range(z.shape[-1])]
-    return df, reference_table(draws, "mcmc/nuts", names), z
+    names = component_names("z", (m, z.shape[-1]))
+    return df, flag_reference(reference_table(draws, "mcmc/nuts", names), converged, why), z
 
 
 def masks(x, image_shape, seed):
@@ -239,20 +249,20 @@ def figures(models, results, data, gap_df, out, seed):
     fig.savefig(out / "latent_map.png", dpi=110)
     plt.close(fig)
     # gaps: stacked approximation + amortization = inference gap
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r.train_encoder}-trained\n{r.split}, q*={r.eval_family}"
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    labels = [f"{r.train_encoder}-trained\n{r.split}\nq* = {r.eval_family}"
               for r in gap_df.itertuples()]
     pos = np.arange(len(gap_df))
     ax.bar(pos, gap_df["approximation_gap"], label="approximation gap",
            yerr=gap_df["approximation_gap_se"], capsize=2)
     ax.bar(pos, gap_df["amortization_gap"], bottom=gap_df["approximation_gap"],
            label="amortization gap", yerr=gap_df["amortization_gap_se"], capsize=2)
-    ax.set_xticks(pos, labels, fontsize=6)
+    ax.set_xticks(pos, labels, fontsize=9)
     ax.set_ylabel("nats per image")
-    ax.set_title("inference gap = approximation + amortization (log p(x): larger of AIS, IWAE)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "gaps.png", dpi=110)
+    ax.set_title("inference gap = approximation + amortization (log p(x): larger of AIS, IWAE)",
+                 fontsize=11)
+    plots.legend_below(ax).set_bbox_to_anchor((0.5, -0.25))
+    fig.savefig(out / "gaps.png", dpi=plots.DPI, bbox_inches="tight")
     plt.close(fig)
     # ELBO curves: training (moving average) and held-out
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -266,7 +276,7 @@ def figures(models, results, data, gap_df, out, seed):
             ax.plot(*zip(*val), "o--", ms=3, label=f"{kind} held-out")
     ax.set_xlabel("SVI step")
     ax.set_ylabel("ELBO per image (nats)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=plots.LEGEND_FONTSIZE)
     fig.tight_layout()
-    fig.savefig(out / "elbo_curves.png", dpi=110)
+    fig.savefig(out / "elbo_curves.png", dpi=plots.DPI)
     plt.close(fig)

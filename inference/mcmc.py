@@ -144,6 +144,37 @@ def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, floa
     return out
 
 
+def convergence(diag: dict, settings: Settings | None = None) -> tuple[bool, str]:
+    """(converged, why not) of NUTS draws by the rule ``fit`` applies (Vehtari et al. 2021):
+    at least two chains, worst R-hat <= ``settings.rhat_max`` and smallest bulk and tail ESS >=
+    ``settings.ess_per_chain`` x chains. ``diag``: :func:`invariant_diagnostics` (``r_hat_max``,
+    ``ess_bulk_min``, ``ess_tail_min``); a missing or NaN entry fails its test. ``why`` is empty
+    when converged, else e.g. "R-hat 1.058 (need <= 1.01), ESS bulk/tail 97/60 (need >= 200)"."""
+    settings = settings or Settings()
+
+    def value(key, default):
+        v = diag.get(key)
+        return default if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    min_ess = settings.ess_per_chain * settings.num_chains
+    converged = bool(
+        settings.num_chains > 1
+        and value("r_hat_max", math.inf) <= settings.rhat_max
+        and value("ess_bulk_min", 0) >= min_ess
+        and value("ess_tail_min", 0) >= min_ess
+    )
+    if converged:
+        return True, ""
+    r_hat = value("r_hat_max", math.nan)
+    return False, (
+        (f"R-hat {r_hat:.3f} (need <= {settings.rhat_max})" if math.isfinite(r_hat) else
+         f"no R-hat ({settings.num_chains} chain{'s' if settings.num_chains > 1 else ''}; "
+         "it needs >= 2)")
+        + f", ESS bulk/tail {value('ess_bulk_min', math.nan):.0f}/"
+        f"{value('ess_tail_min', math.nan):.0f} (need >= {min_ess})"
+    )
+
+
 def fit(
     family,
     x,
@@ -192,19 +223,8 @@ def fit(
     )
     diag = invariant_diagnostics(invariants)
     diag["divergences"] = int(sum(run.divergences))
-    min_ess = settings.ess_per_chain * settings.num_chains
-    converged = bool(
-        settings.num_chains > 1
-        and diag.get("r_hat_max", math.inf) <= settings.rhat_max
-        and diag.get("ess_bulk_min", 0) >= min_ess
-        and diag.get("ess_tail_min", 0) >= min_ess
-    )
-    why = "" if converged else (
-        f"; not converged: R-hat {diag.get('r_hat_max', math.nan):.3f} (need <= "
-        f"{settings.rhat_max}), ESS bulk/tail {diag.get('ess_bulk_min', math.nan):.0f}/"
-        f"{diag.get('ess_tail_min', math.nan):.0f} (need >= {min_ess})"
-        + (" [one chain: R-hat needs >= 2]" if settings.num_chains < 2 else "")
-    )
+    converged, why = convergence(diag, settings)
+    why = f"; not converged: {why}" if why else ""
     return FitResult(
         **data_fields(family, x, seed),
         engine="mcmc",
@@ -279,4 +299,4 @@ def _fixed_values(fix_params) -> dict:
     raise TypeError(f"fix_params: must be a FitResult or a dict, got {type(fix_params).__name__}")
 
 
-__all__ = ["NutsRun", "Settings", "fit", "invariant_diagnostics", "run_nuts"]
+__all__ = ["NutsRun", "Settings", "convergence", "fit", "invariant_diagnostics", "run_nuts"]

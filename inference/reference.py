@@ -33,6 +33,9 @@ PARTICLES = "_reference_particles"
 REFERENCE_COLUMNS = ["method", "quantity", "mean", "sd", "ref_mean", "ref_sd", "mean_error",
                      "mean_error_in_ref_sd", "sd_ratio", "w1", "w1_in_ref_sd", "draws",
                      "reference", "ref_draws"]
+#: added by :func:`flag_reference`: whether the reference converged, and the mark of the
+#: provisional numbers when it did not
+FLAG_COLUMNS = ["ref_converged", "ref_flag"]
 
 
 def reference_table(draws: dict, reference: str, quantities=None) -> pd.DataFrame:
@@ -73,6 +76,23 @@ def reference_table(draws: dict, reference: str, quantities=None) -> pd.DataFram
     return pd.DataFrame(rows, columns=REFERENCE_COLUMNS)
 
 
+def flag_reference(table: pd.DataFrame, converged: bool, why: str = "") -> pd.DataFrame:
+    """``table`` (a :func:`reference_table`) with ``ref_converged`` and ``ref_flag`` on every
+    row: a reference whose MCMC did not converge (:func:`inference.mcmc.convergence`) makes
+    every number against it provisional, and ``ref_flag`` says so on each of them (empty for a
+    converged or exact reference)."""
+    table = table.copy()
+    table["ref_converged"] = bool(converged)
+    table["ref_flag"] = "" if converged else [
+        reference_flag(ref, why) for ref in table.get("reference", pd.Series([""] * len(table)))]
+    return table
+
+
+def reference_flag(reference: str, why: str = "") -> str:
+    """The mark of a number computed against an unconverged ``reference``."""
+    return f"provisional: reference {reference} NOT converged" + (f" ({why})" if why else "")
+
+
 def _as_2d(v, name) -> np.ndarray:
     a = np.asarray(to_numpy(v), dtype=np.float64)
     a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
@@ -82,9 +102,19 @@ def _as_2d(v, name) -> np.ndarray:
 
 
 # -- MCMC per quantity ----------------------------------------------------------------------------
-def mcmc_table(samples: dict, var_names=None) -> pd.DataFrame:
+def component_names(name: str, shape) -> list[str]:
+    """``name[i,j,...]`` for every index of ``shape`` (C order), ``name`` for a scalar: the one
+    spelling of a component used by every table and figure."""
+    shape = tuple(shape)
+    return [f"{name}[{','.join(map(str, idx))}]" if shape else name for idx in np.ndindex(*shape)]
+
+
+def mcmc_table(samples: dict, var_names=None, labels: dict | None = None) -> pd.DataFrame:
     """R-hat, bulk/tail ESS and MCSE of the mean for every scalar component of the chosen
-    ``samples`` (name -> (chain, draw, ...)), via ArviZ (Vehtari et al. 2021), worst R-hat first."""
+    ``samples`` (name -> (chain, draw, ...)), via ArviZ (Vehtari et al. 2021), worst R-hat first.
+    Components are named by :func:`component_names` unless ``labels`` gives a variable's names
+    (a list, one per component in C order; e.g. ``C[0,3]`` for the entries of a flattened
+    upper triangle)."""
     import arviz as az
 
     names = list(var_names) if var_names is not None else list(samples)
@@ -95,9 +125,13 @@ def mcmc_table(samples: dict, var_names=None) -> pd.DataFrame:
     for v in names:
         full = np.asarray(to_numpy(samples[v]), dtype=np.float64)
         a = full.reshape(full.shape[0], full.shape[1], -1)
-        for j, idx in enumerate(np.ndindex(*full.shape[2:])):
+        quantities = list((labels or {}).get(v) or component_names(v, full.shape[2:]))
+        if len(quantities) != a.shape[2]:
+            raise ValueError(f"labels: {len(quantities)} names for {v!r}, which has "
+                             f"{a.shape[2]} components")
+        for j in range(a.shape[2]):
             d = a[:, :, j]
-            rows.append({"quantity": f"{v}[{','.join(map(str, idx))}]" if idx else v,
+            rows.append({"quantity": quantities[j],
                          "mean": d.mean(), "sd": d.std(ddof=1),
                          "r_hat": float(az.rhat(d)) if d.shape[0] > 1 else math.nan,
                          "ess_bulk": float(az.ess(d, method="bulk")),
@@ -181,5 +215,6 @@ def _seeded_sample(q, num_samples, seed):
         return q.sample((num_samples,))
 
 
-__all__ = ["REFERENCE_COLUMNS", "guide_draws", "local_reference_table", "mcmc_table",
+__all__ = ["FLAG_COLUMNS", "REFERENCE_COLUMNS", "component_names", "flag_reference", "guide_draws",
+           "local_reference_table", "mcmc_table", "reference_flag",
            "reference_table"]

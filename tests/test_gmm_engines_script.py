@@ -79,7 +79,8 @@ def check_outputs(out, K: int, d: int, n: int, seed: int) -> pd.DataFrame:
     p = pd.read_csv(out / "posterior.csv")
     assert {"engine", "quantity", "mean", "sd", "reference", "ref_mean", "ref_sd"} <= set(p.columns)
     assert {f"{e}/{g}" for e, g in ROWS} <= set(p.engine)
-    assert set(p.quantity) == {f"mu_sorted[{j}]" for j in range(K * d)}
+    # named as in mcmc_diagnostics.csv: mu_sorted[k,j], mean k (sorted), coordinate j
+    assert set(p.quantity) == {f"mu_sorted[{k},{j}]" for k in range(K) for j in range(d)}
     assert np.isfinite(p.ref_mean).all() and (p.ref_sd > 0).all()
     # means sorted by their first coordinate (entries 0, d, 2d, ...) have ordered expectations
     for _, g in p.groupby("engine"):

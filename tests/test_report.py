@@ -26,7 +26,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments import cli, compare, readme_tables, report, tour  # noqa: E402
+from experiments import cli, common, compare, findings, readme_tables, report, tour  # noqa: E402
+from inference import mcmc  # noqa: E402
+from inference.reference import flag_reference, reference_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -115,7 +117,7 @@ def test_tables_state_constants_once_drop_empty_columns_and_say_when_cut(fake_to
     assert f"first {report.MAX_ROWS} of 100 rows" in text
     md = (fake_tour / "report.md").read_text()
     assert f"(first {report.MAX_ROWS} of 100 rows)" in md
-    assert "| engine | guide | bound |" in md
+    assert "| fit | bound | elbo | elbo_se | gap_per_datum |" in md  # the short summary
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (fake_tour / link).is_file(), link  # figures by relative path beside report.md
     assert f"commit** {COMMIT[:12]} (uncommitted changes)" in md
@@ -132,6 +134,154 @@ def test_report_command_rebuilds_and_names_a_bad_folder(fake_tour, tmp_path, cap
     assert cli.main(["report", str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 3 and "RUN_DIR" in err[0] and "empty" in err[0]
+
+
+# ---------------------------------------------------------------------------- findings
+
+N = 100
+HAND_MADE = [  # log p(x) = -261.5 nats by quadrature; gaps written by hand (nats, totals)
+    dict(model="gmm", engine="em", guide="map", bound="log-joint-map", elbo=-261.13, elbo_se=0.0,
+         gap=math.nan, converged=True, iterations=6),
+    dict(model="gmm", engine="cavi", guide="mean-field", bound="elbo", elbo=-263.0, elbo_se=0.0,
+         gap=1.5, converged=True, iterations=7),
+    dict(model="gmm", engine="svi", guide="collapsed", bound="elbo-collapsed", elbo=-262.0,
+         elbo_se=0.01, gap=0.5, converged=False, iterations=500, diag_steps=500,
+         diag_projected_gain_per_datum=0.003, diag_projected_gain_se=0.0005, diag_diverged=False),
+    dict(model="gmm", engine="svi", guide="mean-field", bound="elbo", elbo=-265.0, elbo_se=0.02,
+         gap=3.5, converged=False, iterations=80, diag_steps=80, diag_diverged=True),
+    dict(model="gmm", engine="mcmc", guide="nuts", bound="none", elbo=math.nan, elbo_se=math.nan,
+         gap=math.nan, converged=False, diag_r_hat_max=1.058, diag_ess_bulk_min=97.0,
+         diag_ess_tail_min=150.0, diag_divergences=0),
+]
+
+
+def _hand_made(rows=HAND_MADE) -> dict[str, pd.DataFrame]:
+    s = pd.DataFrame(rows)
+    s["n"], s["log_evidence"], s["log_evidence_method"] = N, -261.5, "quadrature"
+    s["log_evidence_se"] = 0.0
+    s["gap_per_datum"] = s["gap"] / N
+    diag = pd.DataFrame({"quantity": ["mu_sorted[0,0]"], "r_hat": [1.058], "ess_bulk": [97.0],
+                         "ess_tail": [150.0], "chains": [2], "draws": [60]})
+    ref = pd.DataFrame({"method": ["cavi/mean-field", "svi/collapsed"],
+                        "quantity": ["mu_sorted[0,0]", "mu_sorted[0,0]"],
+                        "mean_error_in_ref_sd": [0.25, -1.5], "reference": "mcmc/nuts"})
+    return {"summary.csv": s, "mcmc_diagnostics.csv": diag, "reference.csv": ref}
+
+
+def test_findings_name_the_tightest_bound_and_by_how_much():
+    said = findings.study_findings(_hand_made())
+    text = "\n".join(said)
+    assert "log p(x) = -261.5 nats (-2.615 per data point, n = 100), by quadrature." in text
+    # svi/collapsed: 0.5 nats = 0.005/datum below; cavi next at 0.015: 0.01/datum looser, far
+    # beyond 2 SE (sqrt(0.01^2 + 0^2) / 100 = 1e-4 per datum)
+    assert ("Tightest bound: svi/collapsed (elbo-collapsed), ELBO -262 nats, 0.5 nats below "
+            "log p(x) (0.005 per data point); 0.01 nats per data point tighter than the next, "
+            "cavi/mean-field (0.015).") in text
+    assert "Loosest: svi/mean-field (elbo), 0.035 nats per data point below log p(x)." in text
+    # three fits stopped short, each with its reason; EM's objective is no bound: not ranked
+    assert "3 of 5 fits did not converge" in text
+    assert "svi/collapsed: 500-step cap, still gaining 0.003 ± 0.0005 nats/datum per window" in text
+    assert "svi/mean-field: diverged" in text
+    assert "mcmc/nuts: R-hat 1.058 > 1.01; bulk ESS 97 < 200" in text  # 100 per chain x 2
+    assert "em/map" not in text
+    # the reference: NOT converged by R-hat 1.058 > 1.01 and bulk ESS 97 < 200, so provisional
+    ref = next(s for s in said if s.startswith("Reference mcmc/nuts"))
+    assert "NOT converged" in ref and "R-hat 1.058 (need <= 1.01)" in ref
+    assert "ESS bulk/tail 97/150 (need >= 200)" in ref and "provisional" in ref
+    assert ("Largest posterior-mean error against mcmc/nuts: svi/collapsed on mu_sorted[0,0], "
+            "1.5 of its sds (provisional") in text
+
+
+def test_findings_say_when_bounds_are_not_distinguishable_and_the_reference_converged():
+    rows = [dict(r) for r in HAND_MADE]
+    rows[1].update(elbo=-262.01, gap=0.51, elbo_se=0.3)  # 0.0001/datum from svi/collapsed
+    rows[4].update(converged=True, diag_r_hat_max=1.004, diag_ess_bulk_min=1096.0,
+                   diag_ess_tail_min=800.0)
+    tables = _hand_made(rows)
+    tables["mcmc_diagnostics.csv"]["chains"] = 4
+    text = "\n".join(findings.study_findings(tables))
+    # 2 SE = 2 sqrt(0.01^2 + 0.3^2) / 100 = 0.006 per datum > the 0.0001 between them
+    assert "not distinguishable at 2 standard errors (0.006 per data point) from the next, " \
+           "cavi/mean-field (0.0051)" in text
+    assert "Reference mcmc/nuts: converged (R-hat 1.004 <= 1.01, bulk/tail ESS 1096/800 >= 400" in text
+    assert "provisional" not in text
+
+
+def test_duplicate_looking_fits_get_their_parameters_in_the_label():
+    s = pd.DataFrame({"model": ["fa", "fa", "fa", "bayes-fa"], "engine": ["svi", "svi", "em", "cavi"],
+                      "guide": ["mlp", "mlp", "exact-posterior", "vb"],
+                      "params": ["fixed-em", "learned", "em", "posterior"]})
+    assert findings.fit_labels(s) == ["svi/mlp [fixed-em]", "svi/mlp [learned]",
+                                      "em/exact-posterior [em]", "bayes-fa: cavi/vb [posterior]"]
+
+
+def test_rounding_noise_prints_as_zero_and_real_small_values_do_not():
+    df = pd.DataFrame({"gap": [-4.547e-13, 17.9, 4445.3], "gap_per_datum": [1.776e-15, 0.373, 92.6],
+                       "se": [4.65e-7, 4.65e-7, 4.65e-7], "seconds": [1e-5, 0.2, 1000.0]})
+    tol = findings.noise_tolerance(df)
+    shown = {c: [report.fmt(v, tol[c]) for v in df[c]] for c in df}
+    assert shown["gap"] == ["0", "17.9", "4445.3"]
+    assert shown["gap_per_datum"] == ["0", "0.373", "92.6"]
+    assert shown["se"] == ["4.65e-07"] * 3  # a real SE, however small, stays
+    assert shown["seconds"][0] == "1e-05"  # 1e-8 of its column: above the 1e-9 tolerance
+    only_noise = pd.DataFrame({"x": [3e-15, -2e-15], "y": [375.0, 380.0]})
+    tol = findings.noise_tolerance(only_noise)  # a column of noise only: the table's scale
+    assert [report.fmt(v, tol["x"]) for v in only_noise["x"]] == ["0", "0"]
+
+
+def test_an_unconverged_reference_is_flagged_in_its_tables_and_the_report(tmp_path):
+    # NUTS with R-hat 1.058 and bulk ESS 97 over 2 chains, as in the tour's VAE reference
+    ok, why = mcmc.convergence({"r_hat_max": 1.058, "ess_bulk_min": 97.0, "ess_tail_min": 60.0},
+                               mcmc.Settings(num_chains=2))
+    assert not ok and "R-hat 1.058 (need <= 1.01)" in why and "need >= 200" in why
+    assert mcmc.convergence({"r_hat_max": 1.009, "ess_bulk_min": 410.0, "ess_tail_min": 400.0},
+                            mcmc.Settings(num_chains=4)) == (True, "")
+    assert not mcmc.convergence({"r_hat_max": 1.012, "ess_bulk_min": 5e3, "ess_tail_min": 5e3},
+                                mcmc.Settings(num_chains=4))[0]  # FA's 1.012 fails R-hat < 1.01
+    ref = reference_table({"mcmc/nuts": np.random.default_rng(0).normal(size=(120, 2)),
+                           "svi/collapsed": np.zeros((1, 2))}, "mcmc/nuts", ["z[0,0]", "z[0,1]"])
+    ref = flag_reference(ref, ok, why)
+    assert (~ref.ref_converged).all() and ref.ref_flag.str.startswith("provisional: ").all()
+    assert flag_reference(ref, True).ref_flag.eq("").all()
+    tables = _hand_made()
+    summary = common.flag_summary(tables["summary.csv"],
+                                  [f"{e}/{g}" for e, g in zip(tables["summary.csv"].engine,
+                                                               tables["summary.csv"].guide)], ref)
+    flags = dict(zip(summary.engine + "/" + summary.guide, summary.reference_flag))
+    assert flags["svi/collapsed"].startswith("provisional: reference mcmc/nuts NOT converged")
+    assert flags["mcmc/nuts"].startswith("this fit is the reference")
+    assert flags["cavi/mean-field"] == ""  # not compared in this reference table
+    # the study folder: the summary marks the rows, the text says provisional
+    folder = _study(tmp_path / "gmm_engines", "gmm_engines", rows=[dict(r, n=N) for r in HAND_MADE])
+    s = pd.read_csv(folder / "summary.csv")
+    s["reference_flag"] = summary["reference_flag"].to_numpy()
+    s.to_csv(folder / "summary.csv", index=False)
+    ref.to_csv(folder / "reference.csv", index=False)
+    tables["mcmc_diagnostics.csv"].to_csv(folder / "mcmc_diagnostics.csv", index=False)
+    html_path, md_path = report.build(folder)
+    page = html_path.read_text()
+    assert "Reference mcmc/nuts: NOT converged" in page and "is provisional" in page
+    assert page.count("<td>provisional</td>") == 2  # svi/collapsed and NUTS itself
+    md = md_path.read_text()
+    assert "provisional: reference mcmc/nuts NOT converged (R-hat 1.058" in md
+
+
+def test_a_few_em_iterations_are_not_on_a_log_axis_and_legends_are_readable():
+    from types import SimpleNamespace
+
+    from experiments import plots
+
+    def fit(engine, guide, bound, steps):
+        return SimpleNamespace(engine=engine, guide=guide, bound=bound, model="gmm", n_data=10,
+                               settings={}, trace=list(-100 + 10 * np.log1p(np.arange(steps))))
+
+    fig = plots.bounds_figure([fit("svi", "mean-field", "elbo", 500),
+                               fit("em", "map", "log-joint-map", 6)], log_evidence=-900.0)
+    bounds_ax, em_ax = fig.axes[:2]
+    assert bounds_ax.get_xscale() == "log" and em_ax.get_xscale() == "linear"
+    assert all(t.get_fontsize() >= 8 for ax in (bounds_ax, em_ax) for t in ax.get_legend().get_texts())
+    assert fig.get_size_inches()[0] * plots.DPI <= 1180  # shown at its size on the page
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- compare
@@ -287,14 +437,19 @@ def test_quick_tour_writes_every_study_and_the_report(quick_tour):
 PROBE = """<script>
 window.addEventListener("load", () => {
   const tables = [...document.querySelectorAll("table")].map(t => ({
-    rows: t.rows.length, head: [...t.rows[0].cells].map(c => c.textContent)}));
+    rows: t.rows.length, head: [...t.rows[0].cells].map(c => c.textContent),
+    width: t.getBoundingClientRect().width,
+    page: t.closest("section").getBoundingClientRect().width}));
+  const sections = [...document.querySelectorAll("section.run")].map(s => ({
+    id: s.id, findings: [...s.querySelectorAll(":scope > ul.findings li")].map(li => li.textContent)}));
   const images = [...document.images].map(i => ({
     alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}));
   const headings = [...document.querySelectorAll("h1,h2,h3")].map(h => h.textContent);
   const fetched = performance.getEntriesByType("resource").map(e => e.name);
   const out = document.createElement("pre");
   out.id = "probe";
-  out.textContent = JSON.stringify({tables, images, headings, fetched, title: document.title});
+  out.textContent = JSON.stringify({tables, sections, images, headings, fetched,
+                                    title: document.title});
   document.body.appendChild(out);
 });
 </script>"""
@@ -324,7 +479,7 @@ def rendered(exe: str, html_path: Path, tmp: Path) -> dict:
     """What Chromium shows of ``html_path``: the probe's JSON from the rendered DOM."""
     probe = tmp.resolve() / "probe.html"
     probe.write_text(html_path.read_text().replace("</body>", PROBE + "</body>"))
-    done = _browser(exe, "--dump-dom", probe.as_uri())
+    done = _browser(exe, "--dump-dom", "--window-size=1200,2000", probe.as_uri())
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert found, f"Chromium rendered no probe (exit {done.returncode}): {done.stderr[-800:]}"
     return json.loads(html.unescape(found.group(1)))
@@ -349,8 +504,21 @@ def check_page(page: dict, folder: Path) -> None:
         assert img["complete"] and img["width"] > 0 and img["height"] > 0, img
     assert all(url.startswith("data:") for url in page["fetched"]), page["fetched"]
     heads = [t["head"] for t in page["tables"]]
-    assert any({"engine", "guide", "bound"} <= set(h) for h in heads), heads
+    assert any({"fit", "elbo", "converged"} <= set(h) for h in heads), heads
     assert all(t["rows"] >= 2 for t in page["tables"])
+    # no table wider than the page (its section: the body's content box, 1148 px here)
+    wide = [(t["head"], round(t["width"]), round(t["page"])) for t in page["tables"]
+            if t["width"] > t["page"] + 0.5]
+    assert not wide, wide
+    # every study's section opens with its findings: the tightest bound and its reference
+    studies = {p.parent.name for p in folder.rglob("summary.csv")}
+    said = {s["id"]: s["findings"] for s in page["sections"]}
+    for study in studies:
+        assert said.get(study), (study, said)
+        text = " ".join(said[study])
+        assert "Tightest bound: " in text, text
+        if any((p.parent / "reference.csv").exists() for p in folder.rglob(f"{study}/summary.csv")):
+            assert "Reference mcmc/nuts: " in text or "Reference exact" in text, text
 
 
 def test_report_renders_in_chromium_with_every_table_and_image(fake_tour, tmp_path):
