@@ -122,7 +122,7 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
                     **distributed)
     if res is None:  # a distributed process other than global rank 0
         return vae, None, None
-    res.guide = f"{guide}" + (f"-{args.flow}" if kind == "flow" else "")
+    res.guide = kind  # ffg / flow: the one name of each encoder in every table and figure
     return vae, res.state.guide, res
 
 
@@ -284,7 +284,6 @@ def _run(args, cfg, out, device, dtype, data) -> int:
     summary_df = pd.DataFrame(summary)
     cols = [c for c in common.SUMMARY_COLUMNS if c in summary_df.columns]
     summary_df = summary_df[cols + [c for c in summary_df.columns if c not in cols]]
-    summary_df.to_csv(out / "summary.csv", index=False)
     cap_df.to_csv(out / "capacity.csv", index=False)
     common.print_table(cap_df, list(cap_df.columns[:6]), "encoder capacity (ffg decoder fixed)")
 
@@ -301,6 +300,11 @@ def _run(args, cfg, out, device, dtype, data) -> int:
         ref_df.to_csv(out / "reference.csv", index=False)
         plots.mcmc_outputs({"z": z_nuts}, out, ["z"])
         lap("mcmc")
+    # the ffg encoder's q is "q (encoder)" in reference.csv: its row carries any flag
+    summary_df = common.flag_summary(
+        summary_df, ["q (encoder)" if k == "ffg" else None for k in summary_df.train_encoder],
+        ref_df if "mcmc" in cfg["engines"] else pd.DataFrame())
+    summary_df.to_csv(out / "summary.csv", index=False)
 
     imp_df = imputation(models["ffg"], data, x_fit, args, cfg, seed)
     imp_df.to_csv(out / "imputation.csv", index=False)
