@@ -242,7 +242,9 @@ def _nuts_diagnostics(tables: dict) -> tuple[dict, bool | None]:
     return diag, recorded
 
 
-def reference_sentence(r: Reference, files: list[str]) -> str:
+def reference_sentence(r: Reference, files: list[str], flagged=()) -> str:
+    """What the reference's state means for ``files`` (the tables computed against it; those
+    in ``flagged`` carry its ``ref_flag``)."""
     where = ", ".join(files) or "reference.csv"
     if r.exact:
         return f"Reference {r.name}: exact, so the comparisons against it in {where} need no caveat."
@@ -255,8 +257,11 @@ def reference_sentence(r: Reference, files: list[str]) -> str:
         return (f"Reference {r.name}: converged (R-hat {r.r_hat:.3f} <= "
                 f"{s.rhat_max}{ess}{div}), so the comparisons in {where} can be trusted to its "
                 "Monte Carlo error.")
-    return (f"Reference {r.name}: NOT converged ({r.why}{div}); every number "
-            f"computed against it ({where}) is provisional, and is marked so there.")
+    marked = [f for f in files if f in flagged]
+    return (f"Reference {r.name}: NOT converged ({r.why}{div}); every number computed against it "
+            f"({where}) is provisional" + (
+                ", and is marked so there (column ref_flag)." if marked == files else
+                f", marked so in {', '.join(marked)} (column ref_flag)." if marked else "."))
 
 
 # ---------------------------------------------------------------------------- sentences
@@ -275,10 +280,14 @@ def study_findings(tables: dict[str, pd.DataFrame], meta: dict | None = None) ->
         out += gap_sentences(gaps)
     out += khat_sentences(summary)
     out += convergence_sentences(summary, nuts_chains(tables, meta))
-    files = [f for f in ("reference.csv", "posterior.csv", "mcmc.csv") if f in tables]
+    # tables computed against the reference: reference.csv, and those that carry its mark
+    flagged = [f for f in ("reference.csv", "posterior.csv", "mcmc.csv")
+               if f in tables and "ref_flag" in tables[f]]
     refs = references(tables, meta)
     for r in refs:
-        out.append(reference_sentence(r, [f for f in files if not r.exact or f == "reference.csv"]))
+        files = ["reference.csv"] + ([f for f in flagged if f != "reference.csv"] if not r.exact
+                                     else [])
+        out.append(reference_sentence(r, files, flagged))
     return out + worst_posterior_error(tables, refs)
 
 

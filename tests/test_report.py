@@ -260,7 +260,8 @@ def test_an_unconverged_reference_is_flagged_in_its_tables_and_the_report(tmp_pa
     tables["mcmc_diagnostics.csv"].to_csv(folder / "mcmc_diagnostics.csv", index=False)
     html_path, md_path = report.build(folder)
     page = html_path.read_text()
-    assert "Reference mcmc/nuts: NOT converged" in page and "is provisional" in page
+    assert "Reference mcmc/nuts: NOT converged" in page
+    assert "is provisional, and is marked so there (column ref_flag)" in page
     assert page.count("<td>provisional</td>") == 2  # svi/collapsed and NUTS itself
     md = md_path.read_text()
     assert "provisional: reference mcmc/nuts NOT converged (R-hat 1.058" in md
