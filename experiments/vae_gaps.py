@@ -280,6 +280,12 @@ def _run(args, cfg, out, device, dtype, data) -> int:
         row.update(train_encoder=f"capacity-{h}", evidence_note="decoder fixed (ffg)",
                    **training_outcome(r), **psis_on(r, subsets["train"], cfg, seed))
         summary.append(row)
+    capped = [f"{row['train_encoder']} (step {row['training_steps']})" for row in summary
+              if row["training_end"] == "step-cap"]
+    if capped:  # an undertrained network: every number of the study is of it
+        print(f"WARNING: training reached its epoch cap before early stopping: "
+              f"{', '.join(capped)} (--svi-epochs {cfg['svi_epochs']}, --capacity-epochs "
+              f"{cfg['capacity_epochs']}); those networks are undertrained")
     lap("summary_iwae_and_capacity")
     summary_df = pd.DataFrame(summary)
     cols = [c for c in common.SUMMARY_COLUMNS if c in summary_df.columns]
@@ -320,7 +326,7 @@ def _run(args, cfg, out, device, dtype, data) -> int:
         "bounds": {"log_evidence": "the larger of AIS and IWAE (both stochastic lower bounds)",
                    "iwae": "IWAE lower bound", "ais": "AIS lower bound",
                    "elbo": "ELBO (Monte Carlo)"},
-        "seconds": clock[0] - t_start, "stage_seconds": stages,
+        "seconds": clock[0] - t_start, "stage_seconds": stages, "training_capped": capped,
     })
     print(f"wrote {', '.join(sorted(p.name for p in final.iterdir()))} to {final}/ in "
           f"{time.perf_counter() - t_start:.1f}s")

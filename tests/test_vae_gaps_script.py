@@ -1,6 +1,8 @@
 """The vae_gaps experiment end to end with --quick settings (structure and identities only: the
 numbers of a 2-epoch run say nothing about VAEs)."""
 
+import contextlib
+import io
 import json
 import math
 
@@ -17,8 +19,22 @@ from models.vae import VAE
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae_gaps")
-    assert vae_gaps.main(["--quick", "--no-progress", "--out", str(out), "--seed", "1"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert vae_gaps.main(["--quick", "--no-progress", "--out", str(out), "--seed", "1"]) == 0
+    out.with_name(out.name + ".console.txt").write_text(printed.getvalue())
     return out
+
+
+def test_a_training_stopped_at_its_cap_is_said(quick_run):
+    # --quick trains 2 epochs (capacity encoders 1): every network stops at its cap, and the
+    # study says so on the console and in run.json, not only in a column of summary.csv
+    s = pd.read_csv(quick_run / "summary.csv")
+    assert (s["training_end"] == "step-cap").all()
+    capped = json.loads((quick_run / "run.json").read_text())["training_capped"]
+    assert [c.split()[0] for c in capped] == list(s["train_encoder"])
+    console = quick_run.with_name(quick_run.name + ".console.txt").read_text()
+    assert "WARNING: training reached its epoch cap before early stopping: ffg (step" in console
 
 
 def test_writes_every_output(quick_run):
