@@ -24,6 +24,7 @@ install: $(VENV)/.installed
 # The tour: the three studies at small settings and one report ($(OUT)/report.html); replaces $(OUT).
 demo: install
 	$(PY) -m experiments.cli tour --out $(OUT) --overwrite
+	@echo "next: 'source $(VENV)/bin/activate' puts elbolab on the PATH (then: elbolab list)"
 
 # Headless Chromium for the report's browser test (Debian's package; needs root and apt). Never
 # fails the build: without it the browser test is skipped and says why.
@@ -40,9 +41,10 @@ report-screenshot: install install-chromium
 	@test -f $(OUT)/report.html || { echo "no $(OUT)/report.html: run 'make demo' first"; exit 2; }
 	ELBOLAB_TOUR_DIR=$(OUT) $(PY) -m pytest -q -m slow tests/test_report.py -k screenshot
 
-# The README's result tables, rewritten from recorded runs (between <!-- readme-table: NAME --> markers)
+# The result tables of the README and docs/, rewritten from recorded runs (between <!-- readme-table: NAME --> markers)
+README_PAGES ?= README.md docs/gmm_engines.md docs/fa_gaps.md docs/vae_gaps.md docs/flags.md
 readme-tables: install
-	$(PY) -m experiments.cli report --readme README.md $(README_RUNS)
+	$(PY) -m experiments.cli report $(addprefix --readme ,$(README_PAGES)) $(README_RUNS)
 
 test: install install-chromium
 	$(PY) -m pytest -q

@@ -222,6 +222,7 @@ def finish(out: Path, args, device, extra: dict | None = None) -> Path:
             "machine": machine(device),
             "git": git_commit(),
             "versions": versions(),
+            **folder.timings(),
             **(extra or {}),
             "files": files,
         }

@@ -1,6 +1,6 @@
 """The README's result tables, written from recorded runs (``make readme-tables``).
 
-    elbolab report --readme README.md runs/gmm_engines runs/fa_gaps runs/vae_gaps
+    elbolab report --readme README.md --readme docs/gmm_engines.md ... runs/gmm_engines runs/fa_gaps runs/vae_gaps
     elbolab report --readme - runs/tour        # print them instead
 
 Each study's table is a fixed selection of columns of one of its CSVs (``TABLES``), followed by a
@@ -86,7 +86,8 @@ def study_table(run_dir, study: str) -> str:
     prov = dict(provenance(meta))
     machine = prov.get("GPU") if prov.get("device", "").startswith("cuda") else prov.get("CPU")
     facts = [f"commit {prov.get('commit', 'unknown')}", f"machine: {machine or 'not recorded'}"]
-    facts += [f"{k} {prov[k]}" for k in ("device", "dtype", "torch", "seed", "created") if k in prov]
+    facts += [f"{k} {prov[k]}" for k in ("device", "dtype", "torch", "seed", "created", "wall time")
+              if k in prov]
     line = (f"<sub>Written by `make readme-tables` from `{run_dir.as_posix()}`: {'; '.join(facts)}"
             + (f"; `{prov['command']}`" if "command" in prov else "") + ".</sub>")
     return markdown_table(shown) + "\n\n" + line
@@ -151,15 +152,32 @@ def flags_section() -> str:
     return "\n\n".join(parts)
 
 
-def main(run_dirs, readme: Path) -> None:
+def main(run_dirs, readmes) -> None:
+    """Rewrite the marked tables of every file of ``readmes`` (one path, or several) from the
+    runs in ``run_dirs``; ``-`` prints them instead. Each study given must have its block in at
+    least one file; the flags block is written wherever it is. Every file is checked before any
+    is written."""
+    readmes = [Path(readmes)] if isinstance(readmes, str | Path) else [Path(r) for r in readmes]
     tables = {s: study_table(d, s) for s, d in collect(run_dirs).items()}
-    if str(readme) == "-" or (readme.is_file() and BEGIN.format("flags") in readme.read_text()):
+    if any(str(r) == "-" for r in readmes):
         tables["flags"] = flags_section()
-    if str(readme) == "-":
         for s, t in tables.items():
             print(f"{BEGIN.format(s)}\n{t}\n{END}\n")
         return
-    if not readme.is_file():
-        raise ValueError(f"--readme: {readme} is not a file")
-    write_atomic(readme, update(readme.read_text(), tables))
-    print(f"rewrote the {', '.join(tables)} table(s) in {readme}")
+    texts = {}
+    for r in readmes:
+        if not r.is_file():
+            raise ValueError(f"--readme: {r} is not a file")
+        texts[r] = r.read_text()
+    for study in tables:
+        if not any(BEGIN.format(study) in t for t in texts.values()):
+            raise ValueError(f"--readme: no '{BEGIN.format(study)}' ... '{END}' block for {study} "
+                             f"in {', '.join(map(str, readmes))}")
+    if any(BEGIN.format("flags") in t for t in texts.values()):
+        tables["flags"] = flags_section()
+    new = {r: update(t, {s: v for s, v in tables.items() if BEGIN.format(s) in t})
+           for r, t in texts.items()}
+    for r, text in new.items():
+        write_atomic(r, text)
+        shown = [s for s in tables if BEGIN.format(s) in texts[r]]
+        print(f"rewrote the {', '.join(shown) or 'no'} table(s) in {r}")

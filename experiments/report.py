@@ -560,9 +560,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="elbolab report", description=__doc__,  # whole, as written
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="study, tour or compare folder")
-    p.add_argument("--readme", type=Path, default=None, metavar="FILE",
+    p.add_argument("--readme", type=Path, action="append", default=None, metavar="FILE",
                    help="instead of reports: rewrite the marked result tables in FILE (e.g. "
-                        "README.md) from these runs; '-' prints them")
+                        "README.md; repeat for several files) from these runs; '-' prints them")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.readme is not None:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,15 @@ class RunFolder:
     study: str
     resumed: bool = False
     created_parents: list[Path] = field(default_factory=list)
+    # when this process opened it (wall clock and this process's CPU time): run.json's timings
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+
+    def timings(self) -> dict:
+        """Wall and CPU seconds since the folder was opened (of this process: a resumed run
+        counts from its resumption)."""
+        return {"wall_seconds": round(time.perf_counter() - self.started, 2),
+                "cpu_seconds": round(time.process_time() - self.cpu_started, 2)}
 
     def checkpoint(self, name: str) -> Path:
         return self.path / CHECKPOINTS / f"{name}.pt"

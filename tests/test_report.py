@@ -346,6 +346,28 @@ def test_readme_table_is_written_from_the_run_with_its_provenance(tmp_path):
     assert "| mcmc | nuts | none | — | — | True | R-hat 1.004, bulk ESS 1096, 0 divergences |" in text
 
 
+def test_tables_go_to_every_page_that_marks_them_and_none_is_written_on_an_error(tmp_path, capsys):
+    run = _study(tmp_path / "runs" / "gmm_engines", "gmm_engines")
+    readme, page, other = tmp_path / "README.md", tmp_path / "gmm.md", tmp_path / "other.md"
+    readme.write_text(README)
+    page.write_text("# the study\n" + README)
+    other.write_text("no marker here\n")
+    argv = ["report", "--readme", str(readme), "--readme", str(page), "--readme", str(other)]
+    assert cli.main([*argv, str(run)]) == 0
+    for f in (readme, page):
+        assert "| cavi | mean-field | elbo | -263.587 | 1.821 | True |" in f.read_text()
+    assert other.read_text() == "no marker here\n"
+    # a study with no block in any page: an error naming it, and no page is touched
+    fa = _study(tmp_path / "runs" / "fa_gaps", "fa_gaps")
+    pd.DataFrame({"guide": ["mlp"], "approximation_gap": [0.1], "approximation_gap_se": [0.01],
+                  "closed_form_approximation_gap": [0.1], "amortization_gap": [0.2],
+                  "amortization_gap_se": [0.01]}).to_csv(fa / "gaps.csv", index=False)
+    readme.write_text(README)
+    assert cli.main([*argv, str(run), str(fa)]) == 2
+    assert "readme-table: fa_gaps" in capsys.readouterr().err
+    assert readme.read_text() == README
+
+
 def test_readme_errors_name_the_missing_marker_or_column(tmp_path, capsys):
     run = _study(tmp_path / "fa_gaps", "fa_gaps")  # fa_gaps' table comes from gaps.csv
     readme = tmp_path / "README.md"
