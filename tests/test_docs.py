@@ -1,13 +1,15 @@
 """Every code block of README.md and docs/*.md runs as a reader would copy it.
 
-The blocks of one page run in order in one fresh folder (a reader's own), so a command may use
-what an earlier one wrote (``elbolab report runs/fit-mfa`` after the run that made it):
+The blocks of every page run in order in one reader's folder, where ``make demo`` has run once
+(the module's fixture: the tour at ``--quick`` into ``runs/demo``), so a command may use what the
+demo or an earlier command wrote (``elbolab report runs/fit-mfa`` after the run that made it):
 
 - ``python`` blocks run as scripts with the suite's interpreter and must exit 0;
 - ``bash`` blocks run line by line in one bash, after ``.venv`` in that folder points at the
-  suite's environment (so ``source .venv/bin/activate`` works as the README says). Commands that
+  suite's environment (so ``source .venv/bin/activate`` works as the README says; docs pages,
+  read after the README, run with it activated). Commands that
   train run at smoke settings: ``elbolab run``/``tour`` get ``--quick`` (and ``--no-progress``)
-  unless the line has them; ``make demo`` is its tour at ``--quick``;
+  unless the line has them; ``make demo`` has already run (the fixture);
 - ``text`` blocks are output (``--help`` listings), not commands.
 
 A few commands cannot run here; :data:`NOT_RUN` names each with the reason, and a test fails
@@ -31,10 +33,9 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 #: command prefixes that are not run here, with the reason
 NOT_RUN = {
     "make test": "the suite itself",
-    "make demo": None,  # run as `elbolab tour --quick --out runs/demo` (below)
+    "make demo": None,  # run once for the module by the `reader` fixture
     "elbolab run vae_gaps --device cuda": "needs GPUs",
     "MASTER_ADDR=": "needs several nodes with GPUs",
-    "elbolab run vae_gaps --device cuda --strategy ddp --devices 4 --num-nodes": "needs GPUs",
     "torchrun": "needs several nodes with GPUs",
 }
 # training commands (their smoke settings are used here)
@@ -62,7 +63,7 @@ def commands(code: str) -> list[str]:
 def runnable(cmd: str) -> str | None:
     """The command as run here, or None when it is in :data:`NOT_RUN`."""
     if cmd.startswith("make demo"):
-        return f"{sys.executable} -m experiments.cli tour --quick --out runs/demo --overwrite"
+        return None  # the fixture ran it
     for prefix, reason in NOT_RUN.items():
         if reason and cmd.startswith(prefix):
             return None
@@ -74,39 +75,49 @@ def runnable(cmd: str) -> str | None:
     return cmd
 
 
-def _folder(tmp_path: Path) -> Path:
-    """A reader's folder whose ``.venv`` is the suite's environment."""
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory) -> Path:
+    """A reader's folder after ``make demo``: ``.venv`` is the suite's environment and
+    ``runs/demo`` holds the tour (at ``--quick``)."""
+    folder = tmp_path_factory.mktemp("reader")
     venv = Path(sys.prefix)
     if (venv / "bin" / "activate").exists():
-        (tmp_path / ".venv").symlink_to(venv)
+        (folder / ".venv").symlink_to(venv)
     else:  # not a virtual environment: an activate that puts this interpreter first
-        (tmp_path / ".venv" / "bin").mkdir(parents=True)
-        (tmp_path / ".venv" / "bin" / "activate").write_text(
+        (folder / ".venv" / "bin").mkdir(parents=True)
+        (folder / ".venv" / "bin" / "activate").write_text(
             f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
-    return tmp_path
+    r = subprocess.run([sys.executable, "-m", "experiments.cli", "tour", "--quick", "--out",
+                        "runs/demo"], cwd=folder, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return folder
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_every_code_block_runs_as_written(page, tmp_path):
+def test_every_code_block_runs_as_written(page, reader):
     found = blocks(page)
     if not found:
         pytest.skip(f"{page.name} has no code block")
-    cwd = _folder(tmp_path)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     for line, lang, code in found:
         where = f"{page.relative_to(ROOT)}:{line}"
         if lang == "python":
-            script = cwd / f"block_{line}.py"
+            script = reader / f"block_{page.stem}_{line}.py"
             script.write_text(code)
-            r = subprocess.run([sys.executable, script.name], cwd=cwd, env=env,
+            r = subprocess.run([sys.executable, script.name], cwd=reader, env=ENV,
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, f"{where} (python) failed:\n{r.stderr[-3000:]}"
         elif lang in ("bash", "sh", "console"):
             cmds = [c for c in map(runnable, commands(code)) if c is not None]
             if not cmds:
                 continue
-            script = "set -e\n" + "\n".join(f"echo '+ {c}'\n{c}" for c in cmds)
-            r = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+            # README's block activates .venv itself; a docs page is read after it (they say so)
+            head = "" if page.name == "README.md" else "source .venv/bin/activate\n"
+            script = "set -e\n" + head + "\n".join(f"echo '+ {c}'\n{c}" for c in cmds)
+            r = subprocess.run(["bash", "-c", script], cwd=reader, env=ENV, capture_output=True,
                                text=True, timeout=420)
             assert r.returncode == 0, (f"{where} (bash) failed:\n{r.stdout[-2000:]}\n"
                                        f"{r.stderr[-3000:]}")
