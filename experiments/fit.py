@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 import inference
-from experiments import common, plots, rundir
+from experiments import common, fit_verdict, plots, rundir
 from experiments.fit_evidence import (
     NotApplicable,
     evaluate,
@@ -230,6 +230,11 @@ def study(args: Settings, family=None, x=None) -> dict:
         add(nuts, fixed, f"fixed at {fixed_source[1]}" if param_names else "fixed",
             variational=False)
 
+    # what each SVI row's numbers mean next to EM's, and why a fit is not converged
+    verdicts = fit_verdict.verdicts(results, evidence, x.shape[0])
+    for r, cols in zip(results, extra):
+        said = verdicts.get(f"{r.engine}/{r.guide}", [])
+        cols["notes"] = "; ".join(t for t in (cols.get("notes"), *said) if t)
     summary = summary_table(results, evidence, extra, where)
     summary.to_csv(out / "summary.csv", index=False)
     gap_df = pd.DataFrame(gap_rows)
@@ -255,6 +260,7 @@ def study(args: Settings, family=None, x=None) -> dict:
         "diagnostics": {f"{r.engine}/{r.guide}": r.diagnostics for r in results},
         "messages": {f"{r.engine}/{r.guide}": r.message for r in results},
         "notes": notes,
+        "verdicts": {k: "; ".join(v) for k, v in verdicts.items()},
     })
     common.print_table(summary, [c for c in ("engine", "guide", "bound", "params", "elbo",
                                              "elbo_se", "log_evidence", "log_evidence_method",
@@ -266,6 +272,11 @@ def study(args: Settings, family=None, x=None) -> dict:
         common.print_table(gap_df, ["guide", "local_family", "approximation_gap",
                                     "amortization_gap", "inference_gap"],
                            title="gap decomposition (nats per data point)")
+    if verdicts:
+        print("\n" + fit_verdict.header(results, evidence,
+                                        args.restarts if "em" in engines else None))
+        for key, parts in verdicts.items():
+            print(f"  {key}: {parts[0]}" + "".join(f"\n    {p}" for p in parts[1:]))
     for key, text in notes.items():
         print(f"note: {key}: {text}")
     print(f"\nwrote {', '.join(sorted(p.name for p in final.iterdir()))} to {final}/")
