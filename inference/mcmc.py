@@ -21,7 +21,14 @@ from pyro.infer import MCMC, NUTS, config_enumerate
 
 from inference.budget import check_mcmc
 from inference.result import FitResult, check_settings, data_fields, site_is_plate, to_numpy
-from inference.runtime import Timer, device_note, isolated, one_thread, seed_everything
+from inference.runtime import (
+    Timer,
+    device_note,
+    isolated,
+    one_thread,
+    seed_everything,
+    show_progress,
+)
 from models.capabilities import McmcModel, PointwiseLogLikelihood, PosteriorInvariants
 from models.validate import boolean, integer, positive, probability
 
@@ -34,7 +41,9 @@ class Settings:
     target_accept: float = 0.8
     max_tree_depth: int = 8
     jit: bool = True  # compiled potential: ~3x faster here
-    progress: bool = False
+    #: Pyro's progress bar per chain: None (default) shows it when stderr is a terminal or in a
+    #: notebook (:func:`inference.runtime.show_progress`), True/False force it
+    progress: bool | None = None
     #: thresholds for ``converged`` (Vehtari et al. 2021: R-hat < 1.01, ESS > 100 per chain)
     rhat_max: float = 1.01
     ess_per_chain: int = 100
@@ -49,7 +58,8 @@ class Settings:
             raise ValueError(f"rhat_max: must be >= 1, got {self.rhat_max!r}")
         integer(self.ess_per_chain, "ess_per_chain", minimum=0)
         boolean(self.jit, "jit")
-        boolean(self.progress, "progress")
+        if self.progress is not None:
+            boolean(self.progress, "progress")
 
 
 @dataclass
@@ -116,7 +126,7 @@ def _one_chain(model, args, kwargs, settings, seed, init_params, max_plate_nesti
         warmup_steps=settings.warmup,
         num_chains=1,
         initial_params=init_params,
-        disable_progbar=not settings.progress,
+        disable_progbar=not show_progress(settings.progress),
     )
     mcmc.run(*args, **kwargs)
     return mcmc

@@ -179,3 +179,24 @@ def test_the_bare_loop_run_svi_runs_on_the_settings_threads(two_threads, record_
         svi.run_svi(fam.model, guide, (x,), svi.Settings(num_steps=3))
     assert [s["threads"] for s in record_steps] == [1, 1, 1]
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_nuts_shows_pyros_bar_on_a_terminal_only_by_default(tty, monkeypatch):
+    """As NumPyro's MCMC does for a person watching; never in a pipe, a log or a test."""
+    from inference import mcmc
+
+    family, x = _gmm()
+    seen = []
+    real = mcmc.MCMC
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["disable_progbar"])
+        return real(*args, **{**kwargs, "disable_progbar": True})
+
+    monkeypatch.setattr(mcmc, "MCMC", spy)
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))
+    inference.fit("mcmc", family, x, seed=0, num_samples=5, warmup=5, num_chains=1)
+    assert seen == [not tty]
+    with pytest.raises(TypeError, match="^progress"):
+        mcmc.Settings(progress="yes")
