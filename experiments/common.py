@@ -198,6 +198,12 @@ def git_commit() -> dict:
     return {"commit": commit or "unknown", "dirty": dirty}
 
 
+def svi_threads(args) -> dict:
+    """``--threads`` for the SVI engine's settings when given (the engine otherwise runs on its
+    own default of one thread, whatever torch's count)."""
+    return {} if args.threads is None else {"threads": args.threads}
+
+
 def finish(out: Path, args, device, extra: dict | None = None) -> Path:
     """Write run.json (settings and where each came from, seed, device, dtype, machine, git
     commit, library versions, ``extra``, the list of files) and rename the run's folder into

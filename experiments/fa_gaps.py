@@ -165,7 +165,7 @@ def run_engines(args, x, kind, progress):
             s = svi.Settings(num_steps=steps, lr=args.svi_lr, lr_decay=0.05, num_particles=4,
                              eval_particles=args.eval_particles, eval_batch=100,
                              learn_model_params=mode == "learned", num_posterior_samples=0,
-                             progress=progress)
+                             progress=progress, **common.svi_threads(args))
             ck, resume = common.checkpointing(args, f"svi-{mode}-{name}")
             r = svi.fit(family, x, s.replace(**ck) if ck else s, seed=args.seed,
                         guide=guides.spec(name), guide_options=opts, resume=resume)

@@ -141,7 +141,8 @@ def engine_settings(args, progress: bool):
         return (em.Settings(max_iter=args.em_iter, tol=1e-8, n_init=args.restarts),
                 svi.Settings(num_steps=args.svi_steps, lr=args.svi_lr,
                              num_particles=args.svi_particles, eval_particles=args.eval_particles,
-                             eval_batch=min(200, args.eval_particles), progress=progress),
+                             eval_batch=min(200, args.eval_particles), progress=progress,
+                             **common.svi_threads(args)),
                 mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
                               num_chains=args.nuts_chains, max_tree_depth=args.nuts_depth,
                               jit=args.nuts_jit, progress=progress))

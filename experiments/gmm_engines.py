@@ -164,6 +164,7 @@ def engine_settings(args, progress: bool):
         eval_particles=args.eval_particles,
         eval_batch=200,
         progress=progress,
+        **common.svi_threads(args),
     )
     m = mcmc.Settings(
         num_samples=args.nuts_samples,

@@ -200,3 +200,14 @@ def test_nuts_shows_pyros_bar_on_a_terminal_only_by_default(tty, monkeypatch):
     assert seen == [not tty]
     with pytest.raises(TypeError, match="^progress"):
         mcmc.Settings(progress="yes")
+
+
+@pytest.mark.parametrize("flag, expected", [([], 1), (["--threads", "2"], 2)])
+def test_a_studys_threads_flag_reaches_its_svi_fits(flag, expected, record_steps, tmp_path):
+    """--threads is not silently replaced by the engine's one-thread default."""
+    from experiments import gmm_engines
+
+    argv = ["--quick", "--no-progress", "--engines", "svi", "--guides", "collapsed",
+            "--svi-steps", "3", "--eval-particles", "4", "--out", str(tmp_path / "g"), *flag]
+    assert gmm_engines.main(argv) == 0
+    assert record_steps and {s["threads"] for s in record_steps} == {expected}
