@@ -13,11 +13,12 @@ terminal gets one line per study and the report's path.
 The tour is written into a temporary folder beside ``--out`` and renamed into place only when
 every study and the report are done: an interrupted or failed tour leaves nothing behind, and an
 ``--out`` that already holds something is refused unless ``--overwrite`` is given (then it is
-replaced whole). The settings are smaller than each study's defaults (fewer points, draws and
-chains), except that the VAEs train to early stopping as in the study, so that their numbers and
-figures are those of trained networks: the tour takes about 85 s of CPU (one core per study;
-2.5 minutes of wall time on 2 cores shared with other work). A network that stops at its step
-cap is named on the tour's line for its study.
+replaced whole). The settings are smaller than each study's defaults (fewer points and chains),
+except that the VAEs train to early stopping as in the study, so that their numbers and figures
+are those of trained networks, and that each NUTS reference gets the draws it needs to converge
+(R-hat <= 1.01 and ESS >= 100 per chain) on seeds 0-2: the tour takes about 115 s of CPU (one
+core per study; about 2 minutes of wall time on 2 cores shared with other work). A network that
+stops at its step cap is named on the tour's line for its study.
 """
 
 from __future__ import annotations
@@ -43,26 +44,40 @@ from inference.runtime import resolve_device
 
 # Explicit settings per study (flags of its own parser); --seed/--device/--out are added.
 STUDIES = {
+    # NUTS: enough draws that each reference passes mcmc.convergence (R-hat <= 1.01, bulk and
+    # tail ESS >= 100 per chain) reliably, not by luck. With 2 chains of N draws a well-mixed
+    # chain still has split R-hat - 1 ~ chi2_3 noise / (efficiency x N), and the maximum over
+    # every diagnosed quantity (bulk and folded) is what is tested: 300 draws failed 1.01 in
+    # about half of the runs. The draws below put that false alarm at ~1% on seeds 0-2 (from
+    # the draws' measured efficiencies; tests/test_tour.py keeps them). Two chains, not more:
+    # for the same draws, fewer and longer chains give R-hat less noise and less warmup.
     "gmm_engines": [
         "--n", "100", "--K", "3", "--dim", "1", "--restarts", "3", "--svi-steps", "500",
-        "--nuts-samples", "300", "--nuts-warmup", "200", "--nuts-chains", "2",
+        "--nuts-samples", "800", "--nuts-warmup", "200", "--nuts-chains", "2",
         "--eval-particles", "1000",
     ],
+    # FA's NUTS needs the most draws: on seed 1's data the second factor is weak, its loading
+    # L_11 (> 0, sampled as log L_11) reaches down to ~0.02, and the ESS of some entries of C =
+    # W W^T + Psi drops to 0.17-0.3 of the draws (no lower than 0.43 on seeds 0 and 2): 1000
+    # draws fail there about 1 time in 3, 2000 about 1 in 50-100
     "fa_gaps": [
         "--n", "200", "--dim", "6", "--latent-dim", "2", "--svi-steps", "800",
-        "--eval-particles", "200", "--impute-particles", "500", "--nuts-samples", "300",
+        "--eval-particles", "200", "--impute-particles", "500", "--nuts-samples", "2000",
         "--nuts-warmup", "140", "--nuts-chains", "2",
     ],
     # the VAEs train to early stopping (the study's caps, --svi-epochs and --capacity-epochs
     # 1000, are never reached): a 128-unit network at 3x the study's learning rate early-stops
     # in ~4000 steps (~15 s of CPU for both encoders) within ~0.3 nats/image of the study's
-    # log p(x); tests/test_report.py checks it (slow)
+    # log p(x); tests/test_tour.py checks it (slow). NUTS over one test image's z (8
+    # coordinates; ~5 ms per draw): 60 draws after 60 warmup steps was R-hat 1.03-1.06 with
+    # tail ESS ~60; 800 after 300 is R-hat ~1.005
     "vae_gaps": [
         "--hidden", "128", "--svi-lr", "3e-3", "--gap-points", "20", "--qstar-steps", "300",
         "--iwae-particles", "500", "--eval-particles", "200", "--ais-steps", "60",
-        "--ais-chains", "4", "--capacities", "16,64", "--sa-steps", "0,5,20", "--nuts-points", "1", "--nuts-samples", "60",
-        "--nuts-warmup", "60", "--nuts-chains", "2", "--impute-points", "50",
-        "--impute-particles", "200", "--gibbs-steps", "10", "--num-flows", "2",
+        "--ais-chains", "4", "--capacities", "16,64", "--sa-steps", "0,5,20",
+        "--nuts-points", "1", "--nuts-samples", "800", "--nuts-warmup", "300",
+        "--nuts-chains", "2", "--impute-points", "50", "--impute-particles", "200",
+        "--gibbs-steps", "10", "--num-flows", "2",
     ],
 }
 
