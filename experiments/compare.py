@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments import report, rundir  # noqa: E402
+from experiments import formatting, report, run_files, rundir  # noqa: E402
 from experiments.study import CliError  # noqa: E402
 from experiments.tour import staged  # noqa: E402
 
@@ -76,13 +76,13 @@ def collect(run_dirs) -> pd.DataFrame:
         raise ValueError("RUN_DIR: the same folder is given twice")
     frames = []
     for d in run_dirs:
-        top = report.load_run(d)
+        top = run_files.load_run(d)
         studies = [r for r in [top, *top.parts] if "summary.csv" in dict(r.tables)]
         if not studies:
             raise ValueError(f"RUN_DIR: {d} holds no summary.csv (itself or in a study folder)")
         for r in studies:
             df = dict(r.tables)["summary.csv"].copy()
-            meta = dict(report.provenance(r.meta))
+            meta = dict(run_files.provenance(r.meta))
             facts = {"run": _label(d, run_dirs), "study": r.study,
                      "seed": r.meta.get("seed"), "device": r.meta.get("device"),
                      "dtype": r.meta.get("dtype"), "commit": meta.get("commit", "unknown")}
@@ -168,9 +168,9 @@ def compare(run_dirs, out: Path, overwrite: bool = False) -> Path:
         plot(table, tmp / "comparison.png")
         runs = {}
         for d in map(Path, run_dirs):
-            top = report.load_run(d)
+            top = run_files.load_run(d)
             runs[_label(d, [Path(x) for x in run_dirs])] = {
-                "path": str(d), **{r.study: dict(report.provenance(r.meta)) for r in [top, *top.parts]
+                "path": str(d), **{r.study: dict(run_files.provenance(r.meta)) for r in [top, *top.parts]
                                    if r.meta}}
         meta = {"study": "compare", "command": " ".join(["elbolab compare", *map(str, run_dirs)]),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"), "runs": runs}
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         return 2
     table = pd.read_csv(args.out / "comparison_wide.csv")
     print(f"{len(table)} rows from {len(args.run_dirs)} runs; largest ELBO/datum difference "
-          f"between runs: {report.fmt(table['max_difference'].max())} nats")
+          f"between runs: {formatting.fmt(table['max_difference'].max())} nats")
     print(f"wrote comparison.csv, comparison_wide.csv, comparison.png; report: {path}")
     return 0
 

@@ -46,7 +46,7 @@ LEGEND_FONTSIZE = 9
 
 def label_of(result, with_model: bool = False) -> str:
     """``engine/guide [params] (bound)``, with the model first when ``with_model`` (the report's
-    row labels, :func:`experiments.findings.fit_labels`, add the bound in a column)."""
+    row labels, :func:`experiments.formatting.fit_labels`, add the bound in a column)."""
     params = result.settings.get("params") if isinstance(result.settings, dict) else None
     text = f"{result.engine}/{result.guide}" + (f" [{params}]" if params else "")
     text += f" ({result.bound})"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.report import load_run, markdown_table, provenance, write_atomic
+from experiments.run_files import load_run, provenance, write_atomic
+from experiments.tables import markdown_table
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments import cli, common, compare, findings, readme_tables, report, tour  # noqa: E402
+from experiments import (  # noqa: E402
+    cli,
+    common,
+    compare,
+    findings,
+    formatting,
+    readme_tables,
+    report,
+    tables,
+    tour,
+)
 from inference import mcmc  # noqa: E402
 from inference.reference import flag_reference, reference_table  # noqa: E402
 
@@ -114,9 +124,9 @@ def test_tables_state_constants_once_drop_empty_columns_and_say_when_cut(fake_to
     text = (fake_tour / "report.html").read_text()
     assert "diag_unused" not in text
     assert "in every row: " in text and "device = cpu" in text
-    assert f"first {report.MAX_ROWS} of 100 rows" in text
+    assert f"first {tables.MAX_ROWS} of 100 rows" in text
     md = (fake_tour / "report.md").read_text()
-    assert f"(first {report.MAX_ROWS} of 100 rows)" in md
+    assert f"(first {tables.MAX_ROWS} of 100 rows)" in md
     assert "| fit | bound | elbo | elbo_se | gap_per_datum |" in md  # the short summary
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (fake_tour / link).is_file(), link  # figures by relative path beside report.md
@@ -219,14 +229,14 @@ def test_rounding_noise_prints_as_zero_and_real_small_values_do_not():
     df = pd.DataFrame({"gap": [-4.547e-13, 17.9, 4445.3], "gap_per_datum": [1.776e-15, 0.373, 92.6],
                        "se": [4.65e-7, 4.65e-7, 4.65e-7], "seconds": [1e-5, 0.2, 1000.0]})
     tol = findings.noise_tolerance(df)
-    shown = {c: [report.fmt(v, tol[c]) for v in df[c]] for c in df}
+    shown = {c: [formatting.fmt(v, tol[c]) for v in df[c]] for c in df}
     assert shown["gap"] == ["0", "17.9", "4445.3"]
     assert shown["gap_per_datum"] == ["0", "0.373", "92.6"]
     assert shown["se"] == ["4.65e-07"] * 3  # a real SE, however small, stays
     assert shown["seconds"][0] == "1e-05"  # 1e-8 of its column: above the 1e-9 tolerance
     only_noise = pd.DataFrame({"x": [3e-15, -2e-15], "y": [375.0, 380.0]})
     tol = findings.noise_tolerance(only_noise)  # a column of noise only: the table's scale
-    assert [report.fmt(v, tol["x"]) for v in only_noise["x"]] == ["0", "0"]
+    assert [formatting.fmt(v, tol["x"]) for v in only_noise["x"]] == ["0", "0"]
 
 
 def test_an_unconverged_reference_is_flagged_in_its_tables_and_the_report(tmp_path):
