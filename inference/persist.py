@@ -2,7 +2,9 @@
 
 A saved result is a folder with ``result.json`` (the numbers, settings, guide name and options,
 the family's class and settings, the parameters' constraints by name) and ``params.pt`` (the
-unconstrained parameters and the ELBO trace: tensors only, loaded with ``weights_only=True``).
+unconstrained parameters, the ELBO trace, and the result's ``samples``, ``log_likelihood`` and
+``sample_stats`` (the posterior draws made at fit time, which ``to_inference_data`` converts):
+tensors only, loaded with ``weights_only=True``).
 Loading needs the family and data the guide was built for (local guides hold one q per point):
 ``FitResult.load(folder, family, x)`` rebuilds the guide by name with the saved options and puts
 the saved parameters into it, bit for bit.
@@ -98,6 +100,10 @@ def save(result, folder: str | Path) -> Path:
         tensors["params"] = {k: v.detach().cpu() for k, v in state.store["params"].items()}
     tensors["posterior"] = {k: v.detach().cpu() for k, v in result.posterior.items()
                             if isinstance(v, torch.Tensor)}
+    # the draws made at fit time: without them a reloaded fit's InferenceData would hold the
+    # guide's parameters instead of the latent sites (and no log_likelihood group)
+    for group in DRAW_GROUPS:
+        tensors[group] = _as_tensors(getattr(result, group), group)
     _atomic(folder / "params.pt", lambda p: torch.save(tensors, p))
     _atomic(folder / "result.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     return folder
@@ -114,13 +120,51 @@ def load(cls, folder: str | Path, family=None, x=None):
     fields = {k: meta[k] for k in ("model", "engine", "guide", "bound", "n_data", "elbo", "elbo_se",
                                    "seconds", "device", "dtype", "seed", "converged", "message",
                                    "settings", "diagnostics")}
-    result = cls(**fields, trace=tensors["trace"].tolist(), posterior=tensors["posterior"])
+    draws = {g: tensors.get(g, {}) for g in DRAW_GROUPS}
+    result = cls(**fields, trace=tensors["trace"].tolist(), posterior=tensors["posterior"], **draws)
     if "params" in tensors and family is not None:
         if x is None:
             raise ValueError("x: rebuilding the fitted guide needs the data it was fitted on "
                              "(FitResult.load(folder, family, x))")
         result.state = _rebuild(meta, tensors, family, x)
+        if "samples" not in tensors:  # a folder saved before the draws were kept: draw them again
+            _redraw(result, meta, x)
     return result
+
+
+#: the FitResult fields of draws (``(chain, draw, ...)`` tensors) that a saved result keeps
+DRAW_GROUPS = ("samples", "log_likelihood", "sample_stats")
+
+
+def _as_tensors(d: dict, group: str) -> dict:
+    """``d`` with every value a CPU tensor (numpy arrays converted); an error for anything else."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu()
+            continue
+        try:
+            out[k] = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"save: {group}[{k!r}] is a {type(v).__name__}, not an array of "
+                             "numbers; it cannot be saved as a tensor") from exc
+    return out
+
+
+def _redraw(result, meta, x) -> None:
+    """An SVI result saved without its draws: draw them again from the rebuilt guide with the
+    fit's seed and number of draws (the same distribution, not the same draws), and say so."""
+    from inference.runtime import seed_everything
+    from inference.svi_pair import posterior_draws
+
+    n = meta["settings"].get("num_posterior_samples", 0)
+    if not isinstance(n, int) or n <= 0:
+        return
+    with fitted_pair(result) as (_, guide):
+        seed_everything(result.seed)
+        result.samples, result.log_likelihood = posterior_draws(
+            result.state.family, guide, result.state.family.check_data(x), n)
+    result.message += " [posterior draws redrawn on load: saved without them]"
 
 
 def _rebuild(meta, tensors, family, x):

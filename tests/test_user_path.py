@@ -153,6 +153,63 @@ def test_fit_is_kept_saved_and_loaded_bit_for_bit(data, tmp_path):
     assert e1.value == e2.value
 
 
+def _same_inference_data(a, b, exact: bool):
+    """Same groups, variables and shapes; posterior means identical or within Monte Carlo error."""
+    assert a.groups() == b.groups()
+    for g in a.groups():
+        ga, gb = getattr(a, g), getattr(b, g)
+        assert sorted(ga.data_vars) == sorted(gb.data_vars), g
+        for v in ga.data_vars:
+            assert ga[v].shape == gb[v].shape, (g, v)
+    for v in a.posterior.data_vars:
+        pa, pb = a.posterior[v].values, b.posterior[v].values
+        if exact:
+            assert np.array_equal(pa, pb), v
+        else:  # two independent sets of draws from the same q: 5 standard errors of the difference
+            se = np.sqrt(2 * pa.var(axis=(0, 1)) / (pa.shape[0] * pa.shape[1])) + 1e-6
+            assert np.all(np.abs(pa.mean(axis=(0, 1)) - pb.mean(axis=(0, 1))) < 5 * se), v
+
+
+def _gmm_fit():
+    from models.gmm import BayesianGMM
+
+    fam = BayesianGMM(K=3, prior_var=10.0)
+    x, _ = fam.simulate(200, seed=0)
+    return fam, x, inference.fit("svi", fam, x, seed=0, guide="collapsed", num_steps=300,
+                                 eval_particles=20)
+
+
+@pytest.mark.parametrize("case", ["gmm-collapsed", "user-auto-normal", "user-linear-diag"])
+def test_a_reloaded_fit_gives_the_same_inference_data(data, tmp_path, case):
+    if case == "gmm-collapsed":
+        fam, x, res = _gmm_fit()
+        latents = ["mu"]
+    else:
+        fam, x = ShiftedNoise(), data
+        res = inference.fit("svi", fam, x, seed=0, guide=case.removeprefix("user-"),
+                            num_steps=200, eval_particles=20, num_posterior_samples=50)
+        latents = ["theta", "z"]
+    a = res.to_inference_data()
+    assert sorted(a.posterior.data_vars) == latents  # draws of the latent sites, by their names
+    if case == "gmm-collapsed":
+        assert "log_likelihood" in a.groups()
+    folder = res.save(tmp_path / "fit")
+    _same_inference_data(a, FitResult.load(folder, fam, x).to_inference_data(), exact=True)
+    _same_inference_data(a, FitResult.load(folder).to_inference_data(), exact=True)
+
+
+def test_a_fit_saved_without_its_draws_redraws_them_on_load(tmp_path):
+    fam, x, res = _gmm_fit()
+    folder = res.save(tmp_path / "fit")
+    tensors = torch.load(folder / "params.pt", weights_only=True)
+    for group in ("samples", "log_likelihood", "sample_stats"):  # as saved before they were kept
+        del tensors[group]
+    torch.save(tensors, folder / "params.pt")
+    back = FitResult.load(folder, fam, x)
+    assert "redrawn on load" in back.message
+    _same_inference_data(res.to_inference_data(), back.to_inference_data(), exact=False)
+
+
 def test_fit_leaves_family_and_global_random_state_alone(data):
     from models.vae import VAE
 
