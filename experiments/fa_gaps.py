@@ -335,7 +335,7 @@ def save_params(path, params: dict, truth, trained):
 def run(args) -> dict:
     t0 = time.perf_counter()
     device, dtype = common.setup(args, "fa_gaps")
-    progress = not (args.no_progress or args.quick)
+    progress = args.progress and not args.quick
     x_all, truth, data_info = load_data(args, device, dtype)
     x, x_test = split(x_all, args.test_frac, args.seed)
     kind = args.model

@@ -154,7 +154,7 @@ def engine_settings(args, progress: bool):
 def study(args: Settings, family=None, x=None) -> dict:
     """Run the study (``family``/``x`` from Python, else from ``--model``/``--data``)."""
     device, dtype = common.setup(args, "fit")
-    progress = not (args.no_progress or args.quick)
+    progress = args.progress and not args.quick
     family = family if family is not None else resolve_family(args.model, args.model_args)
     if isinstance(family, str):
         family = resolve_family(family, args.model_args)

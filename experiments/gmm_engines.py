@@ -179,7 +179,7 @@ def engine_settings(args, progress: bool):
 
 def run(args) -> dict:
     device, dtype = common.setup(args, "gmm_engines")
-    progress = not (args.no_progress or args.quick)
+    progress = args.progress and not args.quick
     try:  # bad flags fail here, naming the field, before any work
         family = BayesianGMM(
             K=args.K, prior_var=args.prior_var, dim=args.dim if args.data is None else None

@@ -22,6 +22,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from inference.runtime import interactive
+
 #: old flag -> the name every study now uses for that quantity (issue 17: one name per setting).
 #: Prefixes name the engine (``svi-``, ``nuts-``); draws from a guide q are ``particles``, draws
 #: of NUTS ``samples``. An old name on the command line or in a ``--config`` file is a one-line
@@ -152,6 +154,12 @@ class StudySettings:
             raise self.error(name, f"every value must be >= {minimum}, got {text!r}")
         return out
 
+    @property
+    def progress(self) -> bool:
+        """Progress bars: unless ``--no-progress``, and only when a person is watching (stderr
+        a terminal or a notebook), never into a redirected log."""
+        return not self.no_progress and interactive()
+
     def given(self, name: str) -> bool:
         """Whether ``name`` was set by the user (flag or config), not a default."""
         return self.sources.get(name, "default") in ("command line", "config", "resume")
@@ -216,7 +224,23 @@ def _refuse_old_flags(cls, argv) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse's usage block is many lines)
-        raise CliError(f"{message} (see {self.prog} --help)")
+        raise CliError(f"{message}{self._hint(message)} (see {self.prog} --help)")
+
+    def _hint(self, message: str) -> str:
+        """``; did you mean --svi-steps?`` for each misspelled flag of an "unrecognized
+        arguments" message that is close to one of this parser's flags."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for tok in message.split(":", 1)[1].split():
+            if tok.startswith("--"):
+                near = difflib.get_close_matches(tok.split("=", 1)[0], flags, n=1, cutoff=0.75)
+                hints += [(tok.split("=", 1)[0], near[0])] if near else []
+        if len(hints) == 1:
+            return f"; did you mean {hints[0][1]}?"
+        return ("; did you mean " + ", ".join(f"{new} for {old}" for old, new in hints) + "?"
+                if hints else "")
 
 
 def _fmt(v) -> str:

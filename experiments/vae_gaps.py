@@ -117,7 +117,7 @@ def train(kind, data, x_fit, x_val, args, cfg, seed):
                     val_data=None if distributed else x_val,
                     eval_every_epochs=min(EVAL_EVERY_EPOCHS, cfg["svi_epochs"]),
                     patience=args.patience, eval_particles=min(cfg["eval_particles"], 100),
-                    seed=seed, progress=not args.no_progress, checkpoint=ck.get("checkpoint"),
+                    seed=seed, progress=args.progress, checkpoint=ck.get("checkpoint"),
                     checkpoint_every=ck.get("checkpoint_every", 0), resume=resume,
                     **distributed)
     if res is None:  # a distributed process other than global rank 0

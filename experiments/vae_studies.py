@@ -94,7 +94,7 @@ def mcmc_reference(model, x_test, qstars, args, cfg, seed):
     x = x_test[:m]
     s = mcmc.Settings(num_samples=cfg["nuts_samples"], warmup=cfg["nuts_warmup"],
                       num_chains=cfg["nuts_chains"], max_tree_depth=cfg["nuts_depth"],
-                      jit=cfg["nuts_jit"], progress=not args.no_progress)
+                      jit=cfg["nuts_jit"], progress=args.progress)
     with isolated(seed):
         run = mcmc.run_nuts(vae.mcmc_model, (x,), s, seed, max_plate_nesting=1)
     z = run.samples["z"].detach()  # (chain, draw, m, k)

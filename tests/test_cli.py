@@ -474,3 +474,34 @@ def test_vae_gaps_under_lightnings_launcher_writes_one_study(tmp_path):
     assert "process 1 done training; rank 0 writes the study" in r.stdout
     assert (out / "summary.csv").exists() and not (tmp_path / "d.incomplete").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--svi-step", "10"], "did you mean --svi-steps?"),
+    (["--nuts-sample", "3", "--svi-lrr", "3"],
+     "did you mean --nuts-samples for --nuts-sample, --svi-lr for --svi-lrr?"),
+])
+def test_a_misspelled_flag_gets_the_flag_it_is_close_to(argv, hint, capsys, tmp_path):
+    err = fails(capsys, gmm_engines, [*argv, "--out", str(tmp_path / "o")], argv[0],
+                tmp_path / "o")
+    assert "unrecognized arguments" in err and hint in err
+
+
+def test_progress_bars_only_when_a_person_watches(monkeypatch):
+    """A study's bars go to a terminal, never into a redirected log (hundreds of \\r lines)."""
+    import io
+
+    from experiments.gmm_engines import Settings
+    from experiments.study import resolve
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    args, _ = resolve(Settings, [], "gmm_engines", "")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert args.progress is False
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert args.progress is True
+    args, _ = resolve(Settings, ["--no-progress"], "gmm_engines", "")
+    assert args.progress is False
