@@ -97,7 +97,9 @@ def bound_sentences(summary: pd.DataFrame) -> list[str]:
         if ranked["log_evidence"].nunique() == 1:
             ev = ranked["log_evidence"].iloc[0]
             se = ranked["log_evidence_se"].iloc[0] if "log_evidence_se" in ranked else math.nan
-            se_text = f" ± {num(se)}" if is_finite(se) and se > 0 else ""
+            # a quadrature's SE of 1e-10 nats is rounding noise: not shown (as in the tables)
+            se_text = (f" ± {num(se)}" if is_finite(se) and se > RELATIVE_NOISE * abs(ev)
+                       else "")
             out.append(f"log p(x) = {num(ev, 7)}{se_text} nats ({num(ev / n, 5)} per data point, "
                        f"n = {num(n, 9)}), by {method}.{caveat}")
         else:
