@@ -8,9 +8,11 @@ The model is traced once. A latent site inside the data plate (``pyro.plate("dat
 with A one of Pyro's autoguides (``AutoNormal``, ``AutoMultivariateNormal``,
 ``AutoLowRankMultivariateNormal``, ``AutoIAFNormal``; ``global_guide=``) over the global sites, and
 for each local site a guide of :data:`guides.LATENT_GUIDES` (``local=``, e.g. ``mean-field``,
-``mlp``) when the site is real-valued with one event dimension, else a per-point ``AutoNormal``
-restricted to that site. All local guides share one data plate, so minibatches line up. Discrete
-sites marked for enumeration stay out of q (they are summed out).
+``mlp``). That guide needs a real-valued site of shape (n, k) with one event dimension
+(``.to_event(1)``) or a real scalar per point, shape (n,) with event shape () (guided as a 1-dim
+latent sampled with event shape ()); any other local site is an error naming it (``auto-normal``
+guides every site with a per-point ``AutoNormal``). All local guides share one data plate, so
+minibatches line up. Discrete sites marked for enumeration stay out of q (they are summed out).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class ComposedGuide(nn.Module):
             with self._plate as idx:
                 for g in self.local_guides:
                     g.register()
-                    out[g.site] = pyro.sample(g.site, g.distribution(x, idx))
+                    out[g.site] = pyro.sample(g.site, g.site_distribution(x, idx))
         if self.auto_local is not None:
             out.update(self.auto_local(x, subsample_size=subsample_size) or {})
         return out
@@ -105,6 +107,23 @@ def _is_real_vector(site) -> bool:
         fn.event_dim == 1 and getattr(fn.support, "base_constraint", None) is constraints.real)
 
 
+def _is_real_scalar(site, n: int) -> bool:
+    """A real scalar per data point: event shape (), value of shape (n,) (the data plate only)."""
+    fn = site["fn"]
+    return (fn.event_dim == 0 and fn.support is constraints.real
+            and tuple(site["value"].shape) == (n,))
+
+
+def _not_local_error(name, site, local) -> ValueError:
+    fn = site["fn"]
+    return ValueError(
+        f"{name}: the per-point guide {local!r} needs a real-valued local site of shape (n, k) "
+        "with one event dimension (e.g. dist.Normal(...).to_event(1)) or a real scalar per "
+        f"point of shape (n,); {name!r} has value shape {tuple(site['value'].shape)}, event "
+        f"shape {tuple(fn.event_shape)}, support {fn.support}. Reshape it so, or use "
+        "guide='auto-normal' (a per-point AutoNormal for every local site)")
+
+
 def build_composed(family, x, *, local: str = "auto-normal", global_guide: str = "auto-normal",
                    init_scale: float = 0.1, **local_options):
     """``GuideSpec.build`` of a composed guide (see the module docstring)."""
@@ -123,12 +142,23 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
         gg = cls(poutine.block(family.model, expose=list(glob)), **kw)
     local_guides, auto_names = [], []
     for name, site in loc.items():
-        if local != "auto-normal" and _is_real_vector(site):
-            local_guides.append(latent_spec(local).build(
-                family, x, latent_dim=site["value"].shape[-1], site=name,
-                name=f"guide_{local}_{name}", **local_options))
-        else:
+        if local == "auto-normal":
             auto_names.append(name)
+            continue
+        scalar = _is_real_scalar(site, x.shape[0])
+        if not (scalar or _is_real_vector(site)):
+            # guiding it with AutoNormal instead would report a guide that was not used
+            raise _not_local_error(name, site, local)
+        k = 1 if scalar else site["value"].shape[-1]
+        try:
+            g = latent_spec(local).build(family, x, latent_dim=k, site=name,
+                                         name=f"guide_{local}_{name}", **local_options)
+        except ValueError as e:  # e.g. a flow on a 1-dim latent: say which site, and what to do
+            raise ValueError(f"{name}: the per-point guide {local!r} cannot guide this local site "
+                             f"(latent_dim {k}{', a scalar per point' if scalar else ''}): {e}; "
+                             "use another guide, e.g. 'mean-field' or 'auto-normal'") from e
+        g.scalar_site = scalar
+        local_guides.append(g)
     if local == "auto-normal" and local_options:
         raise TypeError(f"guide_options: unknown option(s) {sorted(local_options)} for auto-normal")
     guide = ComposedGuide(gg, local_guides, None)

@@ -1,8 +1,8 @@
 """Local (not amortized) Gaussian guides: one q(z_n) per data point, and the shared base class.
 
 Every guide here is for a model whose latent site is a per-data-point ``z`` of shape (n, k)
-(``.to_event(1)``) inside ``pyro.plate("data", n, dim=-1)``. A guide is a ``torch.nn.Module``
-registered with ``pyro.module`` on each call, so its ``state_dict`` is the whole fitted state and
+(``.to_event(1)``; or shape (n,), event shape (), with ``scalar_site``) inside
+``pyro.plate("data", n, dim=-1)``. A guide is a ``torch.nn.Module`` registered with ``pyro.module`` on each call, so its ``state_dict`` is the whole fitted state and
 it is called like the model: ``guide(x, subsample_size=None)``. With ``subsample_size`` it opens
 the same plate, so Pyro replays the guide's subsample indices into the model.
 
@@ -19,6 +19,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions.transforms import ReshapeTransform
 
 from models.validate import as_data, integer, positive
 
@@ -33,6 +34,9 @@ class LatentGuide(nn.Module):
     kind = "latent"
     diagonal = False
     amortized = False
+    #: True for a site with event shape () (a scalar z_n per point, no ``.to_event(1)``): q is
+    #: built with latent_dim 1 and sampled with event shape () (see :meth:`site_distribution`)
+    scalar_site = False
 
     def __init__(self, latent_dim: int, *, site: str = "z", plate: str = "data", name=None):
         super().__init__()
@@ -54,6 +58,16 @@ class LatentGuide(nn.Module):
             return dist.Normal(loc, tril.diagonal(dim1=-2, dim2=-1)).to_event(1)
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
+    def site_distribution(self, x: torch.Tensor, idx: torch.Tensor | None = None):
+        """q(z_n | x_n) as sampled at the model's site: :meth:`distribution`, with its event shape
+        (1,) reshaped to () for a scalar site (``scalar_site``)."""
+        q = self.distribution(x, idx)
+        if not self.scalar_site:
+            return q
+        if self.latent_dim != 1:
+            raise ValueError(f"{self.site}: a scalar site needs latent_dim=1, got {self.latent_dim}")
+        return dist.TransformedDistribution(q, [ReshapeTransform((1,), ())])
+
     def register(self) -> None:
         """Put this module's parameters into the active Pyro param store."""
         if any(True for _ in self.parameters()):
@@ -65,7 +79,7 @@ class LatentGuide(nn.Module):
         self.register()
         plate = pyro.plate(self.plate, n, subsample_size=subsample_size, dim=-1, device=x.device)
         with plate as idx:
-            return pyro.sample(self.site, self.distribution(x, idx))
+            return pyro.sample(self.site, self.site_distribution(x, idx))
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, latent_dim={self.latent_dim}, name={self.pyro_name!r}"

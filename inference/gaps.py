@@ -280,6 +280,8 @@ def gap_terms(family, x, amortized_guide, local_family=None, *, log_evidence=Non
     options.update(guide_options or {})
     with caller_scope(seed):  # sees the caller's params; q*'s are dropped afterwards
         q_star = lspec.build(family, x, **options)
+        if getattr(amortized_guide, "scalar_site", False) and isinstance(q_star, LatentGuide):
+            q_star.scalar_site = True  # the site has event shape (): q* samples it so too
         if isinstance(q_star, LocalGuide) and isinstance(amortized_guide, LatentGuide):
             with torch.no_grad():
                 q_star.warm_start(amortized_guide, x)

@@ -136,7 +136,8 @@ class FitResult:
             local, fixed = self._local_guide(guide, x, fixed, "iwae")
             latent = latent or self._local_site(model, x)
             ev = iwae(model, local, x, num_samples=num_samples, seed=seed, fixed=fixed or None,
-                      latent=latent, max_plate_nesting=fam.max_plate_nesting)
+                      latent=latent, max_plate_nesting=fam.max_plate_nesting,
+                      event_dim=self._event_dim(model, x, latent))
         if fixed:
             ev.details["conditioned_on"] = {k: v.detach().cpu() for k, v in fixed.items()}
             ev.method = f"{ev.method} | globals fixed: log p(x | globals), not a bound on log p(x)"
@@ -167,6 +168,14 @@ class FitResult:
         if len(local) != 1:
             raise ValueError(f"latent: the model has local latent sites {local}; name one")
         return local[0]
+
+    @staticmethod
+    def _event_dim(model, x, latent: str) -> int:
+        """Event dims of the local site ``latent`` (0 for a scalar z_n, 1 for a vector)."""
+        from guides.auto import latent_sites
+
+        site = latent_sites(model, x)[1].get(latent)
+        return 1 if site is None else site["fn"].event_dim
 
     def posterior_samples(self, num_samples: int = 1000, *, seed: int = 0, x=None) -> dict:
         """Draws from the fitted guide (SVI) as ``(1, num_samples, ...)`` per latent site (plate
