@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -243,10 +244,13 @@ def entry(prog: str, fn, argv) -> int:
     """Run a study's ``fn(argv)`` as a command: a :class:`CliError` (or a ``SystemExit`` with a
     message) is printed as at most three lines ``prog: message`` on stderr and re-raised with
     exit status 2; any failure removes the run's unfinished folder; torch's thread count is
-    restored afterwards."""
+    restored afterwards. A warning raised during the run is one line ``prog: warning: ...`` on
+    stderr (the console and the run's log), not Python's file:line and source line."""
     threads = torch.get_num_threads()
     try:
-        return fn(argv) or 0
+        with warnings.catch_warnings():  # the caller's filters and showwarning come back after
+            warnings.showwarning = _one_line_warning(prog)
+            return fn(argv) or 0
     except CliError as exc:
         rundir.abort()
         _print_error(prog, exc.message)
@@ -270,6 +274,12 @@ def entry(prog: str, fn, argv) -> int:
         raise
     finally:
         torch.set_num_threads(threads)
+
+
+def _one_line_warning(prog: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+    return show
 
 
 def _print_error(prog: str, message: str) -> None:

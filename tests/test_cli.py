@@ -505,3 +505,21 @@ def test_progress_bars_only_when_a_person_watches(monkeypatch):
     assert args.progress is True
     args, _ = resolve(Settings, ["--no-progress"], "gmm_engines", "")
     assert args.progress is False
+
+
+def test_a_warning_during_a_study_is_one_line_naming_the_study(capsys):
+    """Not Python's `/path/file.py:246: UserWarning: ...` plus a source line in the run's log."""
+    import warnings
+
+    from experiments import common
+
+    before = warnings.showwarning
+
+    def run(argv):
+        warnings.warn("gap decomposition of guide 'ffg': khat 0.85 > 0.7", UserWarning)
+        return 0
+
+    assert common.entry("vae_gaps", run, []) == 0
+    err = capsys.readouterr().err
+    assert err == "vae_gaps: warning: gap decomposition of guide 'ffg': khat 0.85 > 0.7\n"
+    assert warnings.showwarning is before
