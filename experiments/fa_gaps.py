@@ -1,7 +1,6 @@
 """Factor analysis / PPCA: engines, swappable guides and the exact decomposition of the gaps.
 
-    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --svi-steps 2000
-                                   --quick]
+    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --quick]
 
 Rows of summary.csv (every ELBO in nats summed over the data, with the exact log evidence at the
 row's own parameters): exact EM (bound "log-likelihood"), CAVI over a mean-field q with the
@@ -12,26 +11,24 @@ its matching local family (diagonal guides -> mean-field, full-covariance -> ful
 point, measured by Monte Carlo (with SEs) and in closed form, next to the analytic approximation
 gap 1/2 (sum_j log L_jj - log det L) (mean-field) or 0 (full-rank).
 imputation.csv: RMSE on held-out entries of a test split: exact conditional Gaussian, importance
-resampling (generic route, prior and encoder proposals), EM on data with gaps, column means.
+resampling (prior and encoder proposals), EM on data with gaps, column means.
 
 Bayesian FA (``models.bayes_fa``, model column "bayes-fa"; FA noise even with ``--model ppca``):
 variational Bayes q(W, mu) q(tau) q(Z) by CAVI (engine "cavi", guide "vb", bound "elbo", the
 closed-form ELBO) and NUTS with z integrated out (engine "mcmc", guide "nuts", bound "none";
 leave mcmc out of ``--engines`` to skip it). Their log_evidence is NaN: the Bayesian evidence
-log int p(x|theta) p(theta) dtheta has no closed form, and it is a different quantity from the
-FA ML log-likelihood max_theta log p(x|theta) of the other rows. NUTS diagnostics (R-hat, bulk/tail ESS on the
-rotation-invariant C = W W^T + Psi, mu and the log-likelihood; divergences) go to run.json and
-summary.csv (``diag_*``), its draws to mcmc.nc (ArviZ netCDF). posterior.csv: posterior mean/sd
-of each upper-triangle entry of C under NUTS and VB (closed-form moments), the EM estimate and,
-for simulated data, the truth.
+has no closed form and differs from the FA ML log-likelihood of the other rows. NUTS diagnostics
+(R-hat, bulk/tail ESS on the rotation-invariant C = W W^T + Psi, mu and the log-likelihood;
+divergences) go to run.json and summary.csv (``diag_*``), its draws to mcmc.nc. posterior.csv:
+posterior mean/sd of each upper-triangle entry of C under NUTS and VB, the EM estimate and, for
+simulated data, the truth.
 
 Diagnostics: summary.csv adds each variational fit's PSIS k-hat (``khat`` over all latents,
 ``khat_max_point`` / ``khat_frac_points_above`` per data point; Yao et al. 2018), gaps.csv the
 k-hat / ESS of q's and q*'s weights and ``flagged`` / ``flags``; reference.csv compares C under
-VB, EM, SVI with learned parameters and the truth with NUTS (mean error, sd ratio,
-1-Wasserstein), and each fixed-parameter guide's q(z | x) with the exact p(z | x); NUTS adds
-mcmc_diagnostics.csv, mcmc_trace.png and mcmc_rank.png; elbo_traces.png separates bounds from
-EM's log-likelihood and labels fixed ([fixed-em]) and learned ([learned]) parameters.
+VB, EM, learned-parameter SVI and the truth with NUTS (mean error, sd ratio, 1-Wasserstein), and
+each fixed-parameter guide's q(z | x) with the exact p(z | x); NUTS adds mcmc_diagnostics.csv and
+trace/rank plots; elbo_traces.png separates bounds from EM's log-likelihood.
 """
 
 from __future__ import annotations
