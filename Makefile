@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 # The tour: the three studies at small settings and one report ($(OUT)/report.html); replaces $(OUT).
 demo: install
-	$(PY) -m experiments.cli tour --out $(OUT) --overwrite
+	$(PY) -m elbolab.experiments.cli tour --out $(OUT) --overwrite
 	@echo "next: 'source $(VENV)/bin/activate' puts elbolab on the PATH (then: elbolab list)"
 
 # Headless Chromium for the report's browser test (Debian's package; needs root and apt). Never
@@ -44,7 +44,7 @@ report-screenshot: install install-chromium
 # The result tables of the README and docs/, rewritten from recorded runs (between <!-- readme-table: NAME --> markers)
 README_PAGES ?= README.md docs/gmm_engines.md docs/fa_gaps.md docs/vae_gaps.md docs/flags.md
 readme-tables: install
-	$(PY) -m experiments.cli report $(addprefix --readme ,$(README_PAGES)) $(README_RUNS)
+	$(PY) -m elbolab.experiments.cli report $(addprefix --readme ,$(README_PAGES)) $(README_RUNS)
 
 test: install install-chromium
 	$(PY) -m pytest -q

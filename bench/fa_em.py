@@ -1,4 +1,4 @@
-"""FA maximum likelihood: ``inference.fit("em", FactorAnalysis(k), x)`` against scikit-learn.
+"""FA maximum likelihood: ``elbolab.inference.fit("em", FactorAnalysis(k), x)`` against scikit-learn.
 
 ``python -m bench.fa_em [--n 20000 --dim 50 --k 5 --repeat 5 --seed 0]`` (float64, CPU).
 
@@ -36,8 +36,8 @@ def _sklearn(xn, k, seed, method, threads):
 
 
 def run(n=20000, dim=50, k=5, repeat=5, seed=0, verbose=True) -> Row:
-    import inference
-    from models.fa import FactorAnalysis, FAParams
+    from elbolab import inference
+    from elbolab.models.fa.model import FactorAnalysis, FAParams
 
     fam = FactorAnalysis(k, dim=dim)
     x, _ = fam.simulate(n, seed=seed, dtype=torch.float64)
@@ -78,7 +78,7 @@ def run(n=20000, dim=50, k=5, repeat=5, seed=0, verbose=True) -> Row:
         for c in checks:
             print("  ", c)
     return Row(
-        f"FA EM, n={n}, d={dim}, k={k}, `inference.fit(\"em\")` to sklearn's log-lik",
+        f"FA EM, n={n}, d={dim}, k={k}, `elbolab.inference.fit(\"em\")` to sklearn's log-lik",
         f"{t_ours.spread(1e3, '{:.0f}')} ms",
         f"{t_sk.spread(1e3, '{:.0f}')} ms (svd_method={method}, {threads} thread(s))",
         ratio, f">= {GOAL:g}x sklearn's fastest", GOAL, mean_load(timings), checks,

@@ -1,4 +1,4 @@
-"""Bayesian GMM CAVI: ``inference.fit("cavi", BayesianGMM(K), x)`` against scikit-learn's
+"""Bayesian GMM CAVI: ``elbolab.inference.fit("cavi", BayesianGMM(K), x)`` against scikit-learn's
 ``BayesianGaussianMixture`` on the same model.
 
 ``python -m bench.gmm_cavi [--n 100000 --K 5 --repeat 3 --seed 0]`` (d = 1, float64, CPU).
@@ -62,8 +62,8 @@ def _fit_bgmm(model, xn):
 
 
 def run(n=100_000, K=5, prior_var=10.0, repeat=3, seed=0, sweeps=100, verbose=True) -> list[Row]:
-    import inference
-    from models.gmm import BayesianGMM
+    from elbolab import inference
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(K, prior_var)
     x, _ = fam.simulate(n, seed=seed)
@@ -77,7 +77,7 @@ def run(n=100_000, K=5, prior_var=10.0, repeat=3, seed=0, sweeps=100, verbose=Tr
     m_diff = np.abs(o[order_o] - sk.means_[order_s, 0]).max()
     s2_o = ours.posterior["s2"].numpy()[order_o]
     s2_s = 1.0 / sk.mean_precision_[order_s]
-    from models.gmm_fit import CaviState
+    from elbolab.models.gmm.fit import CaviState
 
     m_s = torch.tensor(sk.means_, dtype=x.dtype)
     s2_sk = torch.tensor(1.0 / sk.mean_precision_, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""NUTS on the Bayesian GMM: ``inference.fit("mcmc", BayesianGMM(3), x)`` against NumPyro.
+"""NUTS on the Bayesian GMM: ``elbolab.inference.fit("mcmc", BayesianGMM(3), x)`` against NumPyro.
 
 ``python -m bench.nuts_gmm [--n 1000 --warmup 500 --draws 1000 --repeat 3 --seed 0]``
 
@@ -61,8 +61,8 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
         return [skipped_row(f"NUTS, GMM K={K}, n={n}, {warmup}+{draws}, ESS/s vs NumPyro",
                             ">= NumPyro warm", "NumPyro not installed (pip install "
                             "'elbolab[bench]'): NUTS row skipped")]
-    import inference
-    from models.gmm import BayesianGMM
+    from elbolab import inference
+    from elbolab.models.gmm.model import BayesianGMM
 
     jax.config.update("jax_enable_x64", True)
     numpyro.set_host_device_count(1)

@@ -36,9 +36,9 @@ def _per_iteration(fn, iterations) -> float:
 
 def engines(x, fam, seed=0):
     """name -> callable running a few iterations on x, returning how many it ran."""
-    import inference
-    from inference import svi
-    from inference.runtime import isolated
+    from elbolab import inference
+    from elbolab.inference import svi
+    from elbolab.inference.runtime import isolated
 
     def closed(engine, iters=20):
         def go():
@@ -47,7 +47,7 @@ def engines(x, fam, seed=0):
         return go
 
     def svi_steps(guide, batch, steps):
-        import guides
+        from elbolab import guides
 
         def go():
             spec = guides.for_family(fam)[guide]
@@ -75,7 +75,7 @@ def engines(x, fam, seed=0):
 
 
 def measure(sizes, repeat=2, seed=0, nuts_max=100_000):
-    from models.gmm import BayesianGMM
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(3, 10.0)
     x_all, _ = fam.simulate(max(sizes), seed=seed)

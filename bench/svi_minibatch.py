@@ -2,8 +2,8 @@
 
 ``python -m bench.svi_minibatch [--sizes 1e3,1e4,1e5,1e6 --batch 500 --steps 40 --repeat 3]``
 
-For each guide of ``guides.for_family(BayesianGMM)`` and each n, the engine's loop
-(:func:`inference.svi.run_svi`: Pyro's ELBO, the optimizer, the loop's per-step checks) runs
+For each guide of ``elbolab.guides.for_family(BayesianGMM)`` and each n, the engine's loop
+(:func:`elbolab.inference.svi.loop.run_svi`: Pyro's ELBO, the optimizer, the loop's per-step checks) runs
 ``--steps`` minibatch steps of ``--batch`` points on data simulated from the model (K = 3, d = 1,
 float64) after a few warm-up steps; the figure is seconds per step. The step alone (the guide,
 the model, the ELBO's gradient and the guarded update, without the loop's bookkeeping) is timed
@@ -32,9 +32,9 @@ GOAL = 1.5
 
 def _setup(fam, x, guide_name, batch, steps, seed):
     """(engine loop runner, bare step) for one guide on data x, inside the current param store."""
-    import guides
-    from inference import svi
-    from inference.svi_steps import PyroStep, make_loss
+    from elbolab import guides
+    from elbolab.inference import svi
+    from elbolab.inference.svi.steps import PyroStep, make_loss
 
     spec = guides.for_family(fam)[guide_name]
     guide = spec.build(fam, x)
@@ -50,8 +50,8 @@ def _setup(fam, x, guide_name, batch, steps, seed):
 
 def measure(sizes, guide_names, batch=500, steps=40, repeat=3, seed=0, K=3):
     """{guide: {n: (loop seconds/step list, bare step seconds/step list)}} and the data."""
-    from inference.runtime import isolated
-    from models.gmm import BayesianGMM
+    from elbolab.inference.runtime import isolated
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(K, 10.0)
     x_all, _ = fam.simulate(max(sizes), seed=seed)
@@ -84,9 +84,9 @@ def unbiased_check(seed=0, n=1000, batch=100, draws=400, K=3):
     """Mean of minibatch ELBO estimates of the initial mean-field guide vs the full-data ELBO."""
     from pyro.infer import TraceEnum_ELBO
 
-    import guides
-    from inference.runtime import isolated
-    from models.gmm import BayesianGMM
+    from elbolab import guides
+    from elbolab.inference.runtime import isolated
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(K, 10.0)
     x, _ = fam.simulate(n, seed=seed)
@@ -102,8 +102,8 @@ def unbiased_check(seed=0, n=1000, batch=100, draws=400, K=3):
 
 def run(sizes=(1000, 10_000, 100_000, 1_000_000), batch=500, steps=40, repeat=3, seed=0,
         verbose=True) -> list[Row]:
-    import guides
-    from models.gmm import BayesianGMM
+    from elbolab import guides
+    from elbolab.models.gmm.model import BayesianGMM
 
     names = list(guides.for_family(BayesianGMM(3, 10.0)))
     check = unbiased_check(seed)

@@ -2,7 +2,7 @@
 
 ``python -m bench.vae_default [--epochs 20 --repeat 3 --seed 0]``
 
-elbolab: :func:`inference.train_vae.train_vae` with its defaults (the path the studies use: MLP
+elbolab: :func:`elbolab.inference.svi.train_vae.train_vae` with its defaults (the path the studies use: MLP
 encoder, Adam through the SVI engine, minibatches of 128 with N/B scaling, the engine's choice of
 step), VAE 64-256-8 on scikit-learn's digits (binarized, float32). Its final ELBO evaluation is
 cut to 2 particles so the time is the training's.
@@ -69,9 +69,9 @@ def plain_loop(x: torch.Tensor, steps: int, seed: int) -> PlainVAE:
 
 
 def run(epochs=20, repeat=3, seed=0, verbose=True) -> list[Row]:
-    from inference.train_vae import train_vae
-    from models.data.images import load_digits
-    from models.vae import VAE
+    from elbolab.inference.svi.train_vae import train_vae
+    from elbolab.models.data.images import load_digits
+    from elbolab.models.vae.model import VAE
 
     x = load_digits(binarize=True, seed=seed).x_train
     n = x.shape[0]

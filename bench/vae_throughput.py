@@ -5,11 +5,11 @@
 The same VAE (digits binarized, z = 8, encoder 64-256-8 and decoder 8-256-64 MLPs, Bernoulli
 likelihood, batch 128, Adam lr 1e-3, float32, CPU) is trained for ``--steps`` steps by
 
-* elbolab: :func:`inference.svi.run_svi` (the engine's loop: ClippedAdam, minibatches with N/B
+* elbolab: :func:`elbolab.inference.svi.loop.run_svi` (the engine's loop: ClippedAdam, minibatches with N/B
   scaling, NaN checks, snapshots every 50 steps) with Pyro's Trace_ELBO, validation on and off,
   JitTrace_ELBO, TraceMeanField_ELBO (analytic KL; jitted or not: the jitted one recompiles under
   plate subsampling and is very slow, avoid it), and the engine's torch-native step
-  (``Settings(direct=True)``, :func:`inference.svi.direct_step`: the same estimator, no tracing);
+  (``Settings(direct=True)``, :func:`elbolab.inference.svi.engine.direct_step`: the same estimator, no tracing);
 * plain PyTorch: the same encoder and decoder modules, ``torch.optim.Adam``, and the same
   single-sample minibatch ELBO estimate
   (N/B) sum_b [log p(x_b | z_b) + log p(z_b) - log q(z_b | x_b)],
@@ -18,7 +18,7 @@ likelihood, batch 128, Adam lr 1e-3, float32, CPU) is trained for ``--steps`` st
 Each configuration runs ``--repeat`` times, interleaved with the others, best time kept (the
 machine may be shared). Images per second = batch * steps / seconds; ratio = elbolab / plain
 with the matching ELBO estimator. Also the IWAE evaluation throughput of
-:func:`inference.evidence.iwae_from_log_joint` (data points x samples per second).
+:func:`elbolab.inference.evaluation.evidence.iwae_from_log_joint` (data points x samples per second).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import time
 import pyro
 import torch
 
-from guides.amortized import build_mlp
-from inference import svi
-from inference.evidence import iwae_from_log_joint
-from inference.runtime import isolated
-from models.data.images import load_digits
-from models.vae import VAE
+from elbolab.guides.amortized import build_mlp
+from elbolab.inference import svi
+from elbolab.inference.evaluation.evidence import iwae_from_log_joint
+from elbolab.inference.runtime import isolated
+from elbolab.models.data.images import load_digits
+from elbolab.models.vae.model import VAE
 
 BATCH, LATENT, HIDDEN = 128, 8, 256
 

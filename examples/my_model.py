@@ -15,7 +15,7 @@ determinant lemma and Sherman-Morrison:
 
 What the study does with it follows from what the class implements (models/capabilities.py):
 ``model`` and ``check_data`` make it a Pyro family (SVI with any guide of
-``guides.for_family``, NUTS); ``simulate`` lets the study run without ``--data``; ``log_evidence``
+``elbolab.guides.for_family``, NUTS); ``simulate`` lets the study run without ``--data``; ``log_evidence``
 gives every row its gap log p(x) - ELBO. With a global latent there is no per-point IWAE (the study
 says so in the ``notes`` column).
 """
@@ -28,9 +28,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from models.base import ModelFamily
-from models.capabilities import Evidence
-from models.validate import as_data, integer, positive
+from elbolab.models.base import ModelFamily
+from elbolab.models.capabilities import Evidence
+from elbolab.models.validate import as_data, integer, positive
 
 
 class NoisyMean(ModelFamily):

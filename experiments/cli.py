@@ -13,8 +13,8 @@ EXPERIMENTS = {
     "vae_gaps": "VAE on digits: IWAE/AIS evidence, the Cremer et al. gap study, generation and imputation",
     "fit": "Your own model (--model package.module:Name): every engine it supports, evidence, gaps",
 }
-# elbolab COMMAND [flags] -> experiments.<module>.main(flags)
-COMMANDS = {"tour": "tour", "report": "report", "compare": "compare"}
+# elbolab COMMAND [flags] -> elbolab.experiments.<module>.main(flags)
+COMMANDS = {"tour": "tour", "report": "report.build", "compare": "compare"}
 USAGE = (
     "usage: elbolab list | elbolab run NAME [flags]   (elbolab run NAME --help for flags)\n"
     "       elbolab tour [--out DIR] [--quick]      the three studies and one report\n"
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         print(studies())
         return 0
     if argv[0] in COMMANDS:
-        return importlib.import_module(f"experiments.{COMMANDS[argv[0]]}").main(argv[1:]) or 0
+        return importlib.import_module(f"elbolab.experiments.{COMMANDS[argv[0]]}").main(argv[1:]) or 0
     if argv[0] == "run":
         if len(argv) < 2 or argv[1] in ("-h", "--help"):
             print(f"usage: elbolab run NAME [flags]   (elbolab run NAME --help for its flags); "
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                     if near else f"the studies: {', '.join(EXPERIMENTS)} (elbolab run NAME)")
             print(f"elbolab: unknown study {name!r}; {hint}", file=sys.stderr)
             return 2
-        module = importlib.import_module(f"experiments.{name}")
+        module = importlib.import_module(f"elbolab.experiments.{name}")
         return module.main(argv[2:]) or 0
     hint = _hint(argv[0], argv[1:]) or "; try 'elbolab --help' or 'elbolab list'"
     print(f"elbolab: unknown command {argv[0]!r}{hint}", file=sys.stderr)

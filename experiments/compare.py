@@ -29,9 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments import formatting, report, run_files, rundir  # noqa: E402
-from experiments.study import CliError  # noqa: E402
-from experiments.tour import staged  # noqa: E402
+from elbolab.experiments.core import rundir  # noqa: E402
+from elbolab.experiments.core.study import CliError  # noqa: E402
+from elbolab.experiments.report import build as report
+from elbolab.experiments.report import formatting, run_files
+from elbolab.experiments.tour import staged  # noqa: E402
 
 KEY = ["engine", "guide", "bound"]
 RUN_COLUMNS = ["run", "study", "fit", "seed", "device", "dtype", "commit"]

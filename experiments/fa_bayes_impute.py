@@ -1,4 +1,4 @@
-"""The Bayesian FA rows and the imputation study of :mod:`experiments.fa_gaps`: VB and NUTS on the
+"""The Bayesian FA rows and the imputation study of :mod:`elbolab.experiments.fa_gaps`: VB and NUTS on the
 Bayesian FA, the posterior of W W^T + Psi under each, and imputation of held-out entries.
 """
 
@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-import inference
-from experiments import common
-from inference import cavi, mcmc
-from inference.impute import column_mean_impute, importance_impute, rmse
-from models.bayes_fa import BayesianFactorAnalysis
-from models.fa import FactorAnalysis, FAParams
-from models.fa_missing import em_missing, impute
+from elbolab import inference
+from elbolab.experiments.core import common
+from elbolab.inference import arviz_io, mcmc
+from elbolab.inference.closed_form import cavi
+from elbolab.inference.impute import column_mean_impute, importance_impute, rmse
+from elbolab.models.fa.bayes import BayesianFactorAnalysis
+from elbolab.models.fa.missing import em_missing, impute
+from elbolab.models.fa.model import FactorAnalysis, FAParams
 
 POSTERIOR_COLUMNS = [
     "quantity", "i", "j", "nuts_mean", "nuts_sd", "nuts_mcse", "nuts_ess_bulk", "nuts_r_hat",
@@ -78,8 +79,6 @@ def vb_covariance_moments(post: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def posterior_table(x, vb, nuts, p_em: FAParams, truth) -> pd.DataFrame:
     """One row per upper-triangle entry C[i, j] of C = W W^T + Psi (rotation-invariant)."""
-    import arviz as az
-
     d = x.shape[1]
     iu = torch.triu_indices(d, d)
     df = pd.DataFrame({"quantity": [f"C[{i},{j}]" for i, j in iu.T.tolist()],
@@ -87,12 +86,12 @@ def posterior_table(x, vb, nuts, p_em: FAParams, truth) -> pd.DataFrame:
     nan = np.full(len(df), np.nan)
     if nuts is not None:
         c = nuts.samples["cov"].detach().double().cpu()
-        ds = az.convert_to_dataset({"cov": c.numpy()})
         df["nuts_mean"] = c.mean((0, 1)).numpy()
         df["nuts_sd"] = c.flatten(0, 1).std(0).numpy()
-        df["nuts_mcse"] = az.mcse(ds, method="mean")["cov"].values
-        df["nuts_ess_bulk"] = az.ess(ds, method="bulk")["cov"].values
-        df["nuts_r_hat"] = az.rhat(ds)["cov"].values
+        stats = arviz_io.chain_statistics(c.numpy())
+        df["nuts_mcse"] = stats["mcse_mean"]
+        df["nuts_ess_bulk"] = stats["ess_bulk"]
+        df["nuts_r_hat"] = stats["r_hat"]
     else:
         for col in ("nuts_mean", "nuts_sd", "nuts_mcse", "nuts_ess_bulk", "nuts_r_hat"):
             df[col] = nan

@@ -1,6 +1,6 @@
 """Factor analysis / PPCA: engines, swappable guides and the exact decomposition of the gaps.
 
-    python -m experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --quick]
+    python -m elbolab.experiments.fa_gaps [--n 300 --dim 8 --latent-dim 2 --model fa --quick]
 
 Rows of summary.csv (every ELBO in nats summed over the data, with the exact log evidence at the
 row's own parameters): exact EM (bound "log-likelihood"), CAVI over a mean-field q with the
@@ -13,7 +13,7 @@ gap 1/2 (sum_j log L_jj - log det L) (mean-field) or 0 (full-rank).
 imputation.csv: RMSE on held-out entries of a test split: exact conditional Gaussian, importance
 resampling (prior and encoder proposals), EM on data with gaps, column means.
 
-Bayesian FA (``models.bayes_fa``, model column "bayes-fa"; FA noise even with ``--model ppca``):
+Bayesian FA (``elbolab.models.fa.bayes``, model column "bayes-fa"; FA noise even with ``--model ppca``):
 variational Bayes q(W, mu) q(tau) q(Z) by CAVI (engine "cavi", guide "vb", bound "elbo", the
 closed-form ELBO) and NUTS with z integrated out (engine "mcmc", guide "nuts", bound "none";
 leave mcmc out of ``--engines`` to skip it). Their log_evidence is NaN: the Bayesian evidence
@@ -44,10 +44,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import guides  # noqa: E402
-import inference  # noqa: E402
-from experiments import common, plots  # noqa: E402
-from experiments.fa_bayes_impute import (  # noqa: E402
+from elbolab import (
+    guides,  # noqa: E402
+    inference,  # noqa: E402
+)
+from elbolab.experiments.core import common, plots  # noqa: E402
+from elbolab.experiments.fa_bayes_impute import (
     free_parameters,
     imputation_table,
     plot_imputation,
@@ -55,7 +57,7 @@ from experiments.fa_bayes_impute import (  # noqa: E402
     print_bayes,
     run_bayes,
 )
-from experiments.fa_settings import (  # noqa: E402, F401  (the settings, re-exported)
+from elbolab.experiments.fa_settings import (  # noqa: E402, F401  (the settings, re-exported)
     DEFAULT_GUIDES,
     ENGINES,
     FIELD_FLAGS,
@@ -64,8 +66,14 @@ from experiments.fa_settings import (  # noqa: E402, F401  (the settings, re-exp
     check,
     parse,
 )
-from inference import diagnostics, em, gaps, mcmc, svi  # noqa: E402
-from inference.reference import (  # noqa: E402
+from elbolab.inference import (
+    arviz_io,
+    mcmc,
+    svi,  # noqa: E402
+)
+from elbolab.inference.closed_form import em
+from elbolab.inference.evaluation import diagnostics, gaps
+from elbolab.inference.evaluation.reference import (
     FLAG_COLUMNS,
     REFERENCE_COLUMNS,
     flag_reference,
@@ -73,8 +81,8 @@ from inference.reference import (  # noqa: E402
     local_reference_table,
     reference_table,
 )
-from models.data import load_array  # noqa: E402
-from models.fa import FactorAnalysis, FAParams  # noqa: E402
+from elbolab.models.data import load_array  # noqa: E402
+from elbolab.models.fa.model import FactorAnalysis, FAParams  # noqa: E402
 
 GAP_COLUMNS = [
     "guide", "amortized", "local_family", "n", "log_evidence", "log_evidence_se",
@@ -229,7 +237,7 @@ def reference_frame(args, x, fixed, bayes_fam, vb, nuts, params, truth, trained)
     """reference.csv. C = W W^T + Psi (upper triangle; rotation-invariant) under VB (draws from
     q), EM, SVI with learned parameters and the truth (point estimates) against NUTS on the
     Bayesian FA; and each guide trained with EM's parameters fixed against the exact p(z | x)
-    (:func:`inference.reference.local_reference_table`)."""
+    (:func:`elbolab.inference.evaluation.reference.local_reference_table`)."""
     frames = []
     if nuts is not None:
         S = args.eval_particles
@@ -374,7 +382,7 @@ def run(args) -> dict:
     summary = common.flag_summary(summary, reference_methods(results), reference)
     summary.to_csv(out / "summary.csv", index=False)
     if nuts is not None:
-        nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
+        arviz_io.write_netcdf(nuts.to_inference_data(), out / "mcmc.nc")
         plots.mcmc_outputs(nuts.samples, out, ["cov", "mu", "log_lik"],
                            labels={"cov": cov_names(x.shape[1])})
     n, d, k = x.shape[0], x.shape[1], args.latent_dim

@@ -1,14 +1,14 @@
 """The settings of ``fa_gaps`` (flags, ``--config`` keys, ``--quick`` defaults) and the checks
-that need no data: one dataclass (:mod:`experiments.study`)."""
+that need no data: one dataclass (:mod:`elbolab.experiments.core.study`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import guides
-from experiments import common
-from experiments.study import StudySettings, list_engines_guides, setting
-from models.fa import FactorAnalysis
+from elbolab import guides
+from elbolab.experiments.core import common
+from elbolab.experiments.core.study import StudySettings, list_engines_guides, setting
+from elbolab.models.fa.model import FactorAnalysis
 
 DESCRIPTION = ("Factor analysis / PPCA: engines, swappable guides and the exact decomposition of "
                "the gaps.")

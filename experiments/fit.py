@@ -2,15 +2,15 @@
 
     elbolab run fit --model mypkg.mymodule:MyFamily [--model-args '{"K": 2}'] --data data.csv \\
         --engines svi,mcmc --guides mean-field,mlp
-    python -c "import experiments.fit as f; f.run(family, x, engines='em,svi', out='runs/mine')"
+    python -c "import elbolab.experiments.fit as f; f.run(family, x, engines='em,svi', out='runs/mine')"
 
 ``--model`` names the family by import path, ``package.module:Name`` (``importlib`` and then
 ``getattr`` along the dotted ``Name``; never ``eval``; the current folder is on the import path):
 a class (called with ``--model-args``, a JSON object of keyword arguments), a factory function, or
-a family instance. It must implement the model contract (:class:`models.capabilities.PyroFamily`); the engines it can run follow from its
+a family instance. It must implement the model contract (:class:`elbolab.models.capabilities.PyroFamily`); the engines it can run follow from its
 capabilities: ``em`` needs ClosedFormEM, ``cavi`` ClosedFormCAVI, ``svi`` and ``mcmc`` any Pyro
 model (``mcmc`` a continuous latent; learnable ``pyro.param``s are fixed at the EM estimate, else
-at the first SVI fit's). Guides are the family's (``guides.for_family``); a guide that leaves the
+at the first SVI fit's). Guides are the family's (``elbolab.guides.for_family``); a guide that leaves the
 model's enumerated discrete sites to enumeration trains and is scored on the collapsed bound
 (``elbo-collapsed``, TraceEnum_ELBO). Without ``--data`` a family with a simulator draws ``--n``
 points.
@@ -21,7 +21,7 @@ columns, ``notes``), ``gaps.csv`` (the Cremer et al. decomposition per amortized
 applies), ``mcmc.nc``, ``mcmc_diagnostics.csv`` and trace / rank plots (NUTS),
 ``elbo_traces.png`` and ``run.json``.
 The log evidence of a row is at that row's parameters: exact when the family has ExactEvidence,
-else the tightest of AIS and IWAE (see :mod:`experiments.fit_evidence`).
+else the tightest of AIS and IWAE (see :mod:`elbolab.experiments.fit_evidence`).
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ from dataclasses import MISSING, dataclass, fields
 import pandas as pd
 import torch
 
-import inference
-from experiments import common, fit_verdict, plots, rundir
-from experiments.fit_evidence import (
+from elbolab import inference
+from elbolab.experiments import fit_verdict
+from elbolab.experiments.core import common, plots, rundir
+from elbolab.experiments.core.study import RENAMED, CliError, StudySettings, setting
+from elbolab.experiments.fit_evidence import (
     NotApplicable,
     evaluate,
     gap_row,
     model_param_names,
     params_from,
 )
-from experiments.fit_family import ENGINES, choose, resolve_family, supported_engines
-from experiments.study import RENAMED, CliError, StudySettings, setting
-from inference import em, mcmc, svi
-from models.capabilities import Evidence, MissingCapability, Simulator, capabilities_of
-from models.data import load_array
+from elbolab.experiments.fit_family import ENGINES, choose, resolve_family, supported_engines
+from elbolab.inference import arviz_io, mcmc, svi
+from elbolab.inference.closed_form import em
+from elbolab.models.capabilities import Evidence, MissingCapability, Simulator, capabilities_of
+from elbolab.models.data import load_array
 
 #: summary.csv columns after the ones every study has (then the engines' ``diag_*`` columns)
 EXTRA_COLUMNS = ["params", "iterations", "iwae", "iwae_se", "ais", "ais_se", "khat",
@@ -63,7 +65,7 @@ class Settings(StudySettings):
     """The fit study's settings (flags, ``--config`` keys); ``--quick``: a smoke run."""
 
     model: str = setting("", "the family by import path, 'package.module:Name' (a class, factory "
-                         "or instance), e.g. models.mfa:MixtureOfFactorAnalysers")
+                         "or instance), e.g. elbolab.models.mfa:MixtureOfFactorAnalysers")
     model_args: str = setting("{}", "keyword arguments of the family's constructor, a JSON object")
     engines: str = setting("", "engines, comma list of em, cavi, svi, mcmc (default: every one "
                            "the family supports)", comma_list=True)
@@ -191,7 +193,7 @@ def study(args: Settings, family=None, x=None) -> dict:
                 continue
             if not param_names and r.bound == "log-likelihood":
                 # the family's parameters are constants, which EM re-estimates: its objective is
-                # the exact log likelihood at its own estimate (models.capabilities.BOUNDS)
+                # the exact log likelihood at its own estimate (elbolab.models.capabilities.BOUNDS)
                 own = (Evidence(r.elbo, 0.0, "em-objective", x.shape[0]),
                        {"notes": "EM re-estimates the family's fixed parameters; log_evidence "
                                  "is its objective, the exact log likelihood at its estimate"})
@@ -242,7 +244,7 @@ def study(args: Settings, family=None, x=None) -> dict:
     if gap_rows:
         gap_df.to_csv(out / "gaps.csv", index=False)
     if nuts is not None:
-        nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
+        arviz_io.write_netcdf(nuts.to_inference_data(), out / "mcmc.nc")
         plots.mcmc_outputs(nuts.samples, out)
     for r, label in zip(results, where):
         r.settings["params"] = label  # legends tell fixed from learned parameters

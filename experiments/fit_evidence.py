@@ -5,15 +5,15 @@ pair, ``FitResult.fitted()``, with the fitted copy of the family), an EM fit's e
 ``posterior`` entries named like the model's ``pyro.param`` sites, put in a fresh param store), or
 the family's fixed constants. What applies to which family:
 
-* exact log evidence: :class:`~models.capabilities.ExactEvidence`;
-* AIS (Neal 2001; :func:`inference.ais.ais`, from the prior p(z)): :class:`LocalDensities`;
-* IWAE with the fitted guide as proposal (Burda et al. 2016; :func:`inference.evidence.iwae`): SVI
+* exact log evidence: :class:`~elbolab.models.capabilities.ExactEvidence`;
+* AIS (Neal 2001; :func:`elbolab.inference.evaluation.ais.ais`, from the prior p(z)): :class:`LocalDensities`;
+* IWAE with the fitted guide as proposal (Burda et al. 2016; :func:`elbolab.inference.evaluation.evidence.iwae`): SVI
   fits of a family with :class:`LocalDensities` (on :class:`LocalView`, its per-point model with
   any discrete sites summed out), or of a model whose only latent is one per-point site;
-* PSIS k-hat of q (:func:`inference.diagnostics.psis_row`): SVI fits, and CAVI fits whose state
+* PSIS k-hat of q (:func:`elbolab.inference.evaluation.diagnostics.psis_row`): SVI fits, and CAVI fits whose state
   describes a q;
-* the gap decomposition (Cremer, Li & Duvenaud 2018; :func:`inference.gaps.decompose_gaps`):
-  SVI fits with an amortized per-point guide (``guides.LatentGuide``) of a family with
+* the gap decomposition (Cremer, Li & Duvenaud 2018; :func:`elbolab.inference.evaluation.gaps.decompose_gaps`):
+  SVI fits with an amortized per-point guide (``elbolab.guides.LatentGuide``) of a family with
   :class:`LocalDensities`, against the exact per-point evidence, else AIS, else IWAE.
 
 Where something does not apply, the row's value is NaN and ``notes`` says why.
@@ -27,15 +27,15 @@ import math
 import torch
 from pyro import poutine
 
-from guides import LatentGuide
-from guides.auto import latent_sites
-from inference import gaps as gap_lib
-from inference.ais import AisSettings, ais
-from inference.diagnostics import psis_row, tightest_evidence
-from inference.evidence import iwae
-from inference.runtime import isolated
-from models.base import LocalLatentFamily
-from models.capabilities import Evidence, ExactEvidence, LocalDensities, PointwiseEvidence
+from elbolab.guides import LatentGuide
+from elbolab.guides.auto import latent_sites
+from elbolab.inference.evaluation import gaps as gap_lib
+from elbolab.inference.evaluation.ais import AisSettings, ais
+from elbolab.inference.evaluation.diagnostics import psis_row, tightest_evidence
+from elbolab.inference.evaluation.evidence import iwae
+from elbolab.inference.runtime import isolated
+from elbolab.models.base import LocalLatentFamily
+from elbolab.models.capabilities import Evidence, ExactEvidence, LocalDensities, PointwiseEvidence
 
 
 class NotApplicable(ValueError):
@@ -181,7 +181,7 @@ def gap_row(family, x, result, evidence: Evidence | None, args) -> dict:
     """The Cremer et al. decomposition (mean per data point) of an amortized SVI fit."""
     guide = result.state.guide
     if not isinstance(guide, LatentGuide):
-        raise NotApplicable(f"guide {result.guide!r} is not a per-point guide (guides.LatentGuide)")
+        raise NotApplicable(f"guide {result.guide!r} is not a per-point guide (elbolab.guides.LatentGuide)")
     with result.fitted():
         fam = result.state.family
         if not isinstance(fam, LocalDensities):

@@ -1,9 +1,9 @@
 """Which family and what runs in the ``fit`` study: the family named by import path, the engines
-its capabilities allow, and the guides of ``guides.for_family`` (marked collapsed when the model's
+its capabilities allow, and the guides of ``elbolab.guides.for_family`` (marked collapsed when the model's
 enumerated discrete sites are left to enumeration).
 
 Names resolve by ``importlib.import_module`` and ``getattr`` along the dotted name, never by
-``eval``; every failure is a :class:`~experiments.study.CliError` naming ``--model``,
+``eval``; every failure is a :class:`~elbolab.experiments.core.study.CliError` naming ``--model``,
 ``--model-args``, ``--engines`` or ``--guides``.
 """
 
@@ -19,12 +19,12 @@ import sys
 import torch
 from pyro import poutine
 
-import guides as guide_registry
-from experiments.fit_evidence import model_param_names
-from experiments.study import CliError
-from guides.auto import latent_sites
-from inference.runtime import isolated
-from models.capabilities import ClosedFormCAVI, ClosedFormEM, PyroFamily
+from elbolab import guides as guide_registry
+from elbolab.experiments.core.study import CliError
+from elbolab.experiments.fit_evidence import model_param_names
+from elbolab.guides.auto import latent_sites
+from elbolab.inference.runtime import isolated
+from elbolab.models.capabilities import ClosedFormCAVI, ClosedFormEM, PyroFamily
 
 ENGINES = ("em", "cavi", "svi", "mcmc")
 #: engine -> the capability it needs
@@ -37,7 +37,7 @@ def resolve_family(path: str, model_args: str = "{}"):
     naming ``--model`` / ``--model-args`` otherwise."""
     if not path:
         raise CliError("--model: required: the family as 'package.module:Name' "
-                       "(e.g. models.mfa:MixtureOfFactorAnalysers)")
+                       "(e.g. elbolab.models.mfa:MixtureOfFactorAnalysers)")
     module_name, sep, attr = str(path).partition(":")
     parts = module_name.split(".") + attr.split(".")
     if not sep or not all(p.isidentifier() for p in parts):

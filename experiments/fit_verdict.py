@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from models.capabilities import Evidence
+from elbolab.models.capabilities import Evidence
 
 #: nats per data point that count as "within" EM's log-likelihood (plus the Monte Carlo error)
 PER_DATUM = 0.01

@@ -1,6 +1,6 @@
 """The headline experiment: the Bayesian GMM under every engine, against the exact evidence.
 
-    python -m experiments.gmm_engines [--n 100 --K 3 --dim 1 --prior-var 10 --seed 0 --quick]
+    python -m elbolab.experiments.gmm_engines [--n 100 --K 3 --dim 1 --prior-var 10 --seed 0 --quick]
 
 Rows: exact EM (MAP; its objective log p(x, mu) is no bound), CAVI (closed-form ELBO, checked
 against the shared Monte Carlo evaluator), SVI with the CAVI family (same bound, so its optimum
@@ -31,18 +31,24 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-import guides
-import inference
-from experiments import common, plots
-from experiments.study import StudySettings, list_engines_guides, setting
-from guides.gmm import guide_specs, mean_field_guide_from
-from inference import diagnostics, em, mcmc, svi
-from inference.elbo import estimate_elbo
-from inference.reference import REFERENCE_COLUMNS, component_names, flag_reference, reference_table
-from inference.runtime import isolated
-from models.data import load_array
-from models.gmm import MAX_ASSIGNMENTS, BayesianGMM, sorted_means
-from models.gmm_evidence import exact_posterior_draws
+from elbolab import guides, inference
+from elbolab.experiments.core import common, plots
+from elbolab.experiments.core.study import StudySettings, list_engines_guides, setting
+from elbolab.guides.gmm import guide_specs, mean_field_guide_from
+from elbolab.inference import arviz_io, mcmc, svi
+from elbolab.inference.closed_form import em
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.inference.evaluation import diagnostics
+from elbolab.inference.evaluation.reference import (
+    REFERENCE_COLUMNS,
+    component_names,
+    flag_reference,
+    reference_table,
+)
+from elbolab.inference.runtime import isolated
+from elbolab.models.data import load_array
+from elbolab.models.gmm.evidence import exact_posterior_draws
+from elbolab.models.gmm.model import MAX_ASSIGNMENTS, BayesianGMM, sorted_means
 
 SVI_GUIDES = ("mean-field", "collapsed", "auto-normal", "auto-mvn")
 ENGINES = ("em", "cavi", "svi", "mcmc")
@@ -246,7 +252,7 @@ def run(args) -> dict:
             columns={"method": "engine"}), on=["engine", "quantity"], how="left")
     posterior.to_csv(out / "posterior.csv", index=False)
     if nuts is not None:
-        nuts.to_inference_data().to_netcdf(out / "mcmc.nc")
+        arviz_io.write_netcdf(nuts.to_inference_data(), out / "mcmc.nc")
         plots.mcmc_outputs(nuts.samples, out, ["mu_sorted", "log_lik_total"])
     plots.plot_bounds(results, out / "elbo_traces.png", "GMM: objective per data point", evidence)
     if nuts is not None:  # the histograms are drawn over the NUTS reference
@@ -310,7 +316,7 @@ def run(args) -> dict:
 def reference_frame(family, x, draws, args) -> pd.DataFrame:
     """reference.csv: every engine's draws of the sorted means against the reference posterior
     (exact draws from the mixture over assignments when n is small, else NUTS), by
-    :func:`inference.reference.reference_table`; empty when there is neither."""
+    :func:`elbolab.inference.evaluation.reference.reference_table`; empty when there is neither."""
     draws = dict(draws)
     if args.K ** max(x.shape[0] - 1, 0) <= MAX_ASSIGNMENTS:
         g = torch.Generator().manual_seed(args.seed)

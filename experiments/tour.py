@@ -38,9 +38,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments import common, report, rundir
-from experiments.study import CliError
-from inference.runtime import resolve_device
+from elbolab.experiments.core import common, rundir
+from elbolab.experiments.core.study import CliError
+from elbolab.experiments.report import build as report
+from elbolab.inference.runtime import resolve_device
 
 # Explicit settings per study (flags of its own parser); --seed/--device/--out are added.
 STUDIES = {
@@ -104,7 +105,7 @@ def parse(argv) -> argparse.Namespace:
     for name, settings in STUDIES.items():  # every study's settings checked before any work
         flags = [*(["--quick"] if args.quick else settings), "--out", str(args.out / name)]
         try:
-            importlib.import_module(f"experiments.{name}").parse(flags)
+            importlib.import_module(f"elbolab.experiments.{name}").parse(flags)
         except CliError as exc:
             raise ValueError(f"{name}: {exc}") from None
     args.argv = list(argv)
@@ -160,7 +161,7 @@ def run_study(name: str, argv: list[str], folder: Path, shown: list[str] | None 
     CPU) seconds: CPU time over all threads, the machine-load-free measure of its cost.
     ``shown``: the flags the study records as its command (``--out`` where the folder will end
     up, not the working folder)."""
-    module = importlib.import_module(f"experiments.{name}")
+    module = importlib.import_module(f"elbolab.experiments.{name}")
     log = folder.parent / f".{name}.log"
     start, cpu = time.perf_counter(), time.process_time()
     failure = None

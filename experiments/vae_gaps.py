@@ -1,6 +1,6 @@
 """VAE on digits: IWAE/AIS evidence, the Cremer et al. (2018) gap study, generation and imputation.
 
-    python -m experiments.vae_gaps [--latent-dim 8 --hidden 256 --likelihood bernoulli
+    python -m elbolab.experiments.vae_gaps [--latent-dim 8 --hidden 256 --likelihood bernoulli
                                     --svi-epochs 1000 --iwae-particles 5000 --ais-steps 300
                                     --quick]
 
@@ -27,7 +27,7 @@ pseudo-Gibbs, pixel means, exact factor-analysis imputation).
 Outputs in --out: summary.csv, gaps.csv, capacity.csv, semi_amortized.csv, mcmc.csv,
 reference.csv (each z_ij marginal of q*_FFG, q*_Flow and q against NUTS: mean error, sd ratio,
 W1), mcmc_diagnostics.csv / mcmc_trace.png / mcmc_rank.png (NUTS per coordinate), imputation.csv, run.json, vae_ffg.pt / vae_flow.pt (decoder state_dicts + settings),
-encoder_ffg.pt / encoder_flow.pt (encoder config + state_dict: ``guides.amortized.load_encoder``),
+encoder_ffg.pt / encoder_flow.pt (encoder config + state_dict: ``elbolab.guides.amortized.load_encoder``),
 samples.png, reconstructions.png, latent_map.png, gaps.png, elbo_curves.png. Pyro validation is
 off unless --validate (speed).
 """
@@ -45,9 +45,9 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from pyro.infer.util import is_validation_enabled  # noqa: E402
 
-import guides  # noqa: E402
-from experiments import common, plots  # noqa: E402
-from experiments.vae_settings import (  # noqa: E402, F401  (the settings, re-exported)
+from elbolab import guides  # noqa: E402
+from elbolab.experiments.core import common, plots  # noqa: E402
+from elbolab.experiments.vae_settings import (  # noqa: E402, F401  (the settings, re-exported)
     ENGINES,
     LABELS,
     TRAINABLE,
@@ -56,7 +56,7 @@ from experiments.vae_settings import (  # noqa: E402, F401  (the settings, re-ex
     parse,
     resolve,
 )
-from experiments.vae_studies import (  # noqa: E402
+from elbolab.experiments.vae_studies import (
     EVAL_EVERY_EPOCHS,
     capacity_sweep,
     figures,
@@ -64,14 +64,14 @@ from experiments.vae_studies import (  # noqa: E402
     mcmc_reference,
     semi_amortized,
 )
-from guides.amortized import save_encoder  # noqa: E402
-from inference import diagnostics, gaps  # noqa: E402
-from inference.ais import AisSettings, ais  # noqa: E402
-from inference.evidence import iwae_from_log_joint  # noqa: E402
-from inference.runtime import isolated, synchronize  # noqa: E402
-from inference.train_vae import train_vae, training_outcome  # noqa: E402
-from models.data import images  # noqa: E402
-from models.vae import VAE  # noqa: E402
+from elbolab.guides.amortized import save_encoder  # noqa: E402
+from elbolab.inference.evaluation import diagnostics, gaps  # noqa: E402
+from elbolab.inference.evaluation.ais import AisSettings, ais  # noqa: E402
+from elbolab.inference.evaluation.evidence import iwae_from_log_joint  # noqa: E402
+from elbolab.inference.runtime import isolated, synchronize  # noqa: E402
+from elbolab.inference.svi.train_vae import train_vae, training_outcome  # noqa: E402
+from elbolab.models.data import images  # noqa: E402
+from elbolab.models.vae.model import VAE  # noqa: E402
 
 ENCODERS = {"ffg": "mlp", "flow": "flow"}
 FAMILIES = {"ffg": "mean-field", "flow": "local-flow"}

@@ -1,13 +1,13 @@
 """The settings of ``vae_gaps`` (flags, ``--config`` keys, ``--quick`` defaults) and its checks,
-run before any training: one dataclass (:mod:`experiments.study`)."""
+run before any training: one dataclass (:mod:`elbolab.experiments.core.study`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments import common
-from experiments.study import StudySettings, list_engines_guides, setting
-from models.data import images
+from elbolab.experiments.core import common
+from elbolab.experiments.core.study import StudySettings, list_engines_guides, setting
+from elbolab.models.data import images
 
 DESCRIPTION = ("VAE on digits: IWAE/AIS evidence, the Cremer et al. (2018) gap study, generation "
                "and imputation.")

@@ -1,4 +1,4 @@
-"""The later stages of :mod:`experiments.vae_gaps`: the encoder-capacity sweep, the semi-amortized
+"""The later stages of :mod:`elbolab.experiments.vae_gaps`: the encoder-capacity sweep, the semi-amortized
 guide, the NUTS reference over z, imputation of missing pixels, and the figures.
 """
 
@@ -11,20 +11,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-import guides
-from experiments import common, plots
-from inference import mcmc
-from inference.impute import importance_impute, pseudo_gibbs_impute, rmse
-from inference.pointwise import pointwise_elbo
-from inference.reference import (
+from elbolab import guides
+from elbolab.experiments.core import common, plots
+from elbolab.inference import mcmc
+from elbolab.inference.evaluation.pointwise import pointwise_elbo
+from elbolab.inference.evaluation.reference import (
     component_names,
     flag_reference,
     guide_draws,
     reference_flag,
     reference_table,
 )
-from inference.runtime import Timer, isolated
-from inference.train_vae import train_vae
+from elbolab.inference.impute import importance_impute, pseudo_gibbs_impute, rmse
+from elbolab.inference.runtime import Timer, isolated
+from elbolab.inference.svi.train_vae import train_vae
 
 #: the held-out ELBO of early stopping is evaluated every this many epochs
 EVAL_EVERY_EPOCHS = 5
@@ -87,7 +87,7 @@ def semi_amortized(model, subsets, qstars, elbo_q, cfg, seed):
 
 def mcmc_reference(model, x_test, qstars, args, cfg, seed):
     """NUTS over z (decoder fixed) on a few test images, against q*_FFG and the encoder q.
-    Unless NUTS converged by :func:`inference.mcmc.convergence` (``nuts_converged``), every
+    Unless NUTS converged by :func:`elbolab.inference.mcmc.nuts.convergence` (``nuts_converged``), every
     number against it carries ``ref_flag`` (mcmc.csv, reference.csv)."""
     vae, enc = model
     m = min(cfg["nuts_points"], x_test.shape[0])
@@ -158,8 +158,8 @@ def masks(x, image_shape, seed):
 
 def imputation(model, data, x_fit, args, cfg, seed):
     """RMSE on the missing pixels of test images, against the truth."""
-    from models.fa import fit_em
-    from models.fa import impute as fa_impute
+    from elbolab.models.fa.model import fit_em
+    from elbolab.models.fa.model import impute as fa_impute
 
     vae, enc = model
     x = data.x_test[: cfg["impute_points"]]

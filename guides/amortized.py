@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
-from models.numerics import ACTIVATIONS, inverse_softplus
-from models.validate import integer, non_negative, positive
+from elbolab.guides.local import LatentGuide, data_of, latent_dim_of, no_extra
+from elbolab.models.numerics import ACTIVATIONS, inverse_softplus
+from elbolab.models.validate import integer, non_negative, positive
 
 #: encoder classes by name (every subclass of EncoderGuide), for :func:`encoder_from_config`
 ENCODER_TYPES: dict[str, type] = {}
 
 
 def supports_direct(guide) -> bool:
-    """Whether the SVI engine's torch-native step (``inference.svi.direct_step``) can train
+    """Whether the SVI engine's torch-native step (``elbolab.inference.svi.engine.direct_step``) can train
     ``guide``: it must give q(z_n | x_n) for a minibatch as ``guide.distribution(x, idx)``."""
     return callable(getattr(guide, "distribution", None))
 

@@ -7,7 +7,7 @@ The model is traced once. A latent site inside the data plate (``pyro.plate("dat
 
 with A one of Pyro's autoguides (``AutoNormal``, ``AutoMultivariateNormal``,
 ``AutoLowRankMultivariateNormal``, ``AutoIAFNormal``; ``global_guide=``) over the global sites, and
-for each local site a guide of :data:`guides.LATENT_GUIDES` (``local=``, e.g. ``mean-field``,
+for each local site a guide of :data:`elbolab.guides.LATENT_GUIDES` (``local=``, e.g. ``mean-field``,
 ``mlp``). That guide needs a real-valued site of shape (n, k) with one event dimension
 (``.to_event(1)``) or a real scalar per point, shape (n,) with event shape () (guided as a 1-dim
 latent sampled with event shape ()); any other local site is an error naming it (``auto-normal``
@@ -29,6 +29,9 @@ from pyro.infer.autoguide import (
 )
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
+
+from elbolab.guides.base import GuideSpec
+from elbolab.guides.latent import LATENT_GUIDES, spec
 
 GLOBAL_GUIDES = {
     "auto-normal": AutoNormal,
@@ -127,8 +130,6 @@ def _not_local_error(name, site, local) -> ValueError:
 def build_composed(family, x, *, local: str = "auto-normal", global_guide: str = "auto-normal",
                    init_scale: float = 0.1, **local_options):
     """``GuideSpec.build`` of a composed guide (see the module docstring)."""
-    from guides import spec as latent_spec
-
     if global_guide not in GLOBAL_GUIDES:
         raise ValueError(f"global_guide: must be one of {sorted(GLOBAL_GUIDES)}, got {global_guide!r}")
     x = family.check_data(x)
@@ -151,7 +152,7 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
             raise _not_local_error(name, site, local)
         k = 1 if scalar else site["value"].shape[-1]
         try:
-            g = latent_spec(local).build(family, x, latent_dim=k, site=name,
+            g = spec(local).build(family, x, latent_dim=k, site=name,
                                          name=f"guide_{local}_{name}", **local_options)
         except ValueError as e:  # e.g. a flow on a 1-dim latent: say which site, and what to do
             raise ValueError(f"{name}: the per-point guide {local!r} cannot guide this local site "
@@ -172,9 +173,6 @@ def composed_specs() -> dict:
     """GuideSpecs for any model: ``auto-normal`` / ``auto-mvn`` / ``auto-lowrank`` / ``auto-iaf``
     (that autoguide over the globals, AutoNormal over the locals), and ``global+LOCAL`` names
     for each per-point latent guide LOCAL (AutoNormal over the globals)."""
-    from guides import LATENT_GUIDES
-    from guides.base import GuideSpec
-
     def with_global(g):
         def build(family, x, **options):
             return build_composed(family, x, global_guide=g, **options)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
-from models.capabilities import ExactLocalPosterior, require
+from elbolab.guides.local import LatentGuide, data_of, latent_dim_of, no_extra
+from elbolab.models.capabilities import ExactLocalPosterior, require
 
 
 class ExactPosteriorGuide(LatentGuide):

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from guides.amortized import EncoderGuide, data_dim_of, encoder_body
-from guides.local import LocalGuide, data_of, latent_dim_of, no_extra
-from models.numerics import ACTIVATIONS
-from models.validate import choice, integer
+from elbolab.guides.amortized import EncoderGuide, data_dim_of, encoder_body
+from elbolab.guides.local import LocalGuide, data_of, latent_dim_of, no_extra
+from elbolab.models.numerics import ACTIVATIONS
+from elbolab.models.validate import choice, integer
 
 FLOWS = ("iaf", "coupling", "spline")
 

@@ -15,13 +15,13 @@ k-means++ seeding (:func:`spread_means`), which breaks the label symmetry (all m
 a saddle) and rarely puts two means in one cluster: SVI runs once, without CAVI's restarts, and a
 guide started with two means in one cluster can stay in that local optimum (AutoMultivariateNormal
 did, 120 nats below the others, on the default experiment with uniform seeding).
-Parameters live in the active Pyro param store; build and fit inside ``inference.runtime.isolated``.
+Parameters live in the active Pyro param store; build and fit inside ``elbolab.inference.runtime.isolated``.
 
 Minibatches cost O(batch), not O(n). Every guide draws the batch's indices itself
-(:func:`models.numerics.minibatch_indices`: no permutation of all n points) and declares them on the ``data``
+(:func:`elbolab.models.numerics.minibatch_indices`: no permutation of all n points) and declares them on the ``data``
 plate, so the model's plate replays the same rows. q(c) is held as unconstrained logits (n, K)
 and only the batch's rows are read, by an embedding lookup with a sparse gradient; the SVI
-engine's optimizer (:class:`inference.sparse_adam.LazyClippedAdam`) then moves only those rows.
+engine's optimizer (:class:`elbolab.inference.svi.sparse_adam.LazyClippedAdam`) then moves only those rows.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
-from guides.base import GuideSpec
-from models.gmm import BayesianGMM, spread_means
-from models.gmm_fit import CaviState
-from models.numerics import minibatch_indices
-from models.validate import integer, positive
+from elbolab.guides.base import GuideSpec
+from elbolab.models.gmm.fit import CaviState
+from elbolab.models.gmm.model import BayesianGMM, spread_means
+from elbolab.models.numerics import minibatch_indices
+from elbolab.models.validate import integer, positive
 
 #: Pyro param names of the mean-field and collapsed guides (q(c) as unconstrained logits)
 LOC, SCALE, LOGITS = "q_mu_loc", "q_mu_scale", "q_c_logits"
@@ -72,7 +72,7 @@ def _unpack(state: CaviState, field: str = "init"):
     """(m, s, phi) of a CAVI state, detached (s = sqrt(s2), the sd of q(mu_k))."""
     if not isinstance(state, CaviState):
         raise TypeError(
-            f"{field}: expected a models.gmm_fit.CaviState (CAVI's state), got {type(state).__name__}"
+            f"{field}: expected a elbolab.models.gmm.fit.CaviState (CAVI's state), got {type(state).__name__}"
         )
     return state.m.detach(), state.s2.sqrt().detach(), state.phi.detach()
 
@@ -129,7 +129,7 @@ def build_mean_field(
     which the SVI engine's optimizer applies lazily; an optimizer without sparse support
     (``torch.optim.Adam``, ``pyro.optim.Adam``) needs ``sparse_grad=False`` (dense (n, K)
     gradients, a step then costs O(n)) or ``pyro.optim.PyroOptim(LazyClippedAdam, {...})``
-    (:mod:`inference.sparse_adam`).
+    (:mod:`elbolab.inference.svi.sparse_adam`).
     """
     x = family.check_data(x)
     m, s, phi = _initial(family, x, seed, init)
@@ -139,7 +139,7 @@ def build_mean_field(
 
 
 def mean_field_guide_from(state: CaviState, *, fixed: bool = True, enumerate_c: bool = True):
-    """The mean-field guide holding CAVI's state (:class:`models.gmm_fit.CaviState`).
+    """The mean-field guide holding CAVI's state (:class:`elbolab.models.gmm.fit.CaviState`).
 
     ``fixed=True`` (default): the values are constants, so the guide describes exactly that q
     whatever the param store holds (for ELBO evaluation). ``fixed=False``: they are the initial
@@ -208,7 +208,7 @@ def build_auto_mvn(family, x, *, seed: int | None = None, init_scale: float = 0.
 
 
 def guide_specs() -> dict[str, GuideSpec]:
-    """Name -> GuideSpec for the GMM family (registered for ``guides.for_family``)."""
+    """Name -> GuideSpec for the GMM family (registered for ``elbolab.guides.for_family``)."""
     return {
         "mean-field": GuideSpec(
             "mean-field",

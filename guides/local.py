@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.distributions.transforms import ReshapeTransform
 
-from models.validate import as_data, integer, positive
+from elbolab.models.validate import as_data, integer, positive
 
 
 class LatentGuide(nn.Module):

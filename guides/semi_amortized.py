@@ -12,7 +12,7 @@ were chosen on binarized digits (z = 8): single-draw steps with momentum made q 
 log p(x_n, z) comes from ``family.log_joint(x, z) -> (..., n)`` (model parameters are read,
 never changed by the inner loop).
 
-By name (``guides.for_family(vae)["semi-amortized"]``, ``svi.fit(..., guide="semi-amortized")``)
+By name (``elbolab.guides.for_family(vae)["semi-amortized"]``, ``svi.fit(..., guide="semi-amortized")``)
 without ``encoder=``, a NEW encoder is built: the ``mlp`` encoder with :data:`DEFAULT_ENCODER`
 (one hidden layer of 64 softplus units, diagonal Gaussian; override with ``encoder_options``),
 trained through the refinement with ``encoder_grad="straight-through"`` (the default for a new
@@ -39,11 +39,11 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
-from guides.local import LatentGuide, data_of, latent_dim_of, no_extra
-from models.validate import choice, integer, non_negative, positive
+from elbolab.guides.local import LatentGuide, data_of, latent_dim_of, no_extra
+from elbolab.models.validate import choice, integer, non_negative, positive
 
 ENCODER_GRADS = ("none", "straight-through", "full")
-#: the encoder built when none is given (options of ``guides.amortized.build_mlp``)
+#: the encoder built when none is given (options of ``elbolab.guides.amortized.build_mlp``)
 DEFAULT_ENCODER = {"hidden": (64,), "activation": "softplus"}
 
 
@@ -145,7 +145,7 @@ def build_semi_amortized(family, x, *, encoder=None, latent_dim=None, steps=10, 
     no_extra(options, "semi-amortized")
     x = data_of(family, x)
     if encoder is None:
-        from guides.amortized import build_mlp
+        from elbolab.guides.amortized import build_mlp
 
         if encoder_grad is None:
             encoder_grad = "straight-through"

@@ -2,7 +2,7 @@
 
 Each engine module exposes ``Settings`` (a dataclass with defaults) and
 ``fit(family, x, settings=None, *, seed=0, **options) -> FitResult``. An engine that cannot
-handle a family raises :class:`models.MissingCapability` naming the engine, the family and what
+handle a family raises :class:`elbolab.models.MissingCapability` naming the engine, the family and what
 is missing.
 """
 
@@ -12,14 +12,14 @@ import dataclasses
 import importlib
 import inspect
 
-from inference.result import BOUNDS, FitResult
-from inference.runtime import validate_seed
+from elbolab.inference.result import BOUNDS, FitResult
+from elbolab.inference.runtime import validate_seed
 
 ENGINES = {
-    "em": "inference.em",
-    "cavi": "inference.cavi",
-    "svi": "inference.svi",
-    "mcmc": "inference.mcmc",
+    "em": "elbolab.inference.closed_form.em",
+    "cavi": "elbolab.inference.closed_form.cavi",
+    "svi": "elbolab.inference.svi",
+    "mcmc": "elbolab.inference.mcmc",
 }
 
 
@@ -66,4 +66,6 @@ def _setting_names(cls) -> set[str]:
 
 __all__ = ["BOUNDS", "ENGINES", "FitResult", "cavi", "em", "engine", "fit", "mcmc", "svi"]
 
-from inference import cavi, em, mcmc, svi  # noqa: E402  (``inference.svi.Settings`` after ``import inference``)
+# the engines as attributes: ``inference.svi.Settings`` after ``from elbolab import inference``
+from elbolab.inference import mcmc, svi  # noqa: E402
+from elbolab.inference.closed_form import cavi, em  # noqa: E402

@@ -5,7 +5,7 @@ S = sum over the sample sites of their sizes. Sites the model marks for parallel
 (and the guide does not sample) multiply every tensor that meets them by their support size E,
 so a step with P particles holds about ``COPIES * P * E * S`` numbers (values, log densities,
 gradients and intermediates: ``COPIES`` = 4). The engines refuse, naming the setting, what
-exceeds :func:`models.validate.memory_budget` (:func:`models.validate.check_size`).
+exceeds :func:`elbolab.models.validate.memory_budget` (:func:`elbolab.models.validate.check_size`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from pyro import poutine
 
-from inference.result import site_is_plate
-from models.validate import check_size
+from elbolab.inference.tracing import site_is_plate
+from elbolab.models.validate import check_size
 
 #: numbers held per traced number (value, log density, gradient, intermediates)
 COPIES = 4

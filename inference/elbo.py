@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-from models.validate import integer
+from elbolab.models.validate import integer
 
 
 @dataclass

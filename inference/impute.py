@@ -33,9 +33,9 @@ import torch
 from pyro import poutine
 from torch.distributions import Independent
 
-from inference.evidence import seeded
-from inference.pointwise import caller_scope, vectorized
-from models.validate import as_data, integer, probability
+from elbolab.inference.evaluation.evidence import seeded
+from elbolab.inference.evaluation.pointwise import caller_scope, vectorized
+from elbolab.models.validate import as_data, integer, probability
 
 
 @dataclass
@@ -161,7 +161,7 @@ def pseudo_gibbs_impute(family, encoder, x, mask=None, *, steps: int = 50, burn_
     then repeat z ~ q(z | x~), x~_mis ~ p(x_mis | z) (observed entries kept); the result averages
     E[x_mis | z] over the ``steps - burn_in`` last sweeps. ``family``: a local-latent family
     (``observation_dist(z)``, the model's p(x | z)); ``encoder``: an amortized guide with
-    ``distribution(x)`` (e.g. ``guides.make("mlp", ...)`` after training). Returns x with the
+    ``distribution(x)`` (e.g. ``elbolab.guides.make("mlp", ...)`` after training). Returns x with the
     missing entries (NaN, or ``mask`` True) filled.
     """
     x, mask = missing_mask(x, mask)

@@ -21,7 +21,7 @@ import pyro
 import torch
 from pyro.distributions import constraints as pyro_constraints
 
-from inference.runtime import isolated
+from elbolab.inference.runtime import isolated
 
 #: constraints a saved parameter may carry, by name
 CONSTRAINTS = {
@@ -154,8 +154,8 @@ def _as_tensors(d: dict, group: str) -> dict:
 def _redraw(result, meta, x) -> None:
     """An SVI result saved without its draws: draw them again from the rebuilt guide with the
     fit's seed and number of draws (the same distribution, not the same draws), and say so."""
-    from inference.runtime import seed_everything
-    from inference.svi_pair import posterior_draws
+    from elbolab.inference.runtime import seed_everything
+    from elbolab.inference.svi.pair import posterior_draws
 
     n = meta["settings"].get("num_posterior_samples", 0)
     if not isinstance(n, int) or n <= 0:
@@ -170,9 +170,9 @@ def _redraw(result, meta, x) -> None:
 def _rebuild(meta, tensors, family, x):
     import copy
 
-    import guides as registry
-    from inference.svi import SviState
-    from inference.svi_run import SviRun
+    from elbolab import guides as registry
+    from elbolab.inference.svi.run import SviRun
+    from elbolab.inference.svi.state import SviState
 
     family = copy.deepcopy(family)
     saved = meta.get("family", {})

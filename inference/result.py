@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pyro.poutine.subsample_messenger import _Subsample
 
-from models.capabilities import BOUNDS
+from elbolab.inference.tracing import site_is_plate, to_numpy
+from elbolab.models.capabilities import BOUNDS
+
+__all__ = ["BOUNDS", "FitResult", "check_settings", "data_fields", "site_is_plate", "to_numpy"]
 
 
 class _Conditioned:
@@ -33,25 +35,13 @@ class _Conditioned:
         return {**self.base.settings(), "conditioned_on": sorted(self.fixed)}
 
 
-def to_numpy(v) -> np.ndarray:
-    """A tensor (any device) or array-like as a numpy array."""
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().numpy()
-    return np.asarray(v)
-
-
-def site_is_plate(site: dict) -> bool:
-    """Whether a trace node is a plate's index site (not a latent variable)."""
-    return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
-
-
 def check_settings(settings, cls: type, engine: str):
     """``settings`` or ``cls()``; an error naming both when it is another engine's settings."""
     if settings is None:
         return cls()
     if not isinstance(settings, cls):
         raise TypeError(
-            f"settings: the {engine} engine takes inference.{engine}.Settings, got "
+            f"settings: the {engine} engine takes elbolab.inference.{engine}.Settings, got "
             f"{type(settings).__module__}.{type(settings).__name__}"
         )
     return settings
@@ -67,8 +57,8 @@ class FitResult:
     ``log_likelihood`` pointwise values shaped ``(chain, draw, n)``.
 
     ``state`` by engine: ``em``/``cavi``: the family algorithm's dataclass state (e.g.
-    ``models.gmm_fit.CaviState``); ``svi``: :class:`inference.svi.SviState` (the fitted guide, the
-    parameters, the guide spec and the run); ``mcmc``: :class:`inference.mcmc.NutsRun`.
+    ``elbolab.models.gmm.fit.CaviState``); ``svi``: :class:`elbolab.inference.svi.state.SviState` (the fitted guide, the
+    parameters, the guide spec and the run); ``mcmc``: :class:`elbolab.inference.mcmc.nuts.NutsRun`.
     """
 
     model: str
@@ -100,15 +90,15 @@ class FitResult:
     # -- a fit you can keep --------------------------------------------------------------------
     def fitted(self):
         """Context manager yielding ``(model, guide)`` with the fitted parameters (SVI fits)."""
-        from inference.persist import fitted_pair
+        from elbolab.inference.persist import fitted_pair
 
         return fitted_pair(self)
 
     def elbo_estimate(self, x=None, *, num_particles: int = 1000, batch_size: int = 100,
                       seed: int = 0):
         """The ELBO of the fitted pair on ``x`` (default: nothing; pass the data), nats total."""
-        from inference.elbo import estimate_elbo
-        from inference.runtime import seed_everything
+        from elbolab.inference.elbo import estimate_elbo
+        from elbolab.inference.runtime import seed_everything
 
         with self.fitted() as (model, guide):
             seed_everything(seed)
@@ -128,7 +118,7 @@ class FitResult:
         (not a bound on log p(x)); ``method`` and ``details["conditioned_on"]`` then say so.
         ``latent``: the local latent site (default: the model's one local site).
         """
-        from inference.evidence import iwae
+        from elbolab.inference.evaluation.evidence import iwae
 
         x = self._data(x)
         with self.fitted() as (model, guide):
@@ -149,7 +139,7 @@ class FitResult:
         if not has_globals:
             return guide, None
         if fixed is None:
-            from guides.auto import latent_sites
+            from elbolab.guides.auto import latent_sites
 
             glob = sorted(latent_sites(self.state.family.model, x)[0])
             raise ValueError(
@@ -162,7 +152,7 @@ class FitResult:
         return guide.local_part, fixed
 
     def _local_site(self, model, x) -> str:
-        from guides.auto import latent_sites
+        from elbolab.guides.auto import latent_sites
 
         local = sorted(latent_sites(model, x)[1])
         if len(local) != 1:
@@ -172,7 +162,7 @@ class FitResult:
     @staticmethod
     def _event_dim(model, x, latent: str) -> int:
         """Event dims of the local site ``latent`` (0 for a scalar z_n, 1 for a vector)."""
-        from guides.auto import latent_sites
+        from elbolab.guides.auto import latent_sites
 
         site = latent_sites(model, x)[1].get(latent)
         return 1 if site is None else site["fn"].event_dim
@@ -180,8 +170,8 @@ class FitResult:
     def posterior_samples(self, num_samples: int = 1000, *, seed: int = 0, x=None) -> dict:
         """Draws from the fitted guide (SVI) as ``(1, num_samples, ...)`` per latent site (plate
         index sites left out); ``x`` defaults to the data the fit was built on."""
-        from inference.runtime import seed_everything
-        from inference.svi_pair import posterior_draws
+        from elbolab.inference.runtime import seed_everything
+        from elbolab.inference.svi.pair import posterior_draws
 
         x = self._data(x)
         with self.fitted() as (_, guide):
@@ -190,12 +180,12 @@ class FitResult:
         return samples
 
     def decompose_gaps(self, x=None, local_family=None, *, fixed=None, **options):
-        """The gap decomposition (:func:`inference.gaps.decompose_gaps`) of the fitted amortized
+        """The gap decomposition (:func:`elbolab.inference.evaluation.gaps.decompose_gaps`) of the fitted amortized
         guide under the fitted model. With global latents (a composed guide) the model is
         conditioned on them (``fixed``: ``"median"`` for the fitted global guide's median, or a
         dict), the gaps are those of log p(x | globals), the log evidence defaults to
         :meth:`iwae` under the same conditioning, and ``frame.attrs["conditioned_on"]`` says so."""
-        from inference.gaps import decompose_gaps
+        from elbolab.inference.evaluation.gaps import decompose_gaps
 
         x = self._data(x)
         with self.fitted() as (_, guide):
@@ -228,15 +218,15 @@ class FitResult:
         return x
 
     def save(self, folder):
-        """Save to ``folder`` (see :mod:`inference.persist`); returns the folder."""
-        from inference.persist import save
+        """Save to ``folder`` (see :mod:`elbolab.inference.persist`); returns the folder."""
+        from elbolab.inference.persist import save
 
         return save(self, folder)
 
     @classmethod
     def load(cls, folder, family=None, x=None) -> FitResult:
         """Load a saved result; with ``family`` and ``x`` an SVI fit's guide is rebuilt."""
-        from inference.persist import load
+        from elbolab.inference.persist import load
 
         return load(cls, folder, family, x)
 
@@ -290,7 +280,7 @@ class FitResult:
 
         Point estimates become one chain with one draw, so every engine converts.
         """
-        import arviz as az
+        from elbolab.inference import arviz_io
 
         def with_chain_draw(d: dict) -> dict:
             return {k: to_numpy(v) for k, v in d.items()}
@@ -311,7 +301,7 @@ class FitResult:
             "seed": self.seed,
             "device": self.device,
         }
-        return az.from_dict(
+        return arviz_io.inference_data(
             posterior=posterior, log_likelihood=log_lik, sample_stats=stats, attrs=attrs
         )
 

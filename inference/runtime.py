@@ -12,7 +12,7 @@ import numpy as np
 import pyro
 import torch
 
-from models.numerics import one_thread  # noqa: F401  (re-exported)
+from elbolab.models.numerics import one_thread  # noqa: F401  (re-exported)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -17,14 +17,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
-from models.validate import integer
+from elbolab.models.validate import integer
 
 LogJoint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def to_numpy(v) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def site_is_plate(site: dict) -> bool:
+    """Whether a trace node is a plate's index site (not a latent variable)."""
+    return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
 
 
 def is_random_site(site) -> bool:
@@ -171,7 +185,7 @@ def proposal_from(
 
     With the model this is the prior p(z_n) (batch shape ``(n,)``); with an amortized guide it is
     q(z_n | x_n). ``program`` may have no other unobserved sample site (the distribution must not
-    depend on other random draws); use :func:`inference.evidence.iwae` with the guide for guides
+    depend on other random draws); use :func:`elbolab.inference.evaluation.evidence.iwae` with the guide for guides
     with auxiliary sites.
     """
     fixed = dict(fixed or {})

@@ -1,10 +1,10 @@
 """Model families: Pyro models with whatever is tractable about them.
 
-The contract between families and engines is :mod:`models.capabilities`.
+The contract between families and engines is :mod:`elbolab.models.capabilities`.
 """
 
-from models.base import LocalLatentFamily, ModelFamily
-from models.capabilities import (
+from elbolab.models.base import LocalLatentFamily, ModelFamily
+from elbolab.models.capabilities import (
     BOUNDS,
     Evidence,
     GaussianPosterior,

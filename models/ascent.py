@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from models.validate import boolean, integer, non_negative
+from elbolab.models.validate import boolean, integer, non_negative
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Base classes of the model families (the contract itself is in :mod:`models.capabilities`).
+"""Base classes of the model families (the contract itself is in :mod:`elbolab.models.capabilities`).
 
 :class:`ModelFamily` holds a family's name and hyperparameters. :class:`LocalLatentFamily` is for
 models with one per-point latent z_n and fixed global parameters,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pyro
 import torch
 
-from models.capabilities import capabilities_of
+from elbolab.models.capabilities import capabilities_of
 
 
 class ModelFamily:

@@ -29,7 +29,7 @@ capability                 what it provides                                     
 A :class:`CoordinateAscent` is one closed-form algorithm (EM or CAVI): ``init``, ``step``,
 ``objective`` (nats, summed over the data, every constant kept) and ``posterior`` on a typed
 dataclass state, with the name of its bound (a key of :data:`BOUNDS`) and of its variational
-family (``guide``). The shared loop :func:`models.ascent.ascend` runs it.
+family (``guide``). The shared loop :func:`elbolab.models.ascent.ascend` runs it.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class LocalDensities(Protocol):
     """A per-point latent ``latent_site`` of size ``latent_dim`` with prior ``local_prior(x)``
     (batch (n,), event (k,)) and observation model ``observation_dist(z)`` (batch (..., n), event =
     one row), the very distribution objects the Pyro model samples from. ``log_joint(x, z)`` =
-    log p(z_n) + log p(x_n | z_n), shape (..., n) (see :class:`models.base.LocalLatentFamily`)."""
+    log p(z_n) + log p(x_n | z_n), shape (..., n) (see :class:`elbolab.models.base.LocalLatentFamily`)."""
 
     latent_dim: int
     latent_site: str

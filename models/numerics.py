@@ -89,3 +89,10 @@ def importance_summary(log_w: torch.Tensor) -> tuple[float, float, float]:
     se = float(w.std() / (math.sqrt(log_w.numel()) * mean))
     ess = float(w.sum() ** 2 / (w**2).sum())
     return value, se, ess
+
+
+def softmax(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Stable softmax from elementwise ops (torch.softmax spawns a thread pool per call on CPU,
+    which costs milliseconds per tiny call on a loaded machine)."""
+    e = torch.exp(a - a.amax(dim, keepdim=True))
+    return e / e.sum(dim, keepdim=True)

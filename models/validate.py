@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.numerics import one_thread
+from elbolab.models.numerics import one_thread
 
 
 def as_data(

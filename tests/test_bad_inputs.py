@@ -20,17 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-import inference
-from inference import em, mcmc, svi
-from inference.svi_settings import Optimizer
-from models.bayes_fa import BayesianFactorAnalysis
-from models.capabilities import MissingCapability
-from models.data import load_array
-from models.data.images import load_images
-from models.fa import FactorAnalysis
-from models.gmm import BayesianGMM
-from models.vae import VAE
-from models.validate import TooLarge, as_data
+from elbolab import inference
+from elbolab.inference import mcmc, svi
+from elbolab.inference.closed_form import em
+from elbolab.inference.svi.settings import Optimizer
+from elbolab.models.capabilities import MissingCapability
+from elbolab.models.data import load_array
+from elbolab.models.data.images import load_images
+from elbolab.models.fa.bayes import BayesianFactorAnalysis
+from elbolab.models.fa.model import FactorAnalysis
+from elbolab.models.gmm.model import BayesianGMM
+from elbolab.models.vae.model import VAE
+from elbolab.models.validate import TooLarge, as_data
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Variational Bayes and NUTS on the Bayesian FA through ``inference.fit`` (the public interface).
+"""Variational Bayes and NUTS on the Bayesian FA through ``elbolab.inference.fit`` (the public interface).
 
 The Bayesian evidence of FA has no closed form, so the checks are:
 * a limit where it has one: with W pinned at 0 by a very tight prior, each data column is a
@@ -25,21 +25,22 @@ from scipy import integrate, stats
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import FactorAnalysis as SkFA
 
-import inference
-from inference import cavi, mcmc
-from inference.elbo import estimate_elbo
-from models.ascent import AscentSettings, ascend
-from models.bayes_fa import BayesianFactorAnalysis
-from models.bayes_fa_dists import (
+from elbolab import inference
+from elbolab.inference import mcmc
+from elbolab.inference.closed_form import cavi
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.models.ascent import AscentSettings, ascend
+from elbolab.models.capabilities import CoordinateAscent
+from elbolab.models.fa.bayes import BayesianFactorAnalysis
+from elbolab.models.fa.bayes_dists import (
     FreeToLoadings,
     IdentifiedLoadings,
     LowerTrapezoidal,
     identify_loadings,
 )
-from models.bayes_fa_vb import VBState
-from models.capabilities import CoordinateAscent
-from models.fa import FactorAnalysis, FAParams
-from models.numerics import one_thread
+from elbolab.models.fa.bayes_vb import VBState
+from elbolab.models.fa.model import FactorAnalysis, FAParams
+from elbolab.models.numerics import one_thread
 
 
 def _normal_gamma_log_evidence(xi: np.ndarray, a0: float, b0: float, s: float) -> float:

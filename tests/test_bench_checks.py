@@ -43,10 +43,10 @@ def test_interleaved_alternates_and_keeps_reported_seconds():
 
 
 def test_bgmm_settings_make_the_same_model_and_the_check_can_fail():
-    import inference
     from bench.gmm_cavi import _fit_bgmm, bgmm
-    from models.gmm import BayesianGMM
-    from models.gmm_fit import CaviState
+    from elbolab import inference
+    from elbolab.models.gmm.fit import CaviState
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(3, 10.0)
     x, _ = fam.simulate(400, seed=1)
@@ -69,8 +69,8 @@ def test_bgmm_settings_make_the_same_model_and_the_check_can_fail():
 def test_fa_check_against_sklearn_passes_and_fails():
     from sklearn.decomposition import FactorAnalysis as SkFA
 
-    import inference
-    from models.fa import FactorAnalysis, FAParams
+    from elbolab import inference
+    from elbolab.models.fa.model import FactorAnalysis, FAParams
 
     fam = FactorAnalysis(2, dim=6)
     x, _ = fam.simulate(800, seed=2, dtype=torch.float64)

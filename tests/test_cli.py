@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import cli, fa_gaps, gmm_engines, vae_gaps
-from experiments.study import CliError
+from elbolab.experiments import cli, fa_gaps, gmm_engines, vae_gaps
+from elbolab.experiments.core.study import CliError
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {"gmm_engines": gmm_engines, "fa_gaps": fa_gaps, "vae_gaps": vae_gaps}
@@ -78,7 +78,7 @@ def test_a_typo_gets_a_hint_one_can_type(capsys, argv, hint):
 
 
 def test_report_help_is_the_whole_description(capsys):
-    from experiments import report
+    from elbolab.experiments.report import build as report
 
     with pytest.raises(SystemExit) as info:
         cli.main(["report", "--help"])
@@ -106,7 +106,7 @@ OLD_FLAGS = [  # (study, old flag, new flag), every name issue 17 retired
 
 @pytest.mark.parametrize("study,old,new", OLD_FLAGS)
 def test_an_old_flag_is_an_error_naming_the_new_one(capsys, tmp_path, study, old, new):
-    from experiments import fit
+    from elbolab.experiments import fit
 
     module = {**STUDIES, "fit": fit}[study]
     out = tmp_path / "o"
@@ -132,7 +132,7 @@ def test_no_nuts_is_gone_engines_says_it(capsys, tmp_path):
 
 
 def test_every_nuts_study_has_the_same_nuts_flags():
-    from experiments import fit
+    from elbolab.experiments import fit
 
     for module in (gmm_engines, fa_gaps, vae_gaps, fit):
         names = {f.name for f in dataclasses.fields(module.Settings)}
@@ -142,7 +142,7 @@ def test_every_nuts_study_has_the_same_nuts_flags():
 
 
 def test_a_run_saved_under_old_names_resumes_under_the_new_ones():
-    from experiments.study import from_saved
+    from elbolab.experiments.core.study import from_saved
 
     saved = fa_gaps.parse(["--quick"]).values()
     for new, old in (("svi_steps", "steps"), ("svi_lr", "lr"), ("nuts_chains", "chains"),
@@ -411,7 +411,7 @@ def test_errors_at_the_real_command_line(tmp_path):
         ["run", "gmm_engines", "--K"],
         ["run", "fa_gaps", "--quick", "--steps", "9", "--out", str(tmp_path / "a")],
     ]
-    code = "import sys; from experiments.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    code = "import sys; from elbolab.experiments.cli import main; raise SystemExit(main(sys.argv[1:]))"
     for argv in runs:
         r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True,
                            text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -429,7 +429,7 @@ def test_cli_error_is_a_system_exit_with_status_2():
 
 
 def test_process_rank_reads_the_launchers_environment(monkeypatch):
-    from experiments.common import process_rank
+    from elbolab.experiments.core.common import process_rank
 
     for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -491,8 +491,8 @@ def test_progress_bars_only_when_a_person_watches(monkeypatch):
     """A study's bars go to a terminal, never into a redirected log (hundreds of \\r lines)."""
     import io
 
-    from experiments.gmm_engines import Settings
-    from experiments.study import resolve
+    from elbolab.experiments.core.study import resolve
+    from elbolab.experiments.gmm_engines import Settings
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -511,12 +511,12 @@ def test_a_warning_during_a_study_is_one_line_naming_the_study(capsys):
     """Not Python's `/path/file.py:246: UserWarning: ...` plus a source line in the run's log."""
     import warnings
 
-    from experiments import common
+    from elbolab.experiments.core import common
 
     before = warnings.showwarning
 
     def run(argv):
-        warnings.warn("gap decomposition of guide 'ffg': khat 0.85 > 0.7", UserWarning)
+        warnings.warn("gap decomposition of guide 'ffg': khat 0.85 > 0.7", UserWarning, stacklevel=2)
         return 0
 
     assert common.entry("vae_gaps", run, []) == 0

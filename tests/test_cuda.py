@@ -6,9 +6,10 @@ shows up there as a float32 result."""
 import pytest
 import torch
 
-import inference
-from inference import cavi, em, mcmc, svi
-from models.gmm import BayesianGMM
+from elbolab import inference
+from elbolab.inference import mcmc, svi
+from elbolab.inference.closed_form import cavi, em
+from elbolab.models.gmm.model import BayesianGMM
 
 pytestmark = pytest.mark.cuda
 
@@ -58,7 +59,7 @@ def test_every_study_runs_on_cuda(tmp_path, study):
     import importlib
     import json
 
-    mod = importlib.import_module(f"experiments.{study}")
+    mod = importlib.import_module(f"elbolab.experiments.{study}")
     out = tmp_path / study
     assert mod.main(["--quick", "--no-progress", "--device", "cuda", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["device"].startswith("cuda")

@@ -1,6 +1,6 @@
 """Distributed data-parallel SVI (inference/ddp.py) on 2 CPU processes (gloo backend).
 
-The reference is the same steps computed in one process (:func:`inference.ddp.fit_single`: each
+The reference is the same steps computed in one process (:func:`elbolab.inference.svi.ddp.fit_single`: each
 step's shard losses averaged before one backward pass, the shards seeded as the ranks seed them).
 DDP must give identical parameters on both ranks, equal to the reference up to the order of the
 floating-point sums of the all-reduce, and log the all-reduced ELBO (the mean of the ranks'
@@ -16,11 +16,11 @@ import torch
 
 pytest.importorskip("lightning", reason="distributed SVI needs lightning (pip install 'elbolab[ddp]')")
 
-from inference import ddp  # noqa: E402
-from inference.runtime import isolated  # noqa: E402
-from inference.svi import resolve_guide  # noqa: E402
-from inference.svi_settings import Settings  # noqa: E402
-from models.vae import VAE  # noqa: E402
+from elbolab.inference.runtime import isolated  # noqa: E402
+from elbolab.inference.svi import ddp  # noqa: E402
+from elbolab.inference.svi.engine import resolve_guide  # noqa: E402
+from elbolab.inference.svi.settings import Settings  # noqa: E402
+from elbolab.models.vae.model import VAE  # noqa: E402
 
 OPTS = dict(num_steps=4, subsample_size=16, lr=1e-2, num_particles=1)
 
@@ -77,9 +77,9 @@ def test_bad_requests_name_the_setting_before_starting_processes():
 
 
 def test_fit_with_a_strategy_trains_distributed_and_evaluates_the_pair_here():
-    """The user's path: ``inference.fit("svi", ..., strategy="ddp_spawn", devices=2)`` returns a
+    """The user's path: ``elbolab.inference.fit("svi", ..., strategy="ddp_spawn", devices=2)`` returns a
     FitResult holding the one-process reference's parameters, with its ELBO evaluated on them."""
-    import inference
+    from elbolab import inference
 
     vae, x = _data()
     res = inference.fit("svi", vae, x, guide="mlp", strategy="ddp_spawn", devices=2,
@@ -96,7 +96,7 @@ def test_fit_with_a_strategy_trains_distributed_and_evaluates_the_pair_here():
 
 
 def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
-    import inference
+    from elbolab import inference
 
     vae, x = _data()
     base = dict(guide="mlp", strategy="ddp_spawn", devices=2, **OPTS)
@@ -112,7 +112,7 @@ def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
         inference.fit("svi", vae, x, **{**base, "strategy": "horovod"})
     with pytest.raises(ValueError, match="^accelerator: applies to a distributed strategy"):
         inference.fit("svi", vae, x, guide="mlp", accelerator="gpu", **OPTS)
-    from inference.train_vae import train_vae
+    from elbolab.inference.svi.train_vae import train_vae
 
     with pytest.raises(ValueError, match="^val_data"):
         train_vae(vae, x, epochs=1, batch_size=16, strategy="ddp_spawn", devices=2, val_data=x)
@@ -121,7 +121,7 @@ def test_settings_a_distributed_run_cannot_honour_are_errors_naming_them():
 def test_a_users_model_with_a_composed_guide_trains_on_spawned_processes():
     """A model from a user's module (tests/toy.py) with the composed mean-field guide (closures,
     rebuilt by name in each process) equals the one-process reference."""
-    import inference
+    from elbolab import inference
     from tests.toy import NoisyLocal
 
     x = 1.5 + torch.randn(48, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -135,7 +135,7 @@ def test_a_users_model_with_a_composed_guide_trains_on_spawned_processes():
 
 
 def test_what_cannot_reach_spawned_processes_is_named_before_they_start():
-    import inference
+    from elbolab import inference
     from tests.toy import NoisyLocal
 
     class InATest(NoisyLocal):  # defined in a function: a spawned process cannot import it
@@ -151,7 +151,7 @@ def test_what_cannot_reach_spawned_processes_is_named_before_they_start():
 
 
 def test_a_distributed_run_whose_elbo_became_non_finite_is_reported_diverged(monkeypatch):
-    import inference
+    from elbolab import inference
 
     vae, x = _data()
     ref = ddp.fit_single(vae, x, guide="mlp", world_size=2, seed=1, **OPTS)

@@ -21,13 +21,13 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
-from inference.elbo import estimate_elbo
-from inference.runtime import isolated
-from models.ascent import AscentSettings, ascend
-from models.capabilities import LocalDensities, PointwiseLogLikelihood
-from models.fa import FactorAnalysis, FAParams
-from models.gmm import BayesianGMM
-from models.vae import VAE
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.inference.runtime import isolated
+from elbolab.models.ascent import AscentSettings, ascend
+from elbolab.models.capabilities import LocalDensities, PointwiseLogLikelihood
+from elbolab.models.fa.model import FactorAnalysis, FAParams
+from elbolab.models.gmm.model import BayesianGMM
+from elbolab.models.vae.model import VAE
 
 
 def _fa(kind):
@@ -142,7 +142,7 @@ def _run(algo, x, iters=30):
 
 
 def test_gmm_cavi_objective_is_the_monte_carlo_elbo_of_the_model():
-    from guides.gmm import mean_field_guide_from
+    from elbolab.guides.gmm import mean_field_guide_from
 
     fam, x, _ = _gmm_case(2)
     algo = fam.cavi()
@@ -155,7 +155,7 @@ def test_gmm_cavi_objective_is_the_monte_carlo_elbo_of_the_model():
 
 
 def test_fa_cavi_objective_is_the_monte_carlo_elbo_of_the_model():
-    import guides
+    from elbolab import guides
 
     fam = _fa("fa")
     x, _ = fam.simulate(40, seed=4, dtype=torch.float64)
@@ -172,7 +172,7 @@ def test_fa_cavi_objective_is_the_monte_carlo_elbo_of_the_model():
 
 @pytest.mark.parametrize("kind", ["fa", "ppca"])
 def test_em_log_likelihood_is_the_elbo_of_the_exact_posterior(kind):
-    import guides
+    from elbolab import guides
 
     fam = FactorAnalysis(2, dim=5, kind=kind)
     x, _ = fam.simulate(60, seed=5, dtype=torch.float64)

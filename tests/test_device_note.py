@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-import inference
-from inference.runtime import SMALL_FOR_CUDA, device_note
+from elbolab import inference
+from elbolab.inference.runtime import SMALL_FOR_CUDA, device_note
 from tests.toy import NormalMean
 
 

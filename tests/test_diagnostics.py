@@ -18,17 +18,16 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-import guides
-import inference
-from experiments.plots import bounds_figure, label_of
-from inference import diagnostics as D
-from inference.reference import mcmc_table, reference_table
-from inference.runtime import isolated
-from models.base import ModelFamily
-from models.capabilities import Evidence
-from models.fa import FactorAnalysis
-from models.gmm import BayesianGMM
-from models.validate import as_data
+from elbolab import guides, inference
+from elbolab.experiments.core.plots import bounds_figure, label_of
+from elbolab.inference.evaluation import diagnostics as D
+from elbolab.inference.evaluation.reference import mcmc_table, reference_table
+from elbolab.inference.runtime import isolated
+from elbolab.models.base import ModelFamily
+from elbolab.models.capabilities import Evidence
+from elbolab.models.fa.model import FactorAnalysis
+from elbolab.models.gmm.model import BayesianGMM
+from elbolab.models.validate import as_data
 
 
 def gaussian_log_weights(s, shape, seed=0):
@@ -274,7 +273,7 @@ def test_bounds_figure_separates_map_and_labels_fixed_from_learned():
 
 
 def test_mcmc_figures_show_the_worst_quantities(tmp_path):
-    from experiments.plots import mcmc_outputs
+    from elbolab.experiments.core.plots import mcmc_outputs
 
     rng = np.random.default_rng(1)
     draws = rng.normal(size=(3, 200, 4))
@@ -290,7 +289,7 @@ def test_local_reference_table_against_the_mean_field_closed_form():
     """q_n = the mean-field optimum (exact mean, variances 1 / L_jj): sd ratio to the exact
     posterior sqrt(1 / (L_jj Sigma_jj)) in every coordinate, mean error 0 up to Monte Carlo
     (rms over points of (mean of 2000 draws - mean of 2000 draws) ~ sd sqrt(2 / 2000))."""
-    from inference.reference import local_reference_table
+    from elbolab.inference.evaluation.reference import local_reference_table
 
     fam, x, _ = fa_setup(n=50)
     mean, cov = fam.exact_posterior(x)
@@ -310,7 +309,7 @@ def test_local_reference_table_against_the_mean_field_closed_form():
 
 
 def test_guide_draws_shapes_and_psis_frame():
-    from inference.reference import guide_draws
+    from elbolab.inference.evaluation.reference import guide_draws
 
     fam = BayesianGMM(K=2, prior_var=4.0)
     x, _ = fam.simulate(20, seed=0)

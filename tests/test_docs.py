@@ -39,7 +39,7 @@ NOT_RUN = {
     "torchrun": "needs several nodes with GPUs",
 }
 # training commands (their smoke settings are used here)
-TRAINS = re.compile(r"^(elbolab (run|tour)\b|python -m experiments\.)")
+TRAINS = re.compile(r"^(elbolab (run|tour)\b|python -m elbolab\.experiments\.)")
 
 
 def blocks(page: Path) -> list[tuple[int, str, str]]:
@@ -90,7 +90,7 @@ def reader(tmp_path_factory) -> Path:
         (folder / ".venv" / "bin").mkdir(parents=True)
         (folder / ".venv" / "bin" / "activate").write_text(
             f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
-    r = subprocess.run([sys.executable, "-m", "experiments.cli", "tour", "--quick", "--out",
+    r = subprocess.run([sys.executable, "-m", "elbolab.experiments.cli", "tour", "--quick", "--out",
                         "runs/demo"], cwd=folder, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-import guides
-import inference
-from inference import mcmc, svi
-from inference.checkpoint import load_checkpoint
-from inference.elbo import estimate_elbo
-from inference.runtime import isolated
-from models import MissingCapability
+from elbolab import guides, inference
+from elbolab.inference import mcmc, svi
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.inference.runtime import isolated
+from elbolab.inference.svi.checkpoint import load_checkpoint
+from elbolab.models import MissingCapability
 from tests.toy import NormalMean
 
 
@@ -80,7 +79,7 @@ def test_svi_divergence_stops_with_reason_and_keeps_last_good_state(data):
         scale = x.new_tensor(float("nan") if calls["n"] > 21 else 1.0)
         pyro.sample("theta", dist.Normal(loc, scale))
 
-    from inference.runtime import isolated as iso
+    from elbolab.inference.runtime import isolated as iso
 
     with iso(0):
         run = svi.run_svi(fam.model, exploding_guide, (bad,), svi.Settings(num_steps=100))

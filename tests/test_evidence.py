@@ -21,10 +21,17 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
-from inference.ais import AisSettings, AnnealingTarget, ais, annealing_schedule, bdmc, hmc_step
-from inference.evidence import iwae, iwae_from_log_joint, iwae_throughput
-from inference.tracing import proposal_from, pyro_log_joint
-from models.capabilities import Evidence
+from elbolab.inference.evaluation.ais import (
+    AisSettings,
+    AnnealingTarget,
+    ais,
+    annealing_schedule,
+    bdmc,
+    hmc_step,
+)
+from elbolab.inference.evaluation.evidence import iwae, iwae_from_log_joint, iwae_throughput
+from elbolab.inference.tracing import proposal_from, pyro_log_joint
+from elbolab.models.capabilities import Evidence
 
 K = 2
 
@@ -115,7 +122,7 @@ def test_pyro_log_joint_matches_scipy_with_leading_dims(easy):
 
 
 def test_fa_family_model_log_joint_matches_scipy(easy):
-    fa = pytest.importorskip("models.fa")
+    fa = pytest.importorskip("elbolab.models.fa.model")
     params = fa.FAParams(easy.t(easy.W), easy.t(easy.mu), easy.t(easy.psi))
     family = fa.FactorAnalysis(K, params=params)
     x = easy.x()
@@ -359,7 +366,7 @@ def test_bdmc_brackets_the_exact_value(easy):
 
 
 def test_ais_through_pyro_model_from_prior(easy):
-    fa = pytest.importorskip("models.fa")
+    fa = pytest.importorskip("elbolab.models.fa.model")
     params = fa.FAParams(easy.t(easy.W), easy.t(easy.mu), easy.t(easy.psi))
     model = fa.FactorAnalysis(K, params=params).model
     x = easy.x()[:8]

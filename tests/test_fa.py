@@ -7,10 +7,10 @@ import torch
 from scipy.stats import multivariate_normal, norm
 from sklearn.decomposition import FactorAnalysis as SkFA
 
-import guides
-from inference import em
-from inference.runtime import isolated
-from models.capabilities import (
+from elbolab import guides
+from elbolab.inference.closed_form import em
+from elbolab.inference.runtime import isolated
+from elbolab.models.capabilities import (
     ClosedFormCAVI,
     ClosedFormEM,
     CoordinateAscent,
@@ -22,7 +22,7 @@ from models.capabilities import (
     PyroFamily,
     Simulator,
 )
-from models.fa import FactorAnalysis, FAParams, fit_em, ppca_ml
+from elbolab.models.fa.model import FactorAnalysis, FAParams, fit_em, ppca_ml
 
 
 def random_params(d=6, k=2, seed=0, dtype=torch.float64):
@@ -269,7 +269,7 @@ def test_params_save_load(tmp_path):
 
 
 def test_exact_posterior_follows_param_store_and_svi_exact_guide(data):
-    from inference import svi
+    from elbolab.inference import svi
 
     x, truth = data
     x = x[:200]
@@ -302,7 +302,7 @@ def test_em_engine_ppca_reports_sigma2(data):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    from models.fa_missing import em_missing, impute
+    from elbolab.models.fa.missing import em_missing, impute
 
     fam = FactorAnalysis(2, dim=6)
     x, truth = fam.simulate(300, seed=0)

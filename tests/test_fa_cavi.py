@@ -10,11 +10,12 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from inference import cavi, mcmc
-from inference.runtime import isolated
-from models.bayes_fa import BayesianFactorAnalysis
-from models.fa import FactorAnalysis, FAParams, fit_em
-from models.numerics import one_thread
+from elbolab.inference import mcmc
+from elbolab.inference.closed_form import cavi
+from elbolab.inference.runtime import isolated
+from elbolab.models.fa.bayes import BayesianFactorAnalysis
+from elbolab.models.fa.model import FactorAnalysis, FAParams, fit_em
+from elbolab.models.numerics import one_thread
 
 
 def fixed_family(d=6, k=3, seed=0):

@@ -11,19 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-import inference
-from experiments import cli
-from experiments.common import SUMMARY_COLUMNS
-from experiments.fa_bayes_impute import (
+from elbolab import inference
+from elbolab.experiments import cli
+from elbolab.experiments.core.common import SUMMARY_COLUMNS
+from elbolab.experiments.fa_bayes_impute import (
     POSTERIOR_COLUMNS,
     posterior_table,
     run_bayes,
     vb_covariance_moments,
 )
-from experiments.fa_gaps import GAP_COLUMNS, parse
-from inference import cavi
-from models.bayes_fa import BayesianFactorAnalysis
-from models.fa import FactorAnalysis
+from elbolab.experiments.fa_gaps import GAP_COLUMNS, parse
+from elbolab.inference.closed_form import cavi
+from elbolab.models.fa.bayes import BayesianFactorAnalysis
+from elbolab.models.fa.model import FactorAnalysis
 
 
 def test_quick_run_writes_everything(tmp_path):

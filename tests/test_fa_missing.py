@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from models.fa import FactorAnalysis, FAParams, fit_em
-from models.fa_missing import em_missing, impute, multiple_impute, observed_loglik
+from elbolab.models.fa.missing import em_missing, impute, multiple_impute, observed_loglik
+from elbolab.models.fa.model import FactorAnalysis, FAParams, fit_em
 
 
 def setup(n=40, d=6, k=2, frac=0.3, seed=0):

@@ -16,15 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import cli, common
-from experiments import fit as fit_study
+from elbolab.experiments import cli
+from elbolab.experiments import fit as fit_study
+from elbolab.experiments.core import common
 
 TINY = ["--quick", "--svi-steps", "60", "--eval-particles", "50", "--iwae-particles", "50",
         "--psis-samples", "50", "--ais-steps", "5", "--ais-chains", "2", "--qstar-steps", "20",
         "--gap-particles", "20", "--nuts-samples", "20", "--nuts-warmup", "20",
         "--nuts-depth", "3", "--no-progress"]
 
-MFA = ["--model", "models.mfa:MixtureOfFactorAnalysers",
+MFA = ["--model", "elbolab.models.mfa:MixtureOfFactorAnalysers",
        "--model-args", '{"K": 2, "latent_dim": 1, "dim": 4}']
 
 # A user's module, written to a temporary folder and imported by path: one local latent per point,
@@ -34,9 +35,9 @@ USER_MODULE = textwrap.dedent('''
     import pyro
     import pyro.distributions as dist
     import torch
-    from models.base import ModelFamily
-    from models.capabilities import Evidence
-    from models.validate import as_data
+    from elbolab.models.base import ModelFamily
+    from elbolab.models.capabilities import Evidence
+    from elbolab.models.validate import as_data
 
     A, B, V = 2.0, 1.0, 0.5
 
@@ -113,7 +114,7 @@ def test_mfa_through_the_cli(tmp_path):
     assert list(g.guide) == ["mlp"] and g.local_family[0] == "mean-field"
     assert g.inference_gap[0] == pytest.approx(g.approximation_gap[0] + g.amortization_gap[0])
     meta = json.loads((out / "run.json").read_text())
-    assert meta["study"] == "fit" and meta["family"]["model"] == "models.mfa:MixtureOfFactorAnalysers"
+    assert meta["study"] == "fit" and meta["family"]["model"] == "elbolab.models.mfa:MixtureOfFactorAnalysers"
     assert "LocalDensities" in meta["family"]["capabilities"]
     assert meta["family"]["model_params"] == ["pi", "W", "mu", "psi"]
     assert meta["settings"]["engines"] == "em,svi,mcmc"
@@ -187,9 +188,9 @@ def _fails(capsys, argv, *words):
 
 @pytest.mark.parametrize("path,words", [
     ("no_such_pkg.mod:Thing", ["--model:", "no module named 'no_such_pkg'"]),
-    ("models.mfa:NoSuchClass", ["--model:", "has no attribute 'NoSuchClass'"]),
-    ("models.mfa.MixtureOfFactorAnalysers", ["--model:", "package.module:Name"]),
-    ("models.mfa:MixtureOfFactorAnalysers; import os", ["--model:", "package.module:Name"]),
+    ("elbolab.models.mfa:NoSuchClass", ["--model:", "has no attribute 'NoSuchClass'"]),
+    ("elbolab.models.mfa.MixtureOfFactorAnalysers", ["--model:", "package.module:Name"]),
+    ("elbolab.models.mfa:MixtureOfFactorAnalysers; import os", ["--model:", "package.module:Name"]),
     ("", ["--model: required"]),
 ])
 def test_bad_import_paths_are_clean_errors(tmp_path, capsys, path, words):
@@ -231,7 +232,7 @@ def test_a_guide_that_does_not_exist(tmp_path, capsys):
 
 
 def test_python_errors_are_value_errors(tmp_path):
-    from models.mfa import MixtureOfFactorAnalysers
+    from elbolab.models.mfa.model import MixtureOfFactorAnalysers
 
     fam = MixtureOfFactorAnalysers(2, 1, dim=4)
     with pytest.raises(ValueError, match="--engines: .*cavi"):

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experiments import fit, fit_verdict
-from models.capabilities import Evidence
-from models.mfa import PARAM_NAMES, MFAParams, MixtureOfFactorAnalysers
+from elbolab.experiments import fit, fit_verdict
+from elbolab.models.capabilities import Evidence
+from elbolab.models.mfa.model import PARAM_NAMES, MFAParams, MixtureOfFactorAnalysers
 from tests.test_mfa import scipy_log_evidence
 
 
@@ -101,7 +101,7 @@ def test_without_em_only_convergence_is_judged():
 
 
 def test_the_worked_example_states_its_numbers_and_why(tmp_path):
-    """The README's ``elbolab run fit --model models.mfa:MixtureOfFactorAnalysers`` (K=3, k=2,
+    """The README's ``elbolab run fit --model elbolab.models.mfa.model:MixtureOfFactorAnalysers`` (K=3, k=2,
     d=6, n=300) with a short SVI budget: every number in the verdict is recomputed here from
     the fitted parameters with scipy, and the bound holds."""
     fam = MixtureOfFactorAnalysers(K=3, latent_dim=2, dim=6)

@@ -15,13 +15,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import guides
-from inference import diagnostics as D
-from inference import gaps
-from inference.pointwise import log_weights, pointwise_elbo
-from inference.runtime import isolated
-from models.capabilities import Evidence, MissingCapability
-from models.fa import FactorAnalysis
+from elbolab import guides
+from elbolab.inference.evaluation import diagnostics as D
+from elbolab.inference.evaluation import gaps
+from elbolab.inference.evaluation.pointwise import log_weights, pointwise_elbo
+from elbolab.inference.runtime import isolated
+from elbolab.models.capabilities import Evidence, MissingCapability
+from elbolab.models.fa.model import FactorAnalysis
 from tests.toy import NormalMean
 
 LOG2PI = math.log(2 * math.pi)
@@ -162,9 +162,9 @@ def test_converged_linear_full_encoder_has_no_amortization_gap():
 
 
 def test_svi_trained_linear_full_encoder_amortization_gap_small():
-    """Guide-only SVI (inference.svi.fit) 1000 steps: the remaining KL(q || p(z | x)) per point
+    """Guide-only SVI (elbolab.inference.svi.fit) 1000 steps: the remaining KL(q || p(z | x)) per point
     is Adam noise, ~1e-3 nats (measured); 0.03 is a failure only if training is broken."""
-    from inference import svi
+    from elbolab.inference import svi
 
     fam, x, _ = fa_data(n=30)
     s = svi.Settings(num_steps=1000, lr=0.05, lr_decay=0.05, num_particles=4, eval_particles=10,
@@ -308,7 +308,7 @@ def test_every_estimate_carries_ess_and_khat():
 def test_a_bad_evidence_estimate_is_flagged_and_warned_about():
     """An IWAE from the prior with 3 samples (ESS ~1) sits far below log p(x): the approximation
     gap comes out negative by many SEs, which the table flags and a warning names."""
-    from inference.evidence import iwae
+    from elbolab.inference.evaluation.evidence import iwae
 
     fam, x, truth = fa_data(n=30)
     with isolated(0):

@@ -20,15 +20,15 @@ from pyro import poutine
 from scipy import optimize, stats
 from scipy.special import logsumexp
 
-import guides
-from guides.gmm import build_collapsed, mean_field_guide_from
-from inference import cavi, em
-from inference.elbo import estimate_elbo
-from inference.runtime import isolated
-from models.ascent import AscentSettings, ascend
-from models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
-from models.gmm import BayesianGMM, label_symmetry_term, sorted_means
-from models.gmm_fit import CaviState, MapState
+from elbolab import guides
+from elbolab.guides.gmm import build_collapsed, mean_field_guide_from
+from elbolab.inference.closed_form import cavi, em
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.inference.runtime import isolated
+from elbolab.models.ascent import AscentSettings, ascend
+from elbolab.models.capabilities import BOUNDS, CoordinateAscent, PointwiseEvidence
+from elbolab.models.gmm.fit import CaviState, MapState
+from elbolab.models.gmm.model import BayesianGMM, label_symmetry_term, sorted_means
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -405,9 +405,9 @@ def test_guides_take_a_typed_cavi_state():
     with isolated(0):
         tr = poutine.trace(mean_field_guide_from(st)).get_trace(x)
     np.testing.assert_allclose(tr.nodes["mu"]["fn"].base_dist.loc.numpy(), st.m.numpy())
-    with pytest.raises(TypeError, match="^state: expected a models.gmm_fit.CaviState"):
+    with pytest.raises(TypeError, match="^state: expected a elbolab.models.gmm.fit.CaviState"):
         mean_field_guide_from({"m": st.m, "s2": st.s2, "phi": st.phi})
-    with pytest.raises(TypeError, match="^init: expected a models.gmm_fit.CaviState"):
+    with pytest.raises(TypeError, match="^init: expected a elbolab.models.gmm.fit.CaviState"):
         build_collapsed(fam, x, init={"m": st.m})
 
 

@@ -1,4 +1,4 @@
-"""The four engines on the Bayesian GMM, through ``inference.fit``, against exact answers.
+"""The four engines on the Bayesian GMM, through ``elbolab.inference.fit``, against exact answers.
 
 References, none of them the engines' own output: the exact log evidence by enumerating the K^n
 assignments (itself checked against scipy in tests/test_gmm.py), a scipy brute force over
@@ -19,13 +19,13 @@ from pyro.poutine.subsample_messenger import _Subsample
 from scipy import stats
 from scipy.special import logsumexp
 
-import guides
-import inference
-from guides.gmm import build_collapsed, mean_field_guide_from
-from inference import cavi, em, mcmc, svi
-from inference.elbo import estimate_elbo
-from inference.runtime import isolated
-from models.gmm import BayesianGMM
+from elbolab import guides, inference
+from elbolab.guides.gmm import build_collapsed, mean_field_guide_from
+from elbolab.inference import mcmc, svi
+from elbolab.inference.closed_form import cavi, em
+from elbolab.inference.elbo import estimate_elbo
+from elbolab.inference.runtime import isolated
+from elbolab.models.gmm.model import BayesianGMM
 
 GUIDES = ("mean-field", "collapsed", "auto-normal", "auto-mvn")
 COLLAPSED = ("collapsed", "auto-normal", "auto-mvn")

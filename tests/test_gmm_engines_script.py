@@ -1,4 +1,4 @@
-"""Smoke runs of ``python -m experiments.gmm_engines --quick``: the files, their columns, and what
+"""Smoke runs of ``python -m elbolab.experiments.gmm_engines --quick``: the files, their columns, and what
 must hold whatever the (tiny) settings: every ELBO is a lower bound on the exact log evidence, the
 CAVI gap is >= 0, EM's objective (log p(x, mu), no bound) has no gap, NUTS has no ELBO."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments import gmm_engines
+from elbolab.experiments import gmm_engines
 
 #: the columns issue 2 (section 5) asks for in summary.csv
 ISSUE_COLUMNS = [

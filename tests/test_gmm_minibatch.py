@@ -18,15 +18,14 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 
-import guides
-import guides.gmm as gg
-import inference
-from inference import svi
-from inference.runtime import isolated
-from inference.sparse_adam import LazyClippedAdam
-from inference.svi_steps import PyroStep, make_loss
-from models import numerics
-from models.gmm import BayesianGMM
+from elbolab import guides, inference
+from elbolab.guides import gmm as gg
+from elbolab.inference import svi
+from elbolab.inference.runtime import isolated
+from elbolab.inference.svi.sparse_adam import LazyClippedAdam
+from elbolab.inference.svi.steps import PyroStep, make_loss
+from elbolab.models import numerics
+from elbolab.models.gmm.model import BayesianGMM
 
 # ----------------------------------------------------------------------------- the index sampler
 

@@ -11,9 +11,9 @@ import torch
 from pyro.distributions import constraints
 from pyro.optim.clipped_adam import ClippedAdam
 
-from inference import svi
-from inference.runtime import isolated
-from inference.sparse_adam import LazyClippedAdam
+from elbolab.inference import svi
+from elbolab.inference.runtime import isolated
+from elbolab.inference.svi.sparse_adam import LazyClippedAdam
 
 
 def _state(opt, params):
@@ -114,7 +114,7 @@ def test_a_run_that_diverges_keeps_parameters_whose_elbo_is_finite():
     """lr = 300 on a user's model (tests/toy.py): the first steps give finite but absurd losses,
     then NaN. The kept parameters are the last at which the loss was finite, so the reported ELBO
     is too."""
-    import inference
+    from elbolab import inference
     from tests.toy import NoisyLocal
 
     g = torch.Generator().manual_seed(0)
@@ -130,8 +130,8 @@ def test_skip_mode_undoes_moments_of_a_callers_own_step_too():
     """run_svi with a caller's direct step and skip_nonfinite: one step with a finite loss but a
     NaN gradient is skipped and leaves no NaN in Adam's moments (the engine turns the step's
     keep_state on), so later steps keep learning."""
-    import guides
-    from models.vae import VAE
+    from elbolab import guides
+    from elbolab.models.vae.model import VAE
 
     x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) < 0.4).float()
     vae = VAE(6, 2, hidden=(5,), seed=1)

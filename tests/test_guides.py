@@ -11,9 +11,9 @@ import pytest
 import torch
 from pyro import poutine
 
-import guides
-from inference.runtime import isolated
-from models.fa import FactorAnalysis
+from elbolab import guides
+from elbolab.inference.runtime import isolated
+from elbolab.models.fa.model import FactorAnalysis
 
 
 def fa_data(n=40, d=6, k=2, seed=0, dtype=torch.float64):
@@ -142,11 +142,11 @@ def test_generic_non_fa_model_with_other_site_name():
 
 
 def test_guide_only_svi_reaches_the_mean_field_optimum():
-    """SVI (inference.svi.fit, model params fixed) with the local mean-field guide converges to
+    """SVI (elbolab.inference.svi.fit, model params fixed) with the local mean-field guide converges to
     q*: means = exact posterior means, sd_j = L_jj^-1/2 (CAVI fixed point, PRML 10.1.2).
     Tolerance: Adam noise with 8 particles leaves parameter errors ~0.05 posterior sd at the end
     (KL(q || q*) ~ 1e-3 per point); 0.25 sd is 5x that."""
-    from inference import svi
+    from elbolab.inference import svi
 
     fam, x, truth = fa_data(n=12)
     mean, _, L = numpy_posterior(x, truth)

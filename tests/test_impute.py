@@ -1,7 +1,7 @@
 """Generic imputation by importance resampling (inference/impute.py).
 
 Oracles: the exact conditional Gaussian of FA, written out in numpy here
-(E[x_m | x_o] = mu_m + C_mo C_oo^-1 (x_o - mu_o), C = W W^T + Psi) and models.fa_missing.impute; for a
+(E[x_m | x_o] = mu_m + C_mo C_oo^-1 (x_o - mu_o), C = W W^T + Psi) and elbolab.models.fa.missing.impute; for a
 non-Gaussian model (Bernoulli likelihood, scalar z), quadrature on a fine grid of z.
 """
 
@@ -13,11 +13,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import guides
-from inference.impute import column_mean_impute, importance_impute, rmse
-from inference.runtime import isolated
-from models.fa import FactorAnalysis
-from models.fa_missing import impute
+from elbolab import guides
+from elbolab.inference.impute import column_mean_impute, importance_impute, rmse
+from elbolab.inference.runtime import isolated
+from elbolab.models.fa.missing import impute
+from elbolab.models.fa.model import FactorAnalysis
 
 
 def fa_missing(n=60, d=6, k=2, frac=0.3, seed=1):

@@ -23,9 +23,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 from sklearn.decomposition import FactorAnalysis as SkFA
 
-import inference
-from guides.auto import composed_specs
-from models.capabilities import (
+from elbolab import guides, inference
+from elbolab.guides.auto import composed_specs
+from elbolab.models.capabilities import (
     ClosedFormCAVI,
     ClosedFormEM,
     ExactEvidence,
@@ -35,8 +35,8 @@ from models.capabilities import (
     PyroFamily,
     Simulator,
 )
-from models.fa import FactorAnalysis, FAParams
-from models.mfa import MFAParams, MixtureOfFactorAnalysers
+from elbolab.models.fa.model import FactorAnalysis, FAParams
+from elbolab.models.mfa.model import MFAParams, MixtureOfFactorAnalysers
 
 
 def random_params(K=3, d=4, k=2, seed=0, dtype=torch.float64) -> MFAParams:
@@ -186,7 +186,7 @@ def test_svi_learned_parameters_bound_their_own_evidence():
     """A researcher's path: fit with learnable parameters, then reuse the fit after it returns."""
     fam = MixtureOfFactorAnalysers(2, 1, dim=4)
     x, _ = fam.simulate(80, seed=10)
-    guide = dataclasses.replace(inference.svi.guide_registry.for_family(fam)["mean-field"],
+    guide = dataclasses.replace(guides.for_family(fam)["mean-field"],
                                 collapsed=True)
     r = inference.fit("svi", MixtureOfFactorAnalysers(2, 1), x, seed=0, guide=guide,
                       num_steps=400, lr=0.05, eval_particles=1000)
@@ -201,7 +201,7 @@ def test_svi_learned_parameters_bound_their_own_evidence():
 
 @pytest.mark.slow
 def test_nuts_over_z_matches_the_exact_mixture_posterior():
-    """E[z_n | x_n] = sum_j h_nj m_nj (models.mfa_em eqs. 2-3), computed here with numpy."""
+    """E[z_n | x_n] = sum_j h_nj m_nj (elbolab.models.mfa.em eqs. 2-3), computed here with numpy."""
     p = random_params(K=2, d=3, k=1, seed=11)
     fam = MixtureOfFactorAnalysers(2, 1, params=p)
     x = fam.sample(4, seed=12)

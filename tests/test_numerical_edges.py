@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import inference
-from models.fa import FactorAnalysis
-from models.fa_params import FAParams
-from models.gmm import BayesianGMM
-from models.gmm_sequential import sequential
+from elbolab import inference
+from elbolab.models.fa.model import FactorAnalysis
+from elbolab.models.fa.params import FAParams
+from elbolab.models.gmm.model import BayesianGMM
+from elbolab.models.gmm.sequential import sequential
 
 LOG_6 = math.log(6.0)  # log 3!
 
@@ -98,7 +98,7 @@ def test_gmm_scales_beyond_resolution_are_clear_errors(scale, dtype):
 
 
 def test_kmeans_seeding_on_huge_values_does_not_overflow():
-    from models.gmm import spread_means
+    from elbolab.models.gmm.means import spread_means
 
     x = torch.tensor([[1e300], [-1e300], [5e299], [0.0]], dtype=torch.float64)
     mu = spread_means(x, 3, torch.Generator().manual_seed(0))
@@ -106,7 +106,7 @@ def test_kmeans_seeding_on_huge_values_does_not_overflow():
 
 
 def test_kmeans_seeding_with_more_components_than_points_is_fast():
-    from models.gmm import spread_means
+    from elbolab.models.gmm.means import spread_means
 
     x = _gmm_data([0.0, 5.0], 10)
     mu = spread_means(x, 200_000, torch.Generator().manual_seed(0))
@@ -258,7 +258,7 @@ def test_fa_constant_and_integer_column():
 
 
 def test_bayes_fa_float32_extremes_are_named_float64_finite(fa_data):
-    from models.bayes_fa import BayesianFactorAnalysis
+    from elbolab.models.fa.bayes import BayesianFactorAnalysis
 
     x, _ = fa_data
     fam = BayesianFactorAnalysis(2)
@@ -280,8 +280,8 @@ def _user_family():
     import pyro.distributions as dist
     from pyro.distributions import constraints
 
-    from models.base import ModelFamily
-    from models.validate import as_data
+    from elbolab.models.base import ModelFamily
+    from elbolab.models.validate import as_data
 
     class Noisy(ModelFamily):
         name = "noisy"
@@ -331,8 +331,8 @@ def test_skip_nonfinite_skips_and_counts():
     import pyro
     import pyro.distributions as dist
 
-    from inference import svi
-    from inference.runtime import isolated
+    from elbolab.inference import svi
+    from elbolab.inference.runtime import isolated
     from tests.toy import NormalMean
 
     fam = NormalMean()

@@ -29,10 +29,10 @@ import pytest
 import torch
 from scipy.special import gammaln, logsumexp
 
-import inference
-from inference.ais import AisSettings, ais
-from models.base import LocalLatentFamily, ModelFamily
-from models.validate import as_data
+from elbolab import inference
+from elbolab.inference.evaluation.ais import AisSettings, ais
+from elbolab.models.base import LocalLatentFamily, ModelFamily
+from elbolab.models.validate import as_data
 
 K, D, N = 2, 5, 20
 
@@ -171,7 +171,7 @@ class WithGlobalRate(ModelFamily):
 
 
 def test_plate_index_sites_are_not_latent_variables_in_any_engine(problem):
-    from models.gmm import BayesianGMM
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam, x, _ = problem
     _assert_no_plate_sites(inference.fit("svi", fam, x, seed=0, num_steps=20))

@@ -26,19 +26,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments import (  # noqa: E402
-    cli,
-    common,
-    compare,
-    findings,
-    formatting,
-    readme_tables,
-    report,
-    tables,
-    tour,
-)
-from inference import mcmc  # noqa: E402
-from inference.reference import flag_reference, reference_table  # noqa: E402
+from elbolab.experiments import cli, compare, tour
+from elbolab.experiments.core import common
+from elbolab.experiments.report import build as report
+from elbolab.experiments.report import findings, formatting, readme_tables, tables
+from elbolab.inference import mcmc  # noqa: E402
+from elbolab.inference.evaluation.reference import flag_reference, reference_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -280,7 +273,7 @@ def test_an_unconverged_reference_is_flagged_in_its_tables_and_the_report(tmp_pa
 def test_a_few_em_iterations_are_not_on_a_log_axis_and_legends_are_readable():
     from types import SimpleNamespace
 
-    from experiments import plots
+    from elbolab.experiments.core import plots
 
     def fit(engine, guide, bound, steps):
         return SimpleNamespace(engine=engine, guide=guide, bound=bound, model="gmm", n_data=10,

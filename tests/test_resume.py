@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import gmm_engines, rundir
-from inference import svi
-from inference.checkpoint import read_checkpoint
-from models.fa import FactorAnalysis
+from elbolab.experiments import gmm_engines
+from elbolab.experiments.core import rundir
+from elbolab.inference import svi
+from elbolab.inference.svi.checkpoint import read_checkpoint
+from elbolab.models.fa.model import FactorAnalysis
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -31,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 FIT = """
 import sys, torch
 from inference import svi
-from models.fa import FactorAnalysis
+from elbolab.models.fa.model import FactorAnalysis
 
 torch.set_num_threads(1)
 fam = FactorAnalysis(2, dim=5)
@@ -109,7 +110,7 @@ GMM = ["--quick", "--no-progress", "--engines", "svi", "--guides", "collapsed",
 def test_study_killed_and_resumed_from_the_command_line(tmp_path):
     out = tmp_path / "gmm"
     tmp = rundir.incomplete_path(out)
-    cmd = [sys.executable, "-m", "experiments.gmm_engines", *GMM, "--out", str(out)]
+    cmd = [sys.executable, "-m", "elbolab.experiments.gmm_engines", *GMM, "--out", str(out)]
     code = _kill_after_first_checkpoint(
         cmd, lambda: (tmp / "checkpoints" / "svi-collapsed.pt").exists())
     assert code == -signal.SIGKILL

@@ -11,7 +11,8 @@ import socket
 
 import pytest
 
-from experiments import gmm_engines, rundir
+from elbolab.experiments import gmm_engines
+from elbolab.experiments.core import rundir
 
 #: a run of a few seconds: EM on 12 simulated points
 FAST = ["--quick", "--no-progress", "--engines", "em", "--n", "12"]

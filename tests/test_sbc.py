@@ -29,11 +29,11 @@ import pytest
 import torch
 from scipy import stats
 
-import inference
-from inference import mcmc
-from models.fa import FactorAnalysis, FAParams
-from models.gmm import BayesianGMM, sorted_means
-from models.gmm_evidence import exact_posterior_draws
+from elbolab import inference
+from elbolab.inference import mcmc
+from elbolab.models.fa.model import FactorAnalysis, FAParams
+from elbolab.models.gmm.evidence import exact_posterior_draws
+from elbolab.models.gmm.model import BayesianGMM, sorted_means
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def gmm_replications(R, seed0):
 
 def test_sbc_gmm_exact_posterior(report):
     """1000 replications (n = 8, K = 2, s2 = 4): the exact posterior by enumerating the 2^7
-    assignments (models.gmm_evidence.exact_posterior_draws). ~3 s."""
+    assignments (elbolab.models.gmm.evidence.exact_posterior_draws). ~3 s."""
     fam, x, mu = gmm_replications(1000, seed0=0)
     ranks = []
     for r in range(x.shape[0]):
@@ -100,7 +100,7 @@ def test_sbc_gmm_exact_posterior(report):
 
 
 def test_sbc_gmm_nuts(report):
-    """100 replications sampled in one NUTS run of the engine's runner (inference.mcmc.run_nuts)
+    """100 replications sampled in one NUTS run of the engine's runner (elbolab.inference.mcmc.nuts.run_nuts)
     on a model that stacks them in a plate, built from the family's own distributions (each
     replication's posterior is a factor of the joint, so every marginal is its posterior).
     One chain, 300 warmup + 495 draws thinned by 5. ~60 s."""
@@ -149,7 +149,7 @@ def fa_replications(fam, n, seed):
 
 def test_sbc_fa_exact_posterior(report):
     """2000 data points, each a replication (fixed parameters make them independent); the exact
-    Gaussian posterior of models.fa. ~2 s."""
+    Gaussian posterior of elbolab.models.fa.model. ~2 s."""
     fam = fa_family(correlated=False)
     x, z = fa_replications(fam, 2000, seed=0)
     post = fam.exact_posterior(x).distribution()

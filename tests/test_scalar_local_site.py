@@ -18,9 +18,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import inference
-from models.base import ModelFamily
-from models.validate import as_data
+from elbolab import inference
+from elbolab.models.base import ModelFamily
+from elbolab.models.validate import as_data
 
 
 class OneFactor(ModelFamily):

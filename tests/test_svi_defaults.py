@@ -6,10 +6,10 @@ L[q*] = log p(x) - the closed-form approximation gap for FA's local Gaussian fam
 
 import pytest
 
-import inference
-from inference.gaps import gaussian_approximation_gap
-from models.fa import FactorAnalysis
-from models.gmm import BayesianGMM
+from elbolab import inference
+from elbolab.inference.evaluation.gaps import gaussian_approximation_gap
+from elbolab.models.fa.model import FactorAnalysis
+from elbolab.models.gmm.model import BayesianGMM
 
 TOL = 0.01  # nats per datum
 

@@ -1,6 +1,6 @@
 """How the SVI engine runs, not what it computes: CPU threads and the progress bar.
 
-The README's ``inference.fit("svi", family, x, seed=0, guide="collapsed")`` ran 13x slower than
+The README's ``elbolab.inference.fit("svi", family, x, seed=0, guide="collapsed")`` ran 13x slower than
 the same guide inside the gmm_engines study because the study sets torch to one thread and the
 API left torch at every core: each step's exp/log/max on a few thousand float64 elements then
 waits at an OpenMP barrier (ms per op on a busy machine, against us on one thread). These tests
@@ -20,11 +20,11 @@ import pyro.poutine.util
 import pytest
 import torch
 
-import guides
-import inference
-from inference import runtime, svi, svi_steps
-from models.fa import FactorAnalysis
-from models.gmm import BayesianGMM
+from elbolab import guides, inference
+from elbolab.inference import runtime, svi
+from elbolab.inference.svi import steps as svi_steps
+from elbolab.models.fa.model import FactorAnalysis
+from elbolab.models.gmm.model import BayesianGMM
 
 STEPS = 7
 
@@ -118,7 +118,9 @@ def test_direct_step_runs_on_one_thread_too(two_threads, monkeypatch):
         spy.optimizer, spy.keep_state = step.optimizer, step.keep_state
         return spy
 
-    monkeypatch.setattr(svi, "direct_step", spy_make)
+    from elbolab.inference.svi import engine
+
+    monkeypatch.setattr(engine, "direct_step", spy_make)
     fam = FactorAnalysis(2, dim=5)
     x, _ = fam.simulate(50, seed=0)
     inference.fit("svi", fam, x, seed=0, guide="linear-diag", num_steps=3, direct=True,
@@ -153,13 +155,15 @@ class _Stream(io.StringIO):
 def test_progress_default_shows_a_delayed_bar_on_a_terminal_only(tty, monkeypatch):
     family, x = _gmm()
     bars = []
-    real = svi.tqdm
+    from elbolab.inference.svi import loop
+
+    real = loop.tqdm
 
     def spy(*args, **kwargs):
         bars.append(kwargs)
         return real(*args, **{**kwargs, "disable": True})
 
-    monkeypatch.setattr(svi, "tqdm", spy)
+    monkeypatch.setattr(loop, "tqdm", spy)
     monkeypatch.setattr(sys, "stderr", _Stream(tty))
     inference.fit("svi", family, x, seed=0, guide="collapsed", num_steps=2, eval_particles=4,
                   num_posterior_samples=0)
@@ -171,7 +175,7 @@ def test_progress_default_shows_a_delayed_bar_on_a_terminal_only(tty, monkeypatc
 
 
 def test_the_bare_loop_run_svi_runs_on_the_settings_threads(two_threads, record_steps):
-    """``run_svi`` (per-point q* in inference.gaps) without ``fit`` around it."""
+    """``run_svi`` (per-point q* in elbolab.inference.evaluation.gaps) without ``fit`` around it."""
     fam = FactorAnalysis(2, dim=5)
     x, _ = fam.simulate(50, seed=0)
     with runtime.isolated(0):
@@ -184,7 +188,7 @@ def test_the_bare_loop_run_svi_runs_on_the_settings_threads(two_threads, record_
 @pytest.mark.parametrize("tty", [True, False])
 def test_nuts_shows_pyros_bar_on_a_terminal_only_by_default(tty, monkeypatch):
     """As NumPyro's MCMC does for a person watching; never in a pipe, a log or a test."""
-    from inference import mcmc
+    from elbolab.inference.mcmc import nuts as mcmc
 
     family, x = _gmm()
     seen = []
@@ -205,7 +209,7 @@ def test_nuts_shows_pyros_bar_on_a_terminal_only_by_default(tty, monkeypatch):
 @pytest.mark.parametrize("flag, expected", [([], 1), (["--threads", "2"], 2)])
 def test_a_studys_threads_flag_reaches_its_svi_fits(flag, expected, record_steps, tmp_path):
     """--threads is not silently replaced by the engine's one-thread default."""
-    from experiments import gmm_engines
+    from elbolab.experiments import gmm_engines
 
     argv = ["--quick", "--no-progress", "--engines", "svi", "--guides", "collapsed",
             "--svi-steps", "3", "--eval-particles", "4", "--out", str(tmp_path / "g"), *flag]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments import tour, vae_gaps
-from inference import mcmc
+from elbolab.experiments import tour, vae_gaps
+from elbolab.inference import mcmc
 
 VAE_FLAGS = tour.STUDIES["vae_gaps"]
 
@@ -67,10 +67,10 @@ def test_the_rhat_noise_model_says_the_old_tour_settings_were_unreliable():
 
 @pytest.mark.parametrize("study", sorted(NUTS_EFFICIENCY))
 def test_the_tours_nuts_reference_has_the_draws_to_converge(study):
-    """Each tour reference passes :func:`inference.mcmc.convergence` (R-hat <= 1.01, bulk and
+    """Each tour reference passes :func:`elbolab.inference.mcmc.nuts.convergence` (R-hat <= 1.01, bulk and
     tail ESS >= 100 per chain) but by chance in at most ~2% of runs on its hardest seed, with
     half again the ESS it needs; fewer draws (or more VAE points: 8 more quantities each) fail."""
-    args = importlib.import_module(f"experiments.{study}").parse(
+    args = importlib.import_module(f"elbolab.experiments.{study}").parse(
         [*tour.STUDIES[study], "--out", "unused"])
     rule = mcmc.Settings()
     chains, draws = args.nuts_chains, args.nuts_samples
@@ -83,7 +83,7 @@ def test_the_tours_nuts_reference_has_the_draws_to_converge(study):
 
 def test_every_studys_tour_settings_parse():
     for name, flags in tour.STUDIES.items():
-        module = __import__(f"experiments.{name}", fromlist=["parse"])
+        module = __import__(f"elbolab.experiments.{name}", fromlist=["parse"])
         module.parse([*flags, "--out", "unused"])  # raises (a CliError) on a bad or old flag
 
 
@@ -129,9 +129,9 @@ def test_the_tours_vae_trains_to_early_stopping_near_the_studys_evidence(tmp_pat
     flags = pd.read_csv(out / "reference.csv").ref_flag.fillna("").astype(str)
     assert not flags.str.len().any(), flags
 
-    from guides.amortized import load_encoder
-    from models.data import images
-    from models.vae import VAE
+    from elbolab.guides.amortized import load_encoder
+    from elbolab.models.data import images
+    from elbolab.models.vae.model import VAE
 
     data = images.load_digits(binarize=True, seed=0)
     vae = VAE.load(out / "vae_ffg.pt")
@@ -155,7 +155,7 @@ def test_the_tours_nuts_reference_converges(tmp_path, study, engines, seed):
     out = tmp_path / study
     argv = [*tour.STUDIES[study], "--engines", engines, "--seed", str(seed), "--device", "cpu",
             "--no-progress", "--out", str(out)]
-    assert importlib.import_module(f"experiments.{study}").main(argv) == 0
+    assert importlib.import_module(f"elbolab.experiments.{study}").main(argv) == 0
     row = pd.read_csv(out / "summary.csv").query("engine == 'mcmc'").iloc[0]
     chains = tour_flag(study, "--nuts-chains")
     assert row.converged, row

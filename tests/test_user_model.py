@@ -12,13 +12,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import guides
-import inference
-from inference import svi
-from inference.evidence import iwae
-from inference.gaps import decompose_gaps, summary_row
-from models.base import ModelFamily
-from models.validate import as_data
+from elbolab import guides, inference
+from elbolab.inference import svi
+from elbolab.inference.evaluation.evidence import iwae
+from elbolab.inference.evaluation.gaps import decompose_gaps, summary_row
+from elbolab.models.base import ModelFamily
+from elbolab.models.validate import as_data
 
 NOISE = 0.3
 

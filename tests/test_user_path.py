@@ -22,11 +22,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import inference
-from inference import mcmc, svi
-from inference.result import FitResult
-from models.base import ModelFamily
-from models.validate import as_data
+from elbolab import inference
+from elbolab.inference import mcmc, svi
+from elbolab.inference.result import FitResult
+from elbolab.models.base import ModelFamily
+from elbolab.models.validate import as_data
 
 S2, V = 4.0, 0.5
 
@@ -109,7 +109,7 @@ def test_unknown_and_misplaced_options_are_errors(data):
         inference.fit("svi", fam, data, guid="auto-mvn")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['guide'\]"):
         inference.fit("mcmc", fam, data, guide="auto-normal")
-    with pytest.raises(TypeError, match="settings: the svi engine takes inference.svi.Settings"):
+    with pytest.raises(TypeError, match="settings: the svi engine takes elbolab.inference.svi.Settings"):
         inference.fit("svi", fam, data, mcmc.Settings())
     with pytest.raises(TypeError, match=r"svi.Settings: unknown option\(s\) \['num_step'\]"):
         svi.Settings(num_step=10)
@@ -171,7 +171,7 @@ def _same_inference_data(a, b, exact: bool):
 
 
 def _gmm_fit():
-    from models.gmm import BayesianGMM
+    from elbolab.models.gmm.model import BayesianGMM
 
     fam = BayesianGMM(K=3, prior_var=10.0)
     x, _ = fam.simulate(200, seed=0)
@@ -211,7 +211,7 @@ def test_a_fit_saved_without_its_draws_redraws_them_on_load(tmp_path):
 
 
 def test_fit_leaves_family_and_global_random_state_alone(data):
-    from models.vae import VAE
+    from elbolab.models.vae.model import VAE
 
     vae = VAE(1, latent_dim=1, hidden=(4,), likelihood="gaussian")
     before = {k: v.clone() for k, v in vae.decoder.state_dict().items()}

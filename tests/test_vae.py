@@ -18,21 +18,21 @@ from scipy.stats import norm
 from sklearn.datasets import load_digits as sk_load_digits
 from sklearn.decomposition import FactorAnalysis as SkFA
 
-import guides
-from guides.amortized import (
+from elbolab import guides
+from elbolab.guides.amortized import (
     build_mlp,
     encoder_from_config,
     load_encoder,
     save_encoder,
     supports_direct,
 )
-from guides.flow import LocalFlowGuide, PointwiseCoupling, build_flow
-from guides.semi_amortized import build_semi_amortized
-from inference.evidence import iwae, iwae_from_log_joint
-from inference.impute import pseudo_gibbs_impute
-from inference.runtime import isolated
-from inference.train_vae import direct_capable, train_vae, training_outcome
-from models.capabilities import (
+from elbolab.guides.flow import LocalFlowGuide, PointwiseCoupling, build_flow
+from elbolab.guides.semi_amortized import build_semi_amortized
+from elbolab.inference.evaluation.evidence import iwae, iwae_from_log_joint
+from elbolab.inference.impute import pseudo_gibbs_impute
+from elbolab.inference.runtime import isolated
+from elbolab.inference.svi.train_vae import direct_capable, train_vae, training_outcome
+from elbolab.models.capabilities import (
     ClosedFormEM,
     ExactEvidence,
     ExactLocalPosterior,
@@ -43,9 +43,9 @@ from models.capabilities import (
     PyroFamily,
     Simulator,
 )
-from models.data import images as digits
-from models.fa import FactorAnalysis, FAParams
-from models.vae import VAE
+from elbolab.models.data import images as digits
+from elbolab.models.fa.model import FactorAnalysis, FAParams
+from elbolab.models.vae.model import VAE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -363,8 +363,8 @@ def test_decoder_saved_in_float64_loads_bit_for_bit(tmp_path):
 
 
 def test_semi_amortized_by_name_builds_a_documented_encoder_and_trains():
-    import inference
-    from guides.semi_amortized import DEFAULT_ENCODER
+    from elbolab import inference
+    from elbolab.guides.semi_amortized import DEFAULT_ENCODER
 
     x_fit, _ = _overfit_data()
     vae = VAE(12, 2, hidden=(16,), seed=0)

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import common, vae_gaps
-from guides.amortized import load_encoder
-from models.vae import VAE
+from elbolab.experiments import vae_gaps
+from elbolab.experiments.core import common
+from elbolab.guides.amortized import load_encoder
+from elbolab.models.vae.model import VAE
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import load_array
-from models.validate import as_data, integer, positive
+from elbolab.models.data import load_array
+from elbolab.models.validate import as_data, integer, positive
 
 
 @pytest.mark.parametrize(
@@ -65,8 +65,8 @@ def test_load_array_csv_npy_npz(tmp_path):
 def test_engine_and_tool_settings_name_the_field():
     import torch as _t
 
-    from inference import mcmc, svi
-    from inference.impute import rmse
+    from elbolab.inference import mcmc, svi
+    from elbolab.inference.impute import rmse
 
     with pytest.raises(ValueError, match="^val_particles"):
         svi.Settings(val_particles=0)
@@ -77,7 +77,7 @@ def test_engine_and_tool_settings_name_the_field():
 
 
 def test_gmm_script_rejects_empty_simulation(tmp_path):
-    from experiments import gmm_engines
+    from elbolab.experiments import gmm_engines
 
     with pytest.raises(SystemExit, match="n"):
         gmm_engines.main(["--n", "0", "--out", str(tmp_path), "--quick"])
@@ -112,7 +112,7 @@ def test_npz_and_npy_rules(tmp_path):
 
 
 def test_memory_guard_names_the_setting(monkeypatch):
-    from models.validate import TooLarge, check_size, memory_budget
+    from elbolab.models.validate import TooLarge, check_size, memory_budget
 
     budget, source = memory_budget()
     assert budget > 0 and source
@@ -126,7 +126,7 @@ def test_memory_guard_names_the_setting(monkeypatch):
 
 
 def test_seed_bounds_everywhere():
-    from models.gmm import BayesianGMM
+    from elbolab.models.gmm.model import BayesianGMM
 
     with pytest.raises(ValueError, match="^seed:"):
         integer(2**63, "seed", minimum=0)

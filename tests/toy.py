@@ -11,11 +11,11 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-import guides
-from guides.base import GuideSpec
-from models.base import ModelFamily
-from models.capabilities import Evidence
-from models.validate import as_data
+from elbolab import guides
+from elbolab.guides.base import GuideSpec
+from elbolab.models.base import ModelFamily
+from elbolab.models.capabilities import Evidence
+from elbolab.models.validate import as_data
 
 
 class NormalMean(ModelFamily):

@@ -4,7 +4,7 @@
   0..16 scaled to [0, 1]. ``binarize=True`` applies a FIXED threshold: a pixel is 1 iff its
   intensity is >= 8/16 (deterministic, so the Bernoulli data are the same on every machine and
   seed). The train/test split is a seeded permutation (``numpy.random.default_rng(seed)``).
-* :func:`load_images` -- a ``.npy``/``.npz``/CSV file (via :func:`models.data.arrays.load_array`)
+* :func:`load_images` -- a ``.npy``/``.npz``/CSV file (via :func:`elbolab.models.data.arrays.load_array`)
   of any shape ``(n, ...)``, flattened to ``(n, D)``; values in [0, 255] are divided by 255;
   values in [0, 1] are kept; anything else is min-max scaled (global min and max, reported).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data.arrays import load_array
-from models.validate import integer, probability
+from elbolab.models.data.arrays import load_array
+from elbolab.models.validate import integer, probability
 
 #: the fixed binarization threshold for digits (intensity >= 8 of 16)
 THRESHOLD = 0.5
@@ -102,7 +102,7 @@ def load_images(path: str | Path, *, binarize: bool = False, threshold: float = 
     """A user's array file (``.npy``, ``.npz``, CSV) of shape (n, ...) as flattened images.
 
     For ``.npz`` the one array other than the labels holds the images (or the one named ``x`` or
-    ``data``; see :func:`models.data.arrays.load_array`); an array named ``y``, ``labels`` or
+    ``data``; see :func:`elbolab.models.data.arrays.load_array`); an array named ``y``, ``labels`` or
     ``targets`` (length n) is read as labels when ``labels``. The image shape is ``shape[1:]``
     for arrays of rank >= 3, else a square side when D is a perfect square, else (1, D).
     """
