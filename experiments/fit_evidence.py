@@ -16,7 +16,10 @@ the family's fixed constants. What applies to which family:
   SVI fits with an amortized per-point guide (``elbolab.guides.LatentGuide``) of a family with
   :class:`LocalDensities`, against the exact per-point evidence, else AIS, else IWAE.
 
-Where something does not apply, the row's value is NaN and ``notes`` says why.
+Where something does not apply, or an optional estimate or diagnostic cannot be computed for
+the model (e.g. PSIS or IWAE on a latent site with batch dimensions outside any plate), the
+row's value is NaN and ``notes`` (``psis_note`` for PSIS) says why, with the whole cause: the
+study goes on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from elbolab.inference.evaluation import gaps as gap_lib
 from elbolab.inference.evaluation.ais import AisSettings, ais
 from elbolab.inference.evaluation.diagnostics import psis_row, tightest_evidence
 from elbolab.inference.evaluation.evidence import iwae
+from elbolab.inference.evaluation.psis import reason
 from elbolab.inference.runtime import isolated
 from elbolab.models.base import LocalLatentFamily
 from elbolab.models.capabilities import Evidence, ExactEvidence, LocalDensities, PointwiseEvidence
@@ -164,6 +168,8 @@ def evaluate(family, x, result, params, args, *, variational: bool) -> tuple[Evi
                 estimates[name] = fn()
             except NotApplicable as exc:
                 notes.append(f"{name}: {exc}")
+            except (ValueError, RuntimeError, IndexError) as exc:  # an optional estimate: a note
+                notes.append(f"{name}: not computed: {reason(exc)}")
         cols.update(_columns(estimates.get("ais"), "ais"))
         cols.update(_columns(estimates.get("iwae"), "iwae"))
         if exact is not None:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from elbolab.experiments.core import rundir, study  # noqa: E402
 from elbolab.experiments.core.study import CliError  # noqa: E402
 from elbolab.inference import arviz_io  # noqa: E402
+from elbolab.inference.evaluation.psis import reason as error_line  # noqa: E402
 from elbolab.inference.evaluation.reference import component_names  # noqa: E402
 from elbolab.inference.runtime import resolve_device, validate_seed  # noqa: E402
 
@@ -92,8 +93,9 @@ def setup(args, name: str, writes: bool = True) -> tuple[torch.device, torch.dty
 
 
 def data_error(exc: Exception) -> CliError:
-    """A data loader's ValueError/OSError as the ``--data`` error (one line)."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    """A data loader's ValueError/OSError as the ``--data`` error (one line that keeps the cause
+    after a trailing ':', :func:`error_line`)."""
+    text = error_line(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"cannot read {str(exc.filename)!r} ({exc.strerror})"
     if text.startswith("--data"):
@@ -106,7 +108,7 @@ def data_error(exc: Exception) -> CliError:
 def field_error(args, exc: Exception, flags: dict[str, str]) -> CliError:
     """An error raised by a family or an engine's settings (``"field: text"``) as a CLI error
     naming the flag (``flags``: field -> setting name): ``--prior-var: prior_var: ...``."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    text = error_line(exc)
     name = text.split(":", 1)[0].strip()
     if name in flags:
         return CliError(f"{args.flag(flags[name])}: {text}")
@@ -253,6 +255,7 @@ def entry(prog: str, fn, argv) -> int:
             return fn(argv) or 0
     except CliError as exc:
         rundir.abort()
+        exc.message = whole_message(exc.message, exc)
         _print_error(prog, exc.message)
         raise
     except SystemExit as exc:
@@ -260,7 +263,7 @@ def entry(prog: str, fn, argv) -> int:
             raise
         rundir.abort()
         if isinstance(exc.code, str):
-            msg = exc.code.removeprefix(f"{prog}: ")
+            msg = whole_message(exc.code.removeprefix(f"{prog}: "), exc)
             _print_error(prog, msg)
             raise CliError(msg) from None
         raise
@@ -274,6 +277,26 @@ def entry(prog: str, fn, argv) -> int:
         raise
     finally:
         torch.set_num_threads(threads)
+
+
+def whole_message(message: str, exc: BaseException) -> str:
+    """``message`` with its first line completed when it was cut at a trailing ':' (a one-line
+    error built from an exception's first line, e.g. "... raised ValueError: Error while packing
+    tensors at site 'eta':"): the rest comes from the exception it was raised from or while
+    handling (``__cause__``/``__context__``, kept even under ``from None``), as
+    :func:`error_line` writes it."""
+    lines = str(message).splitlines()
+    head = lines[0].rstrip() if lines else ""
+    source = exc.__cause__ or exc.__context__
+    if not head.endswith(":") or source is None:
+        return message
+    full = error_line(source, limit=600)
+    first = next((ln.strip() for ln in str(source).splitlines() if ln.strip()), "")
+    if first and head.endswith(first) and len(full) > len(first):
+        head = head[: -len(first)] + full
+    elif not (first and head.endswith(first)):
+        head = f"{head} {full}"
+    return "\n".join([head, *lines[1:]])
 
 
 def _one_line_warning(prog: str):

@@ -22,6 +22,7 @@ from elbolab.inference.evaluation.psis import (  # the estimators, re-exported
     importance_ess,
     importance_log_weights,
     pareto_khat,
+    reason,
     tightest_evidence,
 )
 from elbolab.inference.result import FitResult
@@ -86,12 +87,16 @@ def psis_khat(fit, x, *, family=None, num_samples: int = 1000, seed: int = 0,
 
 def psis_row(fit, x, **options) -> dict:
     """:meth:`PsisDiagnostic.row` of :func:`psis_khat`, or NaNs with the reason (``psis_note``)
-    for a fit without q (EM, NUTS, a CAVI state no guide is built from)."""
+    for a fit without q (EM, NUTS, a CAVI state no guide is built from) and for a model PSIS
+    cannot apply to (the weights cannot be computed: "PSIS not computed: ..." with the whole
+    cause), so that an optional diagnostic never stops a table or a study."""
+    nan = PsisDiagnostic(math.nan, None, math.nan, 0).row()
     try:
         d = psis_khat(fit, x, **options)
     except NotVariational as exc:
-        nan = PsisDiagnostic(math.nan, None, math.nan, 0).row()
         return {**nan, "psis_note": str(exc).split(": ", 1)[-1]}
+    except (ValueError, RuntimeError, IndexError) as exc:
+        return {**nan, "psis_note": f"PSIS not computed: {reason(exc, limit=600)}"}
     return {**d.row(), "psis_note": d.note}
 
 

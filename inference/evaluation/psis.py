@@ -98,10 +98,14 @@ def importance_log_weights(model, guide, x, *, num_samples: int = 1000,
     """Log weights (1) of ``num_samples`` draws from ``guide(x)`` under ``model(x)``.
 
     Draws are vectorized by an outer plate at dim -(max_plate_nesting + 1), in chunks of
-    ``particle_batch``. Discrete model sites the guide does not sample are enumerated and summed
-    out exactly (Pyro's tensor contraction, as ``TraceEnum_ELBO`` does); a continuous model site
-    the guide does not sample is an error naming it. Guide sites marked for enumeration are
-    sampled. The draws are seeded by ``seed`` without touching the caller's random state.
+    ``particle_batch``. A pair that cannot take the particle plate (a latent site with batch
+    dimensions outside any plate, such as eight schools' ``eta`` of shape (J,), a network that
+    takes no extra batch dimension, fancy indexing) has its draws made one at a time instead, as
+    the note says; k-hat needs only the S weights. Discrete model sites the guide does not sample
+    are enumerated and summed out exactly (Pyro's tensor contraction, as ``TraceEnum_ELBO``
+    does); a continuous model site the guide does not sample is an error naming it. Guide sites
+    marked for enumeration are sampled. The draws are seeded by ``seed`` without touching the
+    caller's random state.
     """
     S = integer(num_samples, "num_samples", minimum=2)
     nest = integer(max_plate_nesting, "max_plate_nesting", minimum=1)
@@ -110,20 +114,83 @@ def importance_log_weights(model, guide, x, *, num_samples: int = 1000,
     c = integer(c, "particle_batch", minimum=1)
     parts = []
     with seeded(seed, x.device), torch.no_grad():
-        local, note = _structure(model, guide, x)
-        left = S
-        while left > 0:
-            m = min(c, left)
-            parts.append(_chunk(model, guide, x, m, nest, local))
-            left -= m
+        local, note, enum = _structure(model, guide, x)
+        try:
+            left = S
+            while left > 0:
+                m = min(c, left)
+                parts.append(_chunk(model, guide, x, m, nest, local))
+                left -= m
+        except (ValueError, RuntimeError, IndexError) as exc:
+            vector_error = exc
+        else:
+            vector_error = None
+        if vector_error is not None:
+            parts = _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error)
+            why = f"particles drawn one at a time (vectorized: {reason(vector_error)})"
+            note = f"{note}; {why}" if note else why
     w = torch.cat(parts, 0)
     if local:
         return ImportanceWeights(w.sum(-1), w, note)
     return ImportanceWeights(w, None, note)
 
 
+def reason(exc: BaseException, limit: int = 400) -> str:
+    """An exception's message as one line that keeps its cause: a first line ending with ':'
+    (Pyro's "Error while packing tensors at site 'eta':") is followed by its next lines (at most
+    three, up to the next heading such as "Trace Shapes:"), and a message that still ends with
+    ':' or says nothing gets the chained exception's own :func:`reason`. At most ``limit``
+    characters. (The CLI's one-line errors use it too.)"""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":"):
+        for ln in lines[1:4]:
+            if ln.endswith(":"):
+                break
+            text = f"{text} {ln}"
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if (not text or text.endswith(":")) and cause is not None and cause is not exc:
+        text = f"{text} {reason(cause, limit)}".strip()
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error):
+    """Log weights (1) of S draws traced one by one: (S,) or, when ``local``, (S, n)."""
+    n = x.shape[0]
+    out = torch.empty((S, n) if local else (S,), dtype=x.dtype, device=x.device)
+    for s in range(S):
+        try:
+            gtr = poutine.trace(guide).get_trace(x)
+            m = poutine.replay(model, trace=gtr)
+            if enum:
+                m = poutine.enum(config_enumerate(m, default="parallel"),
+                                 first_available_dim=-(nest + 1))
+            mtr = poutine.trace(m).get_trace(x)
+            if local or enum:
+                target = (DATA,) if local else ()
+                out[s] = (_contract(mtr, target, (n,) if local else (), enum=True)
+                          - _contract(gtr, target, (n,) if local else (), enum=False))
+            else:
+                out[s] = _log_prob_sum(mtr) - _log_prob_sum(gtr)
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise ValueError(
+                "PSIS needs the latent sites inside the data plate or vectorizable particles: "
+                f"vectorized, {reason(vector_error)}; one particle at a time, {reason(exc)}"
+            ) from exc
+    return [out]
+
+
+def _log_prob_sum(trace) -> torch.Tensor:
+    """Sum of every random site's log-prob, every batch dimension included (no plate needed)."""
+    trace.compute_log_prob(site_filter=lambda name, site: _random(site))
+    return torch.stack([site["log_prob"].sum() for site in trace.nodes.values()
+                        if _random(site)]).sum()
+
+
 def _structure(model, guide, x):
-    """(all sites in the data plate, note); errors for latent sites the guide leaves uncovered."""
+    """(all sites in the data plate, note, model has discrete sites to sum out); errors for latent
+    sites the guide leaves uncovered."""
     with torch.no_grad(), poutine.block():
         gtr = poutine.trace(guide).get_trace(x)
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
@@ -132,11 +199,12 @@ def _structure(model, guide, x):
     if uncovered:
         raise ValueError(f"guide: does not sample the model's continuous latent site(s) "
                          f"{uncovered}; importance weights need q over every continuous latent")
+    enum = any(_latent(s) and k not in gtr.nodes for k, s in mtr.nodes.items())
     outside = sorted({k for tr in (gtr, mtr) for k, s in tr.nodes.items()
                       if _random(s) and not _in_data(s)})
     if outside:
-        return False, f"site(s) {outside} outside plate 'data': overall k-hat only"
-    return True, ""
+        return False, f"site(s) {outside} outside plate 'data': overall k-hat only", enum
+    return True, "", enum
 
 
 def _random(site) -> bool:
@@ -164,14 +232,14 @@ def _chunk(model, guide, x, S, nest, local):
                                                default="parallel"),
                               first_available_dim=-(nest + 2))
     mtr = poutine.trace(enum_model).get_trace(x)
-    target = (PARTICLES, DATA) if local else (PARTICLES,)
-    return (_contract(mtr, target, S, x.shape[0], enum=True)
-            - _contract(gtr, target, S, x.shape[0], enum=False))
+    target, shape = ((PARTICLES, DATA), (S, x.shape[0])) if local else ((PARTICLES,), (S,))
+    return (_contract(mtr, target, shape, enum=True)
+            - _contract(gtr, target, shape, enum=False))
 
 
-def _contract(trace, target, S, n, *, enum):
+def _contract(trace, target, shape, *, enum):
     """Sum of the trace's log-probs down to the plates ``target`` (enumerated dims summed out),
-    as a tensor shaped (S,) or (S, n)."""
+    as a tensor of ``shape`` (one size per target plate)."""
     trace.compute_log_prob(site_filter=lambda name, site: _random(site))
     trace.pack_tensors()
     p2s = trace.plate_to_symbol
@@ -189,7 +257,7 @@ def _contract(trace, target, S, n, *, enum):
     for i, s in enumerate(syms):  # a plate no factor depends on: broadcast
         if s is None or s not in dims:
             t = t.unsqueeze(i)
-    return t.expand((S, n) if len(target) == 2 else (S,))
+    return t.expand(shape)
 
 
 # -- PSIS of a fit --------------------------------------------------------------------------------
@@ -244,5 +312,5 @@ def tightest_evidence(*evidences: Evidence) -> Evidence:
 
 __all__ = [
     "KHAT_THRESHOLD", "MIN_PSIS_SAMPLES", "ImportanceWeights", "evidence_weight_diagnostics",
-    "importance_ess", "importance_log_weights", "pareto_khat", "tightest_evidence",
+    "importance_ess", "importance_log_weights", "pareto_khat", "reason", "tightest_evidence",
 ]

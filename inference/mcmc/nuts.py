@@ -10,6 +10,7 @@ rotations, so their R-hat says nothing.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, config_enumerate
+from pyro.poutine.messenger import Messenger
 
 from elbolab.inference import arviz_io
 from elbolab.inference.budget import check_mcmc
@@ -135,16 +137,22 @@ def _one_chain(model, args, kwargs, settings, seed, init_params, max_plate_nesti
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Worst R-hat and smallest bulk/tail ESS over all invariant quantities (ArviZ)."""
+    """Worst R-hat and smallest bulk/tail ESS over all invariant quantities (ArviZ). R-hat needs
+    two chains or more: with one it is NaN (not asked of ArviZ), and :func:`convergence` says
+    why."""
     if not invariants:
         return {}
     draws = [to_numpy(v) for v in invariants.values()]
     out = {}
+    if min(d.shape[0] for d in draws) < 2:
+        out["r_hat_max"] = math.nan
     for name, fn in (
         ("r_hat_max", arviz_io.rhat),
         ("ess_bulk_min", lambda d: arviz_io.ess(d, "bulk")),
         ("ess_tail_min", lambda d: arviz_io.ess(d, "tail")),
     ):
+        if name in out:
+            continue
         vals = np.concatenate([np.ravel(fn(d)) for d in draws])
         vals = vals[np.isfinite(vals)]
         if vals.size:
@@ -197,8 +205,13 @@ def fit(
     """NUTS on ``family.mcmc_model`` (:class:`~elbolab.models.capabilities.McmcModel`) or ``family.model``.
 
     Every latent site is sampled (discrete ones summed out by enumeration). A model with learnable
-    ``pyro.param``s is an error unless ``fix_params`` fixes them: a dict name -> value, or a
-    :class:`FitResult` whose fitted model parameters are used (e.g. an SVI fit). ``init_params``
+    ``pyro.param``s, or networks registered with ``pyro.module`` or written as ``PyroModule``s, is
+    an error naming them unless ``fix_params`` fixes them: a dict name -> value (names as in the
+    param store: ``"decoder$$$0.weight"``), or a :class:`FitResult` whose fitted model parameters
+    are used (e.g. an SVI fit). A network's weights are copied into its own parameters for the
+    run (a network computes with them, whatever ``pyro.param`` returns) and handed back after;
+    a name the model lacks or a wrong shape is an error. NaN or inf in an observed site is an
+    error naming the site, before any work. ``init_params``
     (site -> unconstrained value) starts every chain there; default ``family.mcmc_init(x)``.
     R-hat and bulk/tail ESS are computed on ``family.posterior_invariants`` when the family has
     :class:`~elbolab.models.capabilities.PosteriorInvariants`, else on every sampled site.
@@ -209,28 +222,32 @@ def fit(
     model = family.mcmc_model if isinstance(family, McmcModel) else family.model
     if init_params is None and isinstance(family, McmcModel):
         init_params = family.mcmc_init(x)
-    with isolated(seed), one_thread(x), Timer(x.device) as timer:
-        model, discrete = _prepared(model, x, fix_params, family)
-        check_mcmc(model, x, settings)  # memory of the draws, before any step
-        run = run_nuts(
-            model,
-            (x,),
-            settings,
-            seed,
-            init_params=init_params,
-            max_plate_nesting=family.max_plate_nesting,
-            enumerate_discrete=bool(discrete),
+    loaded: list = []  # (module parameter, its own value): handed back at the end
+    try:
+        with isolated(seed), one_thread(x), Timer(x.device) as timer:
+            model, discrete = _prepared(model, x, fix_params, family, loaded)
+            check_mcmc(model, x, settings)  # memory of the draws, before any step
+            run = run_nuts(
+                model,
+                (x,),
+                settings,
+                seed,
+                init_params=init_params,
+                max_plate_nesting=family.max_plate_nesting,
+                enumerate_discrete=bool(discrete),
+            )
+        samples = dict(run.samples)
+        if isinstance(family, PosteriorInvariants):
+            invariants = family.posterior_invariants(samples, x)
+        else:
+            invariants = samples
+        log_lik = (
+            {"x": family.pointwise_log_likelihood(samples, x)}
+            if isinstance(family, PointwiseLogLikelihood)
+            else {}
         )
-    samples = dict(run.samples)
-    if isinstance(family, PosteriorInvariants):
-        invariants = family.posterior_invariants(samples, x)
-    else:
-        invariants = samples
-    log_lik = (
-        {"x": family.pointwise_log_likelihood(samples, x)}
-        if isinstance(family, PointwiseLogLikelihood)
-        else {}
-    )
+    finally:
+        _hand_back(loaded)
     diag = invariant_diagnostics(invariants)
     diag["divergences"] = int(sum(run.divergences))
     converged, why = convergence(diag, settings)
@@ -268,14 +285,33 @@ def _note(engine: str, x) -> str:
     return f"; {note}" if note else ""
 
 
-def _prepared(model, x, fix_params, family):
+def _prepared(model, x, fix_params, family, loaded: list):
     """The model with its ``pyro.param``s fixed (or an error naming them), and its discrete latent
-    sites; an error if nothing continuous is left to sample."""
+    sites; an error if nothing continuous is left to sample, or if an observed site holds NaN/inf.
+
+    Parameters of networks (``pyro.module`` or ``PyroModule``) compute with the module's own
+    tensors whatever ``pyro.param`` returns, so their fixed values are copied into the module's
+    parameters in place; ``loaded`` gets (parameter, its own value) to hand back after the run."""
     fixed = _fixed_values(fix_params)
-    if fixed:
-        model = poutine.substitute(model, data=fixed)
-    with torch.no_grad():
-        tr = poutine.trace(config_enumerate(model, default="parallel")).get_trace(x)
+    inits = _ParamInits()
+    with torch.no_grad(), warnings.catch_warnings():
+        # names of the family's model that the NUTS model (mcmc_model) lacks: checked below
+        warnings.filterwarnings("ignore", "pyro.module data did not find params")
+        tr = poutine.trace(inits(poutine.substitute(config_enumerate(model, default="parallel"),
+                                                    data=fixed))).get_trace(x)
+        names = {k for k, s in tr.nodes.items() if s["type"] == "param"}
+        if fixed and model != family.model:  # the names an SVI fit of family.model knows
+            with poutine.block():
+                ftr = poutine.trace(inits(family.model)).get_trace(x)
+            names |= {k for k, s in ftr.nodes.items() if s["type"] == "param"}
+    _check_observed(tr)
+    unknown = sorted(set(fixed) - names)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+            k, sorted(names), n=1)) else repr(k) for k in unknown]
+        raise ValueError(
+            f"fix_params: {', '.join(hints)} not a parameter of the {family.name} model "
+            f"(its parameters: {sorted(names) or 'none'})")
     params = [k for k, s in tr.nodes.items() if s["type"] == "param" and k not in fixed]
     if params:
         raise ValueError(
@@ -283,6 +319,18 @@ def _prepared(model, x, fix_params, family):
             "would leave at their initial values; fix them (fix_params=<an SVI FitResult> or a "
             "dict name -> value)"
         )
+    modules = {k: p for k, p in inits.parameters.items() if k in fixed}
+    for k, p in modules.items():
+        if tuple(fixed[k].shape) != tuple(p.shape):
+            raise ValueError(f"fix_params: {k!r} has shape {tuple(fixed[k].shape)}; the model's "
+                             f"network parameter has shape {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in modules.items():
+            loaded.append((p, p.detach().clone()))
+            p.copy_(fixed[k].to(device=p.device, dtype=p.dtype))
+    plain = {k: v for k, v in fixed.items() if k not in modules}
+    if plain:
+        model = poutine.substitute(model, data=plain)
     latent = {
         k: s for k, s in tr.nodes.items()
         if s["type"] == "sample" and not s["is_observed"] and not site_is_plate(s)
@@ -294,6 +342,50 @@ def _prepared(model, x, fix_params, family):
             f"(latent sites: {sorted(latent) or 'none'})"
         )
     return model, discrete
+
+
+class _ParamInits(Messenger):
+    """Records the ``nn.Parameter`` each ``pyro.param`` statement is given, by name: the module's
+    own tensor for ``pyro.module`` and a ``PyroModule``'s parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.parameters: dict[str, torch.nn.Parameter] = {}
+
+    def _pyro_param(self, msg):
+        args = msg["args"]
+        if len(args) > 1 and isinstance(args[1], torch.nn.Parameter):
+            self.parameters.setdefault(msg["name"], args[1])
+
+
+def _hand_back(loaded: list) -> None:
+    """The networks' own values back (a module outside the family copy is the caller's)."""
+    with torch.no_grad():
+        for p, value in reversed(loaded):
+            p.copy_(value)
+    loaded.clear()
+
+
+def _check_observed(tr) -> None:
+    """NaN or inf in an observed value is an error naming the site: NUTS would only say that it
+    cannot find valid initial parameters (and under a mask, 0 x NaN still poisons gradients)."""
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or site_is_plate(site):
+            continue
+        value = site["value"]
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        nan, inf = int(value.isnan().sum()), int(value.isinf().sum())
+        if not nan and not inf:
+            continue
+        counts = " and ".join(
+            f"{c} {what} value{'s' if c > 1 else ''}"
+            for c, what in ((nan, "NaN"), (inf, "infinite")) if c)
+        masked = site["mask"] is not None and site["mask"] is not True
+        raise ValueError(
+            f"x: observed site {name!r} has {counts}; NUTS needs finite data (its gradients "
+            "are NaN otherwise): drop or impute those entries"
+            + ("; under a mask, still replace them with any finite value" if masked else ""))
 
 
 def _fixed_values(fix_params) -> dict:
