@@ -80,9 +80,11 @@ class ComposedGuide(nn.Module):
     def local_part(self, x, subsample_size=None):
         """The guide of the local sites alone (q(z | x) with the globals left to the caller).
         One data plate (one minibatch) is shared by every local part, the autoguide's included."""
+        out = {}
+        if not self.local_guides and self.auto_local is None:
+            return out
         self._plate = pyro.plate(self.plate, x.shape[0], subsample_size=subsample_size, dim=-1,
                                  device=x.device)
-        out = {}
         if self.local_guides:
             with self._plate as idx:
                 for g in self.local_guides:
@@ -133,7 +135,8 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
     if global_guide not in GLOBAL_GUIDES:
         raise ValueError(f"global_guide: must be one of {sorted(GLOBAL_GUIDES)}, got {global_guide!r}")
     x = family.check_data(x)
-    glob, loc, _ = latent_sites(family.model, x)
+    plate = getattr(family, "local_plate", "data")
+    glob, loc, _ = latent_sites(family.model, x, plate)
     if not glob and not loc:
         raise ValueError(f"model: the {family.name} model has no latent site to guide")
     gg = None
@@ -152,7 +155,7 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
             raise _not_local_error(name, site, local)
         k = 1 if scalar else site["value"].shape[-1]
         try:
-            g = spec(local).build(family, x, latent_dim=k, site=name,
+            g = spec(local).build(family, x, latent_dim=k, site=name, plate=plate,
                                          name=f"guide_{local}_{name}", **local_options)
         except ValueError as e:  # e.g. a flow on a 1-dim latent: say which site, and what to do
             raise ValueError(f"{name}: the per-point guide {local!r} cannot guide this local site "
@@ -162,7 +165,7 @@ def build_composed(family, x, *, local: str = "auto-normal", global_guide: str =
         local_guides.append(g)
     if local == "auto-normal" and local_options:
         raise TypeError(f"guide_options: unknown option(s) {sorted(local_options)} for auto-normal")
-    guide = ComposedGuide(gg, local_guides, None)
+    guide = ComposedGuide(gg, local_guides, None, plate)
     if auto_names:
         guide.auto_local = AutoNormal(poutine.block(family.model, expose=auto_names),
                                       init_scale=init_scale, create_plates=guide.shared_plate)

@@ -41,7 +41,10 @@ def for_family(family) -> dict[str, GuideSpec]:
         if family.discrete_sites:  # per-point guides leave the enumerated sites to be summed out
             specs = {k: dataclasses.replace(s, collapsed=True) for k, s in specs.items()}
         return specs
-    return composed_specs()
+    specs = composed_specs()
+    if family.discrete_sites:  # autoguides leave the enumerated sites to be summed out
+        specs = {k: dataclasses.replace(s, collapsed=True) for k, s in specs.items()}
+    return specs
 
 
 def default_for(family) -> str | None:

@@ -9,11 +9,13 @@ is missing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 
 from elbolab.inference.result import BOUNDS, FitResult
 from elbolab.inference.runtime import validate_seed
+from elbolab.models.program import as_family
 
 ENGINES = {
     "em": "elbolab.inference.closed_form.em",
@@ -30,24 +32,32 @@ def engine(name: str):
     return importlib.import_module(ENGINES[name])
 
 
-def fit(name: str, family, x, settings=None, *, seed: int = 0, **options) -> FitResult:
+def fit(name: str, family, x, settings=None, *, seed: int = 0, data_plate: str | None = None,
+        **options) -> FitResult:
     """Run engine ``name`` on ``family`` and data ``x``.
 
+    ``family`` is a model family or any plain Pyro program (a callable; then ``x`` is its data:
+    a dict of keyword arguments, a tuple of positional ones, or one tensor; ``data_plate`` names
+    the plate over data points when the trace cannot tell, :mod:`elbolab.models.program`).
     ``options`` are the engine's keyword options (e.g. ``guide=`` for SVI) or, when ``settings``
     is not given, the names of its settings (``fit("svi", fam, x, num_steps=500)``). Anything
     else is an error that lists what the engine takes.
     """
     mod = engine(name)
     validate_seed(seed)
+    family = as_family(family, data_plate)
     params = inspect.signature(mod.fit).parameters
     own = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "seed"}
     setting_names = _setting_names(mod.Settings)
     flat = {k: v for k, v in options.items() if k not in own}
     unknown = sorted(set(flat) - setting_names)
     if unknown:
+        near = {u: difflib.get_close_matches(u, [*own, *setting_names], n=1, cutoff=0.6)
+                for u in unknown}
+        hint = "".join(f"; did you mean {m[0]!r} for {u!r}?" for u, m in near.items() if m)
         raise TypeError(
-            f"{name}: unknown option(s) {unknown}; the {name} engine takes {sorted(own) or 'no options'}"
-            f" and the settings {sorted(setting_names)}"
+            f"{name}: unknown option(s) {unknown}{hint}; the {name} engine takes "
+            f"{sorted(own) or 'no options'} and the settings {sorted(setting_names)}"
         )
     if flat:
         if settings is not None:

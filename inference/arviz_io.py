@@ -67,10 +67,12 @@ def pareto_khat(log_weights) -> np.ndarray:
 
 
 def inference_data(posterior: dict, log_likelihood: dict | None = None,
-                   sample_stats: dict | None = None, attrs: dict | None = None):
-    """An ``InferenceData`` from numpy arrays shaped (chain, draw, ...), by group."""
+                   sample_stats: dict | None = None, attrs: dict | None = None,
+                   dims: dict | None = None):
+    """An ``InferenceData`` from numpy arrays shaped (chain, draw, ...), by group; ``dims``
+    names a variable's leading dims after (chain, draw) (e.g. its plates)."""
     return _az().from_dict(posterior=posterior, log_likelihood=log_likelihood,
-                           sample_stats=sample_stats, attrs=attrs)
+                           sample_stats=sample_stats, attrs=attrs, dims=dims or None)
 
 
 def write_netcdf(idata, path) -> Path:

@@ -82,6 +82,8 @@ class FitResult:
     settings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     state: Any = None
+    #: latent site -> names of its leading dims (plates), for ArviZ (plain programs)
+    dims: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.bound not in BOUNDS:
@@ -168,11 +170,22 @@ class FitResult:
         return 1 if site is None else site["fn"].event_dim
 
     def posterior_samples(self, num_samples: int = 1000, *, seed: int = 0, x=None) -> dict:
-        """Draws from the fitted guide (SVI) as ``(1, num_samples, ...)`` per latent site (plate
-        index sites left out); ``x`` defaults to the data the fit was built on."""
+        """Posterior draws of every latent site, by its own name.
+
+        NUTS: all its draws, ``(chain, draw, ...)`` (``num_samples``, ``seed``, ``x`` unused).
+        SVI: ``num_samples`` draws from the fitted guide, ``(1, num_samples, ...)``; ``x``
+        defaults to the data the fit was built on (kept in memory, not saved). EM and CAVI hold
+        point estimates or q's parameters (``posterior``), not draws: an error says so."""
         from elbolab.inference.runtime import seed_everything
         from elbolab.inference.svi.pair import posterior_draws
 
+        if self.engine == "mcmc":
+            sites = getattr(self.state, "samples", None) or self.samples
+            return {k: self.samples[k] for k in sites if k in self.samples}
+        if self.engine != "svi":
+            raise ValueError(f"posterior_samples: a {self.engine} fit holds "
+                             f"{sorted(self.posterior)} (point estimates or q's parameters), not "
+                             "draws; fit with 'svi' or 'mcmc' for draws")
         x = self._data(x)
         with self.fitted() as (_, guide):
             seed_everything(seed)
@@ -207,7 +220,9 @@ class FitResult:
     def _data(self, x, self_n: bool = True):
         """``x`` checked by the fitted family; a guide with one q per point needs the fit's n."""
         if x is None:
-            raise ValueError("x: pass the data (the result keeps the fit, not the data)")
+            x = getattr(self.state, "data", None)
+        if x is None:
+            raise ValueError("x: pass the data (a loaded result keeps the fit, not the data)")
         x = self.state.family.check_data(x)
         spec = getattr(self.state, "spec", None)
         if spec is not None and not spec.amortized and x.shape[0] != self.n_data:
@@ -291,6 +306,7 @@ class FitResult:
             posterior = {k: to_numpy(v)[None, None] for k, v in self.posterior.items()}
         log_lik = with_chain_draw(self.log_likelihood) if self.log_likelihood else None
         stats = with_chain_draw(self.sample_stats) if self.sample_stats else None
+        dims = {k: v for k, v in self.dims.items() if k in posterior}
         attrs = {
             "model": self.model,
             "engine": self.engine,
@@ -302,7 +318,7 @@ class FitResult:
             "device": self.device,
         }
         return arviz_io.inference_data(
-            posterior=posterior, log_likelihood=log_lik, sample_stats=stats, attrs=attrs
+            posterior=posterior, log_likelihood=log_lik, sample_stats=stats, attrs=attrs, dims=dims
         )
 
 
@@ -314,4 +330,5 @@ def data_fields(family, x: torch.Tensor, seed: int) -> dict:
         "device": str(x.device),
         "dtype": str(x.dtype).replace("torch.", ""),
         "seed": seed,
+        "dims": dict(getattr(family, "site_dims", {}) or {}),
     }

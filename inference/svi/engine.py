@@ -22,6 +22,7 @@ import math
 
 import pyro
 
+from elbolab.guides.base import GuideSpec
 from elbolab.inference.budget import check_svi
 from elbolab.inference.elbo import estimate_elbo
 from elbolab.inference.result import FitResult, check_settings, data_fields
@@ -38,14 +39,17 @@ from elbolab.inference.svi.checkpoint import (
 from elbolab.inference.svi.loop import run_svi
 from elbolab.inference.svi.pair import (
     check_coverage,
+    enumeration_of,
     load_params_from,
     param_names,
     posterior_draws,
     store_state,
+    vectorization_problem,
 )
 from elbolab.inference.svi.settings import Settings
 from elbolab.inference.svi.state import SviState, resolve_guide
 from elbolab.inference.svi.steps import direct_step
+from elbolab.models.program import Program, as_family
 
 
 def _notes(elbo: float, x) -> str:
@@ -53,6 +57,12 @@ def _notes(elbo: float, x) -> str:
     out = "" if math.isfinite(elbo) else "; the ELBO estimate at the kept parameters is not finite"
     note = device_note("svi", x)
     return out + (f"; {note}" if note else "")
+
+
+def _users_code(family, guide) -> bool:
+    """A program, a family or a guide written outside elbolab (vectorization is probed)."""
+    own = type(family).__module__.startswith("elbolab.") and not isinstance(family, Program)
+    return not own or not (guide is None or isinstance(guide, (str, GuideSpec)))
 
 
 def fit(
@@ -74,7 +84,8 @@ def fit(
     ``"ddp"`` under a launcher) it returns None.
     """
     settings = check_settings(settings, Settings, "svi")
-    family = copy.deepcopy(family)  # a fit never changes the caller's family (e.g. a decoder)
+    users_code = _users_code(family, guide)
+    family = copy.deepcopy(as_family(family))  # a fit never changes the caller's family
     x = family.check_data(x)
     st = settings.stopping
     if st.val_data is not None:
@@ -92,6 +103,7 @@ def fit(
     threads = settings.threads if settings.distributed.strategy is None else None
     with isolated(seed), cpu_threads(threads, x), Timer(x.device) as timer:
         guide_fn = spec.build(family, x, **guide_options)
+        spec = enumeration_of(family, guide_fn, x, spec)
         enum = spec.collapsed or spec.enumerated
         step_fn = None
         if settings.objective.direct:
@@ -102,6 +114,11 @@ def fit(
         elif payload is not None:
             load_params_from(payload, family.model, guide_fn, x)
         check_coverage(family, guide_fn, x, spec)
+        sequential = ""
+        if users_code and settings.objective.vectorize_particles and not settings.objective.direct:
+            sequential = vectorization_problem(family, guide_fn, x, nest, enum)
+            if sequential:  # e.g. a module or fancy indexing that a particle dim breaks
+                settings = settings.replace(vectorize_particles=False)
         check_svi(family.model, guide_fn, x, settings, enum)  # memory, before any step
         if settings.distributed.strategy is not None:
             by_name = guide if guide is None or isinstance(guide, str) else spec
@@ -124,6 +141,7 @@ def fit(
             collapsed=spec.collapsed,
             enumerate=enum,
             max_plate_nesting=nest,
+            vectorize=not sequential,
         )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         store = store_state()
@@ -144,11 +162,13 @@ def fit(
         log_likelihood=log_lik,
         seconds=timer.seconds,
         converged=converged,
-        message=run.message + _notes(est.value, x),
+        message=run.message + _notes(est.value, x) + (
+            f"; particles drawn one at a time (vectorized particles fail on this model: "
+            f"{sequential})" if sequential else ""),
         settings={**family.settings(), **settings.flat(), "guide_options": guide_options},
         diagnostics={"steps": run.steps, "eval_particles": est.num_particles,
                      "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,
                      "diverged": run.diverged, "skipped_steps": run.skipped},
         state=SviState(guide_fn, spec, params, tuple(sorted(model_names)),
-                       tuple(sorted(guide_names)), guide_options, run, family, store),
+                       tuple(sorted(guide_names)), guide_options, run, family, store, x),
     )

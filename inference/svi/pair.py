@@ -4,9 +4,12 @@ of model and guide, and draws from q for a result's ``samples`` (plate index sit
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from elbolab.guides.base import GuideSpec
 from elbolab.inference.svi.checkpoint import restore_params
@@ -24,14 +27,63 @@ def check_coverage(family, guide_fn, x, spec: GuideSpec) -> None:
         glob, loc, enum = latent_sites(family.model, x)
         with torch.no_grad(), poutine.block():
             gtr = poutine.trace(guide_fn).get_trace(x)
+            mtr = poutine.trace(family.model).get_trace(x)
+    in_model = {k for k, s in mtr.nodes.items() if s["type"] == "sample"}
     sampled = {k for k, s in gtr.nodes.items() if s["type"] == "sample" and not site_is_plate(s)}
     needed = set(glob) | set(loc) | (set() if (spec.collapsed or spec.enumerated) else set(enum))
     missing = sorted(needed - sampled)
     if missing:
-        raise ValueError(
-            f"guide: {spec.name!r} does not cover the latent site(s) {missing} of the "
-            f"{family.name} model; use a guide that samples them (e.g. 'auto-normal' for any "
-            "model) or make them observed")
+        discrete = [k for k in missing if k in enum or k in family.discrete_sites]
+        fix = ("sample them in the guide, or let them be summed out: mark them in the model with "
+               "infer={'enumerate': 'parallel'} (or pyro.infer.config_enumerate) and declare "
+               "them in the family's discrete_sites" if discrete else
+               "use a guide that samples them (e.g. 'auto-normal', which guides every continuous "
+               "latent site of any model) or make them observed")
+        raise ValueError(f"guide: {spec.name!r} does not cover the latent site(s) {missing} of "
+                         f"the {family.name} model; {fix}")
+    extra = sorted(k for k, s in gtr.nodes.items() if s["type"] == "sample" and not
+                   site_is_plate(s) and not s["infer"].get("is_auxiliary")
+                   and k not in in_model)
+    if extra:
+        raise ValueError(f"guide: {spec.name!r} samples site(s) {extra} that the {family.name} "
+                         "model does not have (a misspelled name?)")
+
+
+def enumeration_of(family, guide_fn, x, spec: GuideSpec) -> GuideSpec:
+    """``spec`` marked for ``TraceEnum_ELBO`` when the model has discrete sites to enumerate:
+    ``collapsed`` when the guide leaves them to be summed out, ``enumerated`` when it samples one
+    (e.g. a user's guide function)."""
+    if not family.discrete_sites or spec.collapsed or spec.enumerated:
+        return spec
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
+        gtr = poutine.trace(guide_fn).get_trace(x)
+    sampled = {k for k, s in gtr.nodes.items() if s["type"] == "sample"}
+    if sampled & set(family.discrete_sites):
+        return dataclasses.replace(spec, enumerated=True)
+    return dataclasses.replace(spec, collapsed=True)
+
+
+def vectorization_problem(family, guide_fn, x, nest: int, enum: bool) -> str:
+    """Empty when two particles run vectorized (an outer particle plate) through model and
+    guide, else why not (when one particle runs). Run in a scratch param store and random state,
+    so the fit's parameters and draws are those it would have had. (Not on copies: deepcopy of a
+    Pyro autoguide drops its model.)"""
+    fam, guide = family, guide_fn
+    cls = TraceEnum_ELBO if enum else Trace_ELBO
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
+        try:
+            cls(num_particles=2, vectorize_particles=True, max_plate_nesting=nest).loss(
+                fam.model, guide, x)
+            return ""
+        except Exception as e:  # noqa: BLE001 - whatever a user's code raises under a plate
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        try:
+            cls(num_particles=1, max_plate_nesting=nest).loss(fam.model, guide, x)
+        except Exception:  # noqa: BLE001 - it fails either way: training says why
+            return ""
+    return why
 
 
 def load_params_from(payload: dict, model, guide, x) -> None:
