@@ -109,7 +109,7 @@ def save(result, folder: str | Path) -> Path:
     return folder
 
 
-def load(cls, folder: str | Path, family=None, x=None):
+def load(cls, folder: str | Path, family=None, x=None, *, guide=None):
     """A FitResult from ``folder``; with ``family`` and ``x`` the SVI guide is rebuilt and filled."""
     folder = Path(folder)
     for f in ("result.json", "params.pt"):
@@ -126,7 +126,7 @@ def load(cls, folder: str | Path, family=None, x=None):
         if x is None:
             raise ValueError("x: rebuilding the fitted guide needs the data it was fitted on "
                              "(FitResult.load(folder, family, x))")
-        result.state = _rebuild(meta, tensors, family, x)
+        result.state = _rebuild(meta, tensors, family, x, guide)
         if "samples" not in tensors:  # a folder saved before the draws were kept: draw them again
             _redraw(result, meta, x)
     return result
@@ -167,14 +167,17 @@ def _redraw(result, meta, x) -> None:
     result.message += " [posterior draws redrawn on load: saved without them]"
 
 
-def _rebuild(meta, tensors, family, x):
+def _rebuild(meta, tensors, family, x, user_guide=None):
     import copy
 
     from elbolab import guides as registry
+    from elbolab.inference.svi.pair import enumeration_of
     from elbolab.inference.svi.run import SviRun
-    from elbolab.inference.svi.state import SviState
+    from elbolab.inference.svi.state import SviState, resolve_guide
+    from elbolab.models.program import as_family
 
-    family = copy.deepcopy(family)
+    family = copy.deepcopy(as_family(family))
+    x = family.check_data(x)  # a program learns its plates from its data
     saved = meta.get("family", {})
     here = {"class": f"{type(family).__module__}:{type(family).__qualname__}",
             "settings": _jsonable(family.settings())}
@@ -182,10 +185,17 @@ def _rebuild(meta, tensors, family, x):
         raise ValueError(
             f"family: the result was fitted with {saved['class']} {saved['settings']}, got "
             f"{here['class']} {here['settings']}")
-    x = family.check_data(x)
-    spec = registry.for_family(family).get(meta["guide"])
+    if user_guide is not None:
+        spec = resolve_guide(family, user_guide)
+        if spec.name != meta["guide"]:
+            raise ValueError(f"guide: the result was fitted with guide {meta['guide']!r}, got "
+                             f"{spec.name!r}")
+    else:
+        spec = registry.for_family(family).get(meta["guide"])
     if spec is None:
-        raise ValueError(f"guide: {meta['guide']!r} is not a guide of the {family.name} family")
+        raise ValueError(f"guide: {meta['guide']!r} is not a guide of the {family.name} model; if "
+                         "it was a guide function or PyroModule, pass it: "
+                         "FitResult.load(folder, model, x, guide=...)")
     if not spec.amortized and x.shape[0] != meta["n_data"]:
         raise ValueError(
             f"x: the {meta['guide']!r} guide holds one q per data point for {meta['n_data']} "
@@ -196,12 +206,13 @@ def _rebuild(meta, tensors, family, x):
     with isolated(0), torch.no_grad():
         guide = spec.build(family, x, **meta.get("guide_options", {}))
         pyro.poutine.trace(guide).get_trace(x)  # autoguides set up their parameters lazily
+        spec = enumeration_of(family, guide, x, spec)
     values = {}
     for k, u in store["params"].items():
         values[k] = torch.distributions.transform_to(store["constraints"][k])(u).detach()
     return SviState(guide, spec, values, tuple(meta["model_param_names"]),
                     tuple(meta["guide_param_names"]), meta.get("guide_options", {}),
-                    SviRun(trace=tensors["trace"].tolist()), family, store)
+                    SviRun(trace=tensors["trace"].tolist()), family, store, x)
 
 
 def _atomic(path: Path, write) -> None:

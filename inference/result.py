@@ -239,11 +239,13 @@ class FitResult:
         return save(self, folder)
 
     @classmethod
-    def load(cls, folder, family=None, x=None) -> FitResult:
-        """Load a saved result; with ``family`` and ``x`` an SVI fit's guide is rebuilt."""
+    def load(cls, folder, family=None, x=None, *, guide=None) -> FitResult:
+        """Load a saved result; with ``family`` (a family or the plain Pyro program) and ``x`` an
+        SVI fit's guide is rebuilt, bit for bit. A guide that was a function or PyroModule is
+        passed again as ``guide``."""
         from elbolab.inference.persist import load
 
-        return load(cls, folder, family, x)
+        return load(cls, folder, family, x, guide=guide)
 
     def model_params(self) -> dict[str, torch.Tensor]:
         """The fitted model parameters (``pyro.param`` sites of the model, constrained values)."""

@@ -242,3 +242,28 @@ def test_numpy_data_keep_their_dtype():
 
     fit = inference.fit("svi", model, {"y": y}, seed=0, num_steps=5, eval_particles=4)
     assert fit.dtype == "float64"
+
+
+@pytest.mark.parametrize("make_guide", [lambda: pooled_guide, PooledGuide, lambda: "auto-normal"],
+                         ids=["function", "PyroModule", "auto-normal"])
+def test_a_programs_fit_is_saved_and_loaded_bit_for_bit(tmp_path, make_guide):
+    from elbolab.inference.result import FitResult
+
+    guide = make_guide()
+    fit = inference.fit("svi", pooled, DATA, guide=guide, seed=0, num_steps=50, lr=0.05,
+                        eval_particles=10)
+    fit.save(tmp_path / "fit")
+    with pytest.raises(ValueError, match="guide"):
+        if not isinstance(guide, str):
+            FitResult.load(tmp_path / "fit", pooled, DATA)
+        else:
+            raise ValueError("guide")
+    back = FitResult.load(tmp_path / "fit", pooled, DATA,
+                          guide=None if isinstance(guide, str) else guide)
+    assert back.state.params.keys() == fit.state.params.keys()
+    assert all(torch.equal(back.state.params[k], fit.state.params[k]) for k in fit.state.params)
+    a = fit.posterior_samples(20, seed=3)["mu"]
+    b = back.posterior_samples(20, seed=3)["mu"]
+    assert torch.equal(a, b)
+    assert back.elbo_estimate(DATA, num_particles=50, seed=1) == fit.elbo_estimate(
+        DATA, num_particles=50, seed=1)
