@@ -1,0 +1,199 @@
+"""Posteriors from posteriordb, written as plain Pyro programs (examples/posteriordb/), run through
+elbolab's NUTS and SVI and compared with posteriordb's reference posteriors.
+
+Reference: github.com/stan-dev/posteriordb at commit 28f8d3d6e975315f42aa274a8399f21e07a43b30,
+``posterior_database/reference_posteriors/draws/draws/<posterior>.json.zip`` (10 chains x 1,000
+draws of Stan's NUTS, thinned by 10; posteriordb's bulk ESS is about 10,000 per component),
+summarized per component (mean, sd, number of draws, bulk ESS) in
+``tests/data/posteriordb/<posterior>.json``, which also names the source path and commit of the
+data, the Stan program and the draws (rebuilt by ``examples/posteriordb/build_references.py``).
+
+Tolerances, per component (4 standard errors: with about 30 components compared in the default
+suite and a fixed seed, a pass is not luck; the standard errors are estimated, hence the margin):
+
+- NUTS mean: |mean - ref_mean| <= 4 sqrt(mcse_mean^2 + ref_sd^2 / ref_ess): the Monte Carlo errors
+  of both estimates, the run's from ArviZ (which sees between-chain disagreement), the reference's
+  from its ESS.
+- NUTS sd: |sd - ref_sd| <= 4 sqrt(mcse_sd^2 + ref_sd^2 / (2 ref_ess)): the same for the sd (for a
+  near-normal margin the sd's relative standard error is 1 / sqrt(2 ESS): with the ~400 effective
+  draws of the default-suite run that is 3.5%, so the allowance is about 14% of the sd).
+- SVI: a Gaussian guide is not the posterior, so its moments are compared only where the
+  posterior is close to Gaussian in the unconstrained space and the guide can represent it
+  (``auto-mvn`` on the regressions: means within 0.2 posterior sd, sds within 20%; see
+  ``test_svi_auto_mvn_on_regressions``), and on eight schools its ELBO is checked against the
+  exact log evidence (computed by quadrature, ``examples/pyro/exact.py``, itself checked against
+  posteriordb's reference here).
+
+Slow cases (``make test-slow``): every other posterior, with more draws.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+from elbolab import inference
+
+REFS = Path(__file__).parent / "data" / "posteriordb"
+POSTERIORDB_COMMIT = "28f8d3d6e975315f42aa274a8399f21e07a43b30"
+
+
+def _theta(d):  # eight schools' transformed parameter theta = theta_trans * tau + mu
+    return {"theta": d["theta_trans"] * d["tau"][..., None] + d["mu"][..., None]}
+
+
+def _beta1(d):  # garch11: beta1 = (1 - alpha1) * beta1_share (the triangle alpha1 + beta1 < 1)
+    return {"beta1": (1 - d["alpha1"]) * d["beta1_share"]}
+
+
+def _mu_sorted(d):  # low_dim_gauss_mix: Stan's ordered[2] mu is the sorted pair
+    return {"mu": np.sort(d["mu_unordered"], axis=-1)}
+
+
+#: module in examples/posteriordb -> (posterior, the Stan quantities the program leaves derived)
+POSTERIORS = {
+    "eight_schools_noncentered": ("eight_schools-eight_schools_noncentered", _theta),
+    "kidscore_momiq": ("kidiq-kidscore_momiq", None),
+    "logmesquite": ("mesquite-logmesquite", None),
+    "arK": ("arK-arK", None),
+    "arma11": ("arma-arma11", None),
+    "garch11": ("garch-garch11", _beta1),
+    "low_dim_gauss_mix": ("low_dim_gauss_mix-low_dim_gauss_mix", _mu_sorted),
+}
+
+
+def reference(module: str) -> dict:
+    ref = json.loads((REFS / f"{POSTERIORS[module][0]}.json").read_text())
+    assert ref["commit"] == POSTERIORDB_COMMIT
+    assert ref["source"] == "https://github.com/stan-dev/posteriordb"
+    return ref
+
+
+def program(module: str):
+    return importlib.import_module(f"examples.posteriordb.{module}")
+
+
+def draws_of(module: str, samples: dict) -> dict[str, np.ndarray]:
+    """(chain, draw, *shape) numpy draws, with the program's derived Stan quantities added."""
+    d = {k: v.detach().double().cpu().numpy() for k, v in samples.items()}
+    derive = POSTERIORS[module][1]
+    return {**d, **(derive(d) if derive else {})}
+
+
+def component(draws: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Stan's ``beta[2]`` is the Pyro site ``beta`` at index 1."""
+    site, _, index = name.partition("[")
+    return draws[site][..., int(index[:-1]) - 1] if index else draws[site]
+
+
+def nuts_errors(draws: dict[str, np.ndarray], ref: dict) -> list[str]:
+    bad = []
+    for name, r in ref["parameters"].items():
+        x = component(draws, name)
+        mean, sd = x.mean(), x.std(ddof=1)
+        tol_mean = 4 * math.sqrt(float(az.mcse(x, method="mean")) ** 2
+                                 + r["sd"] ** 2 / r["ess_bulk"])
+        tol_sd = 4 * math.sqrt(float(az.mcse(x, method="sd")) ** 2
+                               + r["sd"] ** 2 / (2 * r["ess_bulk"]))
+        if abs(mean - r["mean"]) > tol_mean or abs(sd - r["sd"]) > tol_sd:
+            bad.append(f"{name}: mean {mean:.4g} vs {r['mean']:.4g} (tol {tol_mean:.3g}), "
+                       f"sd {sd:.4g} vs {r['sd']:.4g} (tol {tol_sd:.3g})")
+    return bad
+
+
+def run_nuts(module: str, **settings) -> dict[str, np.ndarray]:
+    mod = program(module)
+    fit = inference.fit("mcmc", mod.model, mod.data(), seed=0, **settings)
+    return draws_of(module, fit.posterior_samples())
+
+
+# -- NUTS ------------------------------------------------------------------------------------------
+
+def test_nuts_eight_schools_noncentered_matches_posteriordb():
+    # 2 chains x 250 draws: ~400 effective draws on this well-conditioned (non-centered) posterior
+    draws = run_nuts("eight_schools_noncentered", num_samples=250, warmup=250, num_chains=2)
+    assert nuts_errors(draws, reference("eight_schools_noncentered")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [
+    "kidscore_momiq", "logmesquite", "arK", "arma11", "garch11", "low_dim_gauss_mix"])
+def test_nuts_matches_posteriordb(module):
+    draws = run_nuts(module, num_samples=500, warmup=500, num_chains=2)
+    assert nuts_errors(draws, reference(module)) == []
+
+
+# -- SVI -------------------------------------------------------------------------------------------
+
+def test_svi_eight_schools_elbo_below_the_exact_log_evidence():
+    from examples.pyro import exact
+
+    mod = program("eight_schools_noncentered")
+    data = mod.data()
+    # The non-centered program is Pyro's eight schools with mu ~ N(0, 5), tau ~ HalfCauchy(5)
+    # (theta_trans is eta): its exact posterior and evidence by quadrature over tau.
+    ex = exact.eight_schools(data["J"], data["sigma"], data["y"], mu_scale=5.0, tau_scale=5.0)
+    ref = reference("eight_schools_noncentered")["parameters"]
+    # the quadrature agrees with posteriordb's draws within their Monte Carlo error (sd / 100)
+    for name, site in (("mu", "mu"), ("tau", "tau")):
+        assert abs(ex["mean"][site][0] - ref[name]["mean"]) < 3 * ref[name]["sd"] / 100
+        assert abs(ex["sd"][site][0] / ref[name]["sd"] - 1) < 0.03
+
+    fit = inference.fit("svi", mod.model, data, guide="auto-normal", num_steps=1500, lr=0.02,
+                        seed=0)
+    log_evidence = ex["log_evidence"]
+    # a lower bound, up to the ELBO estimate's own standard error (4 of them)
+    assert fit.elbo <= log_evidence + 4 * fit.elbo_se
+    # and a tight one: mean-field on the non-centered parameterization loses ~0.3 nats here
+    assert fit.elbo >= log_evidence - 1.0
+    # mean-field is known to do well on the means of mu and theta here (not on tau's spread):
+    # within 0.25 posterior sd (the draws' Monte Carlo error is 0.02 sd)
+    q = draws_of("eight_schools_noncentered", fit.posterior_samples(2000))
+    for name in ["mu"] + [f"theta[{j}]" for j in range(1, 9)]:
+        err = abs(component(q, name).mean() - ref[name]["mean"])
+        assert err <= 0.25 * ref[name]["sd"], (name, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["kidscore_momiq", "logmesquite", "arK"])
+def test_svi_auto_mvn_on_regressions(module):
+    # Linear-Gaussian regressions: the posterior of (beta, log sigma) is close to Gaussian, so a
+    # full-covariance Gaussian guide is close to exact. Means within 0.2 posterior sd (2,000
+    # draws: 0.02 sd of Monte Carlo error; the reference's 0.01 sd; the rest is Adam's jitter and
+    # the small skew of log sigma) and sds within 20% (the guide's sd is set by the Adam
+    # iterate's covariance factor, noisier than its mean).
+    mod = program(module)
+    fit = inference.fit("svi", mod.model, mod.data(), guide="auto-mvn", num_steps=4000,
+                        lr=0.01, seed=0)
+    q = draws_of(module, fit.posterior_samples(2000))
+    bad = []
+    for name, r in reference(module)["parameters"].items():
+        x = component(q, name)
+        if abs(x.mean() - r["mean"]) > 0.2 * r["sd"] or abs(x.std() / r["sd"] - 1) > 0.2:
+            bad.append(f"{name}: mean {x.mean():.4g} vs {r['mean']:.4g}, "
+                       f"sd {x.std():.4g} vs {r['sd']:.4g}")
+    assert bad == []
+
+
+def test_references_name_their_source():
+    for module, (posterior, _) in POSTERIORS.items():
+        ref = reference(module)
+        assert ref["posterior"] == posterior
+        assert ref["draws_path"] == (
+            f"posterior_database/reference_posteriors/draws/draws/{posterior}.json.zip")
+        assert all(p["n"] == 10_000 for p in ref["parameters"].values())
+        # every program runs on its data (one trace, no inference)
+        mod = program(module)
+        torch.manual_seed(0)
+        import pyro
+
+        trace = pyro.poutine.trace(mod.model).get_trace(**mod.data())
+        assert all(not torch.isnan(s["value"]).any() for s in trace.nodes.values()
+                   if s["type"] == "sample")
