@@ -1,19 +1,26 @@
-"""Your own model through a study: every engine a family supports, in the built-in studies' table.
+"""Your own model through a study: every engine a family or a Pyro program supports, in one table.
 
     elbolab run fit --model mypkg.mymodule:MyFamily [--model-args '{"K": 2}'] --data data.csv \\
         --engines svi,mcmc --guides mean-field,mlp
+    elbolab run fit --model schools:model --data schools.json [--guide auto-mvn|pkg.mod:guide]
     python -c "import elbolab.experiments.fit as f; f.run(family, x, engines='em,svi', out='runs/mine')"
 
-``--model`` names the family by import path, ``package.module:Name`` (``importlib`` and then
+``--model`` names the model by import path, ``package.module:Name`` (``importlib`` and then
 ``getattr`` along the dotted ``Name``; never ``eval``; the current folder is on the import path):
-a class (called with ``--model-args``, a JSON object of keyword arguments), a factory function, or
-a family instance. It must implement the model contract (:class:`elbolab.models.capabilities.PyroFamily`); the engines it can run follow from its
-capabilities: ``em`` needs ClosedFormEM, ``cavi`` ClosedFormCAVI, ``svi`` and ``mcmc`` any Pyro
-model (``mcmc`` a continuous latent; learnable ``pyro.param``s are fixed at the EM estimate, else
-at the first SVI fit's). Guides are the family's (``elbolab.guides.for_family``); a guide that leaves the
-model's enumerated discrete sites to enumeration trains and is scored on the collapsed bound
-(``elbo-collapsed``, TraceEnum_ELBO). Without ``--data`` a family with a simulator draws ``--n``
-points.
+a family class (called with ``--model-args``, a JSON object of keyword arguments), a factory
+function, or a family instance, implementing the model contract
+(:class:`elbolab.models.capabilities.PyroFamily`); or a plain Pyro program, a function or a
+``PyroModule`` (class or instance), wrapped as :class:`elbolab.models.program.Program`, whose
+arguments ``--data`` gives (a .json/.npz of keyword arguments, a .csv of columns:
+:mod:`elbolab.experiments.fit_settings`; :mod:`elbolab.experiments.fit_family` says which is
+which). The engines it can run follow from its capabilities: ``em`` needs ClosedFormEM, ``cavi``
+ClosedFormCAVI (a program has neither: they are skipped with a note), ``svi`` and ``mcmc`` any
+Pyro model (``mcmc`` a continuous latent; learnable ``pyro.param``s are fixed at the EM
+estimate, else at the first SVI fit's). Guides are the model's (``elbolab.guides.for_family``)
+by name, or a guide function / PyroModule by import path (``--guides``, or ``--guide`` for one);
+a guide that leaves the model's enumerated discrete sites to enumeration trains and is scored on
+the collapsed bound (``elbo-collapsed``, TraceEnum_ELBO). Without ``--data`` a family with a
+simulator draws ``--n`` points.
 
 Writes (into ``--out``, atomically): ``summary.csv`` (the columns of every study, then ``params``:
 where the row's parameters come from, ``iwae``/``ais`` evidence estimates with SEs, PSIS k-hat
@@ -26,9 +33,7 @@ else the tightest of AIS and IWAE (see :mod:`elbolab.experiments.fit_evidence`).
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import MISSING, dataclass, fields
 
 import pandas as pd
 import torch
@@ -36,7 +41,7 @@ import torch
 from elbolab import inference
 from elbolab.experiments import fit_verdict
 from elbolab.experiments.core import common, plots, rundir
-from elbolab.experiments.core.study import RENAMED, CliError, StudySettings, setting
+from elbolab.experiments.core.study import CliError
 from elbolab.experiments.fit_evidence import (
     NotApplicable,
     evaluate,
@@ -45,111 +50,28 @@ from elbolab.experiments.fit_evidence import (
     params_from,
 )
 from elbolab.experiments.fit_family import ENGINES, choose, resolve_family, supported_engines
-from elbolab.inference import arviz_io, mcmc, svi
-from elbolab.inference.closed_form import em
-from elbolab.models.capabilities import Evidence, MissingCapability, Simulator, capabilities_of
-from elbolab.models.data import load_array
+from elbolab.experiments.fit_settings import (
+    Settings,
+    check,
+    engine_settings,
+    guide_flag,
+    load_data,
+    make_settings,
+)
+from elbolab.inference import arviz_io
+from elbolab.models.capabilities import Evidence, MissingCapability, capabilities_of
+from elbolab.models.program import Program, as_family
 
 #: summary.csv columns after the ones every study has (then the engines' ``diag_*`` columns)
 EXTRA_COLUMNS = ["params", "iterations", "iwae", "iwae_se", "ais", "ais_se", "khat",
                  "khat_max_point", "khat_frac_points_above", "is_ess", "psis_samples",
                  "psis_note", "notes"]
-FIELD_FLAGS = {"lr": "svi_lr", "num_particles": "svi_particles", "num_steps": "svi_steps",
-               "eval_particles": "eval_particles", "num_samples": "nuts_samples",
-               "warmup": "nuts_warmup", "num_chains": "nuts_chains", "max_tree_depth": "nuts_depth",
-               "max_iter": "em_iter", "n_init": "restarts"}
-
-
-@dataclass
-class Settings(StudySettings):
-    """The fit study's settings (flags, ``--config`` keys); ``--quick``: a smoke run."""
-
-    model: str = setting("", "the family by import path, 'package.module:Name' (a class, factory "
-                         "or instance), e.g. elbolab.models.mfa:MixtureOfFactorAnalysers")
-    model_args: str = setting("{}", "keyword arguments of the family's constructor, a JSON object")
-    engines: str = setting("", "engines, comma list of em, cavi, svi, mcmc (default: every one "
-                           "the family supports)", comma_list=True)
-    guides: str = setting("", "SVI guides, comma list of the family's guides (default: its "
-                          "default guide)", comma_list=True)
-    threads: int | None = setting(1, "torch CPU threads (small models run faster on one)",
-                                  kind=int)
-    n: int = setting(200, "points to simulate when no --data is given", quick=60)
-    restarts: int = setting(3, "EM random restarts", quick=1)
-    em_iter: int = setting(1000, "EM iterations per restart at most", quick=200)
-    svi_steps: int = setting(2000, "SVI steps per fit", quick=100)
-    svi_lr: float = setting(0.05, "Adam learning rate")
-    svi_particles: int = setting(4, "particles per SVI gradient", quick=2)
-    eval_particles: int = setting(1000, "particles per ELBO estimate", quick=100)
-    iwae_particles: int = setting(1000, "importance samples per point for IWAE (0: none)",
-                                  quick=100)
-    ais_steps: int = setting(100, "AIS temperatures, families with LocalDensities (0: none)",
-                             quick=10)
-    ais_chains: int = setting(16, "AIS chains per data point", quick=4)
-    psis_samples: int = setting(1000, "draws for the PSIS k-hat of each variational fit (0: none)",
-                                quick=100)
-    gaps: bool = setting(True, "the gap decomposition of each amortized guide (when it applies)",
-                         negatable=True)
-    qstar_steps: int = setting(1000, "SVI steps of the per-point optimum q* (gap decomposition)",
-                               quick=50)
-    gap_particles: int = setting(500, "draws per point for the gap decomposition", quick=50)
-    nuts_samples: int = setting(500, "NUTS draws per chain", quick=30)
-    nuts_warmup: int = setting(300, "NUTS warmup steps per chain", quick=30)
-    nuts_chains: int = setting(2, "NUTS chains")
-    nuts_depth: int = setting(6, "NUTS max tree depth", quick=4)
-    nuts_jit: bool = setting(False, "NUTS with the compiled potential", negatable=True)
 
 
 def parse(argv) -> Settings:
     args = common.settings(Settings, argv, "fit", __doc__.splitlines()[0])
     check(args)
     return args
-
-
-def check(args: Settings) -> None:
-    """The checks the settings allow on their own, naming the flag."""
-    for name in ("restarts", "em_iter", "svi_steps", "svi_particles", "nuts_samples", "nuts_chains",
-                 "nuts_depth", "qstar_steps", "ais_chains"):
-        args.at_least(name, 1)
-    for name in ("iwae_particles", "ais_steps", "psis_samples", "nuts_warmup"):
-        args.at_least(name, 0)
-    args.at_least("eval_particles", 2)
-    args.at_least("gap_particles", 2)
-    args.finite_positive("svi_lr")
-    if args.data is None:
-        args.at_least("n", 1)
-
-
-def load_data(args, family, device, dtype):
-    """(x, info): ``--data``, else ``--n`` points from the family's simulator."""
-    if args.data is None:
-        if not isinstance(family, Simulator):
-            raise args.error("data", f"required: the {family.name} family has no simulator (the "
-                             "Simulator capability)")
-        try:
-            out = family.simulate(args.n, seed=args.seed, device=device, dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise CliError(f"--model-args: {str(exc).splitlines()[0]} (or give --data)") from None
-        return (out[0] if isinstance(out, tuple) else out), {"simulated": True, "n": args.n}
-    try:
-        arr = load_array(args.data, name="--data")
-        x = family.check_data(torch.as_tensor(arr, dtype=dtype, device=device))
-    except (OSError, TypeError, ValueError) as exc:
-        raise common.data_error(exc) from None
-    return x, {"data_file": str(args.data)}
-
-
-def engine_settings(args, progress: bool):
-    try:
-        return (em.Settings(max_iter=args.em_iter, tol=1e-8, n_init=args.restarts),
-                svi.Settings(num_steps=args.svi_steps, lr=args.svi_lr,
-                             num_particles=args.svi_particles, eval_particles=args.eval_particles,
-                             eval_batch=min(200, args.eval_particles), progress=progress,
-                             **common.svi_threads(args)),
-                mcmc.Settings(num_samples=args.nuts_samples, warmup=args.nuts_warmup,
-                              num_chains=args.nuts_chains, max_tree_depth=args.nuts_depth,
-                              jit=args.nuts_jit, progress=progress))
-    except (TypeError, ValueError) as exc:
-        raise common.field_error(args, exc, FIELD_FLAGS) from None
 
 
 # -- the study ------------------------------------------------------------------------------
@@ -160,6 +82,7 @@ def study(args: Settings, family=None, x=None) -> dict:
     family = family if family is not None else resolve_family(args.model, args.model_args)
     if isinstance(family, str):
         family = resolve_family(family, args.model_args)
+    family = as_family(family)  # a plain Pyro program from Python: a Program
     ascent, svi_s, nuts_s = engine_settings(args, progress)
     if x is None:
         x, data_info = load_data(args, family, device, dtype)
@@ -168,9 +91,13 @@ def study(args: Settings, family=None, x=None) -> dict:
         device = x.device
     engines, specs, skipped = choose(args, family, x, args.given("guides") or _python_given(args))
     out = common.open_run(args, "fit")
-    print(f"{family.name} ({type(family).__name__}): n={x.shape[0]}, d={tuple(x.shape[1:])}, "
-          f"engines {','.join(engines)}, guides {','.join(s.name for s in specs) or '-'}, "
-          f"device={x.device}")
+    if isinstance(family, Program):
+        shape = (f"arguments {', '.join(sorted(x.kwargs)) or f'{len(x.args)} positional'}, "
+                 f"n={x.shape[0]} (plate {family.data_plate!r})")
+    else:
+        shape = f"n={x.shape[0]}, d={tuple(x.shape[1:])}"
+    print(f"{family.name} ({type(family).__name__}): {shape}, engines {','.join(engines)}, "
+          f"guides {','.join(s.name for s in specs) or '-'}, device={x.device}")
     param_names = model_param_names(family, x)
     results, where, evidence, extra, gap_rows, notes = [], [], [], [], [], dict(skipped)
 
@@ -207,10 +134,10 @@ def study(args: Settings, family=None, x=None) -> dict:
             if eng == "em" and p is not None:
                 fixed_source = (p, "em")
     for spec in specs:
-        ck, resume = common.checkpointing(args, f"svi-{spec.name}")
+        ck, resume = common.checkpointing(args, f"svi-{spec.name.replace(':', '-')}")
         r = attempt(args, family, f"svi/{spec.name}", notes, lambda s=spec, c=ck, rs=resume:
                     inference.fit("svi", family, x, svi_s.replace(**c) if c else svi_s,
-                                  seed=args.seed, guide=s, resume=rs), flag="guides")
+                                  seed=args.seed, guide=s, resume=rs), flag=guide_flag(args))
         if r is None:
             continue
         add(r, None, "learned" if param_names else "fixed", variational=True)
@@ -253,8 +180,11 @@ def study(args: Settings, family=None, x=None) -> dict:
         and len({ev.value for ev in evidence}) == 1
     plots.plot_bounds(results, out / "elbo_traces.png", f"{family.name}: objective per datum",
                       evidence[0] if same and evidence else None)
+    program = isinstance(family, Program)
+    where = (args.model or family.settings()["program"] if program else
+             args.model or f"{type(family).__module__}:{type(family).__qualname__}")
     final = common.finish(out, args, device, {
-        "family": {"model": args.model or f"{type(family).__module__}:{type(family).__qualname__}",
+        "family": {"model": where, "kind": "program" if program else "family",
                    "name": family.name, "settings": family.settings(),
                    "capabilities": capabilities_of(family), "model_params": param_names},
         "data": data_info, "n": x.shape[0], "engines": engines,
@@ -293,7 +223,8 @@ def attempt(args, family, engine: str, notes: dict, fit, *, flag: str = "engines
     try:
         return fit()
     except (ValueError, MissingCapability) as exc:
-        text = f"{engine} cannot run on the {family.name} family: {str(exc).splitlines()[0]}"
+        what = "program" if isinstance(family, Program) else "family"
+        text = f"{engine} cannot run on the {family.name} {what}: {common.error_line(exc)}"
         if args.given(flag) or args.sources.get(flag) == "python":
             raise args.error(flag, text) from None
         notes[engine] = f"skipped: {text}"
@@ -317,31 +248,6 @@ def summary_table(results, evidence, extra, where) -> pd.DataFrame:
 # -- from Python --------------------------------------------------------------------------------
 def _python_given(args) -> bool:
     return args.sources.get("guides") == "python"
-
-
-def make_settings(**values) -> Settings:
-    """Settings from keyword arguments (``quick=True`` applies the quick defaults first)."""
-    known = {f.name: f for f in fields(Settings) if not f.metadata.get("internal")}
-    unknown = sorted(set(values) - set(known))
-    old = {k.replace("-", "_"): v.replace("-", "_") for k, v in RENAMED.items()}
-    for name in unknown:
-        if old.get(name) in known:
-            raise TypeError(f"settings: {name} renamed {old[name]}")
-    if unknown:
-        raise TypeError(f"settings: unknown {unknown}; the fit study takes {sorted(known)}")
-    out, sources = {}, {}
-    for name, f in known.items():
-        out[name], sources[name] = f.default, "default"
-        if values.get("quick") and f.metadata["quick"] is not MISSING:
-            out[name], sources[name] = f.metadata["quick"], "quick"
-        if name in values:
-            v = values[name]
-            if name in ("engines", "guides") and not isinstance(v, str):
-                v = ",".join(v)
-            if name == "model_args" and isinstance(v, dict):
-                v = json.dumps(v)
-            out[name], sources[name] = v, "python"
-    return Settings(**out, sources=sources)
 
 
 def run(family, x=None, *, engines=None, guides=None, out=None, seed: int = 0,
@@ -379,9 +285,8 @@ def _study_of_a_users_model(argv) -> int:
     try:
         return study(settings) and 0
     except (ValueError, TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise common.CliError(
-            f"--model: the model or an engine on it raised {type(exc).__name__}: {first}") from None
+        raise common.CliError(f"--model: the model or an engine on it raised "
+                              f"{type(exc).__name__}: {common.error_line(exc)}") from None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class LocalView(LocalLatentFamily):
         return self.family.settings()
 
 
+def local_plate(family) -> str:
+    """The plate over data points: a program's data plate (its sites are local), else "data"."""
+    return getattr(family, "data_plate", None) or "data"
+
+
 def model_param_names(family, x) -> list[str]:
     """The ``pyro.param`` sites the model creates (learnable unless fixed)."""
     with isolated(0), torch.no_grad():
@@ -132,7 +137,7 @@ def iwae_evidence(fam, guide, x, args) -> Evidence:
     if isinstance(fam, LocalDensities):
         model, site = LocalView(fam).model, fam.latent_site
     else:
-        glob, loc, enum = latent_sites(fam.model, x)
+        glob, loc, enum = latent_sites(fam.model, x, local_plate(fam))
         if glob or enum or len(loc) != 1:
             raise NotApplicable(
                 "IWAE per data point needs one per-point latent and no global or discrete latent "
@@ -217,5 +222,5 @@ def gap_row(family, x, result, evidence: Evidence | None, args) -> dict:
     return row
 
 
-__all__ = ["LocalView", "NotApplicable", "at_params", "evaluate", "gap_row", "model_param_names",
-           "params_from"]
+__all__ = ["LocalView", "NotApplicable", "at_params", "evaluate", "gap_row", "local_plate",
+           "model_param_names", "params_from"]
