@@ -7,8 +7,11 @@ FA EM against scikit-learn (``bench.fa_em``), GMM CAVI against scikit-learn's
 BayesianGaussianMixture (``bench.gmm_cavi``), NUTS against NumPyro cold and warm
 (``bench.nuts_gmm``, skipped with a line when NumPyro is not installed), the VAE's default
 training path against an independent plain PyTorch loop (``bench.vae_default``), SVI minibatch
-step time against n for every GMM guide (``bench.svi_minibatch``); then time per iteration
-against n for every engine (``bench.scaling``, a log-log plot).
+step time against n for every GMM guide (``bench.svi_minibatch``), plain Pyro programs (a logistic
+regression and the noncentered eight schools) through ``inference.fit`` against Pyro's own
+``SVI`` loop (goal <= 1.2x its time per step) and ``MCMC(NUTS)`` (goal <= 1.1x its time)
+(``bench.program``, issue 19 item 9); then time per iteration against n for every engine
+(``bench.scaling``, a log-log plot).
 
 Torch and BLAS run on one thread on both sides (the fastest setting on a shared 2-core machine;
 elbolab's closed-form engines pick one thread themselves). Writes ``table.md``, ``rows.json``,
@@ -30,7 +33,7 @@ import torch
 
 from bench.common import details, load_average, skipped_row, table
 
-WORKLOADS = ("fa", "cavi", "nuts", "vae", "svi", "scaling")
+WORKLOADS = ("fa", "cavi", "nuts", "vae", "svi", "program", "scaling")
 
 
 def machine() -> str:
@@ -73,6 +76,11 @@ def run(only, quick: bool, out: Path) -> list:
 
             sizes = (1000, 100_000) if quick else (1000, 10_000, 100_000, 1_000_000)
             rows += svi_minibatch.run(sizes, repeat=rep, steps=20 if quick else 40)
+        if "program" in only:
+            from bench import program
+
+            rows += program.run(steps=300 if quick else 1000, warmup=200 if quick else 500,
+                                draws=200 if quick else 500, repeat=rep)
         if "scaling" in only:
             from bench import scaling
 
