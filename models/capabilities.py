@@ -242,10 +242,32 @@ class ExactImputation(Protocol):
     def impute_exact(self, x_nan: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass
+class FlatPotential:
+    """NUTS's target for C chains at once, in flat unconstrained coordinates q of shape (C, D):
+    ``potential(q)`` -> (U (C,), grad U (C, D)) with U = -log p(q, x) (every constant kept, any
+    Jacobian included); ``to_sites(q)`` maps (..., D) to the model's latent sites by name;
+    ``init(C, generator)`` gives starting points (C, D) on the data's device and dtype."""
+
+    dim: int
+    potential: Any
+    to_sites: Any
+    init: Any
+
+
+@runtime_checkable
+class BatchedPotential(Protocol):
+    """A potential NUTS can evaluate for all chains in one computation (the batched kernel of
+    :mod:`elbolab.inference.mcmc.batched`), with the posterior of the model's continuous sites
+    (discrete ones summed out)."""
+
+    def batched_potential(self, x: torch.Tensor) -> FlatPotential: ...
+
+
 CAPABILITIES = (
     PyroFamily, Simulator, ExactEvidence, PointwiseEvidence, LocalDensities, ExactLocalPosterior,
     ExactInvariantPosterior, ClosedFormEM, ClosedFormCAVI, McmcModel, PosteriorInvariants,
-    PointwiseLogLikelihood, ExactImputation,
+    PointwiseLogLikelihood, ExactImputation, BatchedPotential,
 )
 
 

@@ -198,10 +198,20 @@ def test_nuts_shows_pyros_bar_on_a_terminal_only_by_default(tty, monkeypatch):
         seen.append(kwargs["disable_progbar"])
         return real(*args, **{**kwargs, "disable_progbar": True})
 
+    bars = []
+    real_bar = mcmc.tqdm
+
+    def spy_bar(*args, **kwargs):
+        bars.append(kwargs["disable"])
+        return real_bar(*args, **{**kwargs, "disable": True})
+
     monkeypatch.setattr(mcmc, "MCMC", spy)
+    monkeypatch.setattr(mcmc, "tqdm", spy_bar)
     monkeypatch.setattr(sys, "stderr", _Stream(tty))
-    inference.fit("mcmc", family, x, seed=0, num_samples=5, warmup=5, num_chains=1)
+    inference.fit("mcmc", family, x, seed=0, num_samples=5, warmup=5, num_chains=1, kernel="pyro")
     assert seen == [not tty]
+    inference.fit("mcmc", family, x, seed=0, num_samples=5, warmup=5, num_chains=2)  # batched
+    assert bars == [not tty]
     with pytest.raises(TypeError, match="^progress"):
         mcmc.Settings(progress="yes")
 

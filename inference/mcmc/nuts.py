@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,9 +21,11 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, config_enumerate
 from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
 
 from elbolab.inference import arviz_io
 from elbolab.inference.budget import check_mcmc
+from elbolab.inference.mcmc import adapt
 from elbolab.inference.result import FitResult, check_settings, data_fields
 from elbolab.inference.runtime import (
     Timer,
@@ -33,8 +36,16 @@ from elbolab.inference.runtime import (
     show_progress,
 )
 from elbolab.inference.tracing import site_is_plate, to_numpy
-from elbolab.models.capabilities import McmcModel, PointwiseLogLikelihood, PosteriorInvariants
-from elbolab.models.validate import boolean, integer, positive, probability
+from elbolab.models.capabilities import (
+    BatchedPotential,
+    McmcModel,
+    MissingCapability,
+    PointwiseLogLikelihood,
+    PosteriorInvariants,
+)
+from elbolab.models.validate import boolean, choice, integer, positive, probability
+
+KERNELS = ("auto", "batched", "pyro")
 
 
 @dataclass
@@ -45,6 +56,9 @@ class Settings:
     target_accept: float = 0.8
     max_tree_depth: int = 8
     jit: bool = True  # compiled potential: ~3x faster here
+    #: "auto": the batched kernel (all chains in one computation, :mod:`.batched`) for a family
+    #: declaring BatchedPotential, else Pyro's NUTS chain by chain; "batched" / "pyro" force one
+    kernel: str = "auto"
     #: Pyro's progress bar per chain: None (default) shows it when stderr is a terminal or in a
     #: notebook (:func:`elbolab.inference.runtime.show_progress`), True/False force it
     progress: bool | None = None
@@ -62,6 +76,7 @@ class Settings:
             raise ValueError(f"rhat_max: must be >= 1, got {self.rhat_max!r}")
         integer(self.ess_per_chain, "ess_per_chain", minimum=0)
         boolean(self.jit, "jit")
+        choice(self.kernel, "kernel", KERNELS)
         if self.progress is not None:
             boolean(self.progress, "progress")
 
@@ -112,6 +127,39 @@ def run_nuts(
         diverging.append(flags)
     samples = {k: torch.stack([c[k] for c in per_chain]) for k in per_chain[0]}
     return NutsRun(samples, divergences, torch.stack(diverging))
+
+
+def run_batched(flat, settings: Settings, seed: int) -> NutsRun:
+    """All chains in one computation (:mod:`elbolab.inference.mcmc.batched`, Stan's adaptation
+    in :mod:`elbolab.inference.mcmc.adapt`) on a family's :class:`FlatPotential`."""
+    q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device=q0.device).manual_seed(seed)
+    total = settings.warmup + settings.num_samples
+    with tqdm(total=total, desc="nuts (batched)", disable=not show_progress(settings.progress),
+              leave=False, file=sys.stderr) as bar:
+        draws = adapt.run(flat.potential, q0, warmup=settings.warmup,
+                          num_samples=settings.num_samples, target_accept=settings.target_accept,
+                          max_depth=settings.max_tree_depth, gen=gen, on_step=bar.update)
+    samples = flat.to_sites(draws.q)
+    return NutsRun(samples, [int(d) for d in draws.diverging.sum(1)], draws.diverging.cpu())
+
+
+def _use_batched(family, settings: Settings, fix_params, init_params) -> bool:
+    """The batched kernel when the family declares BatchedPotential (``kernel="auto"``), or when
+    asked (``"batched"``: an error naming what is missing if it cannot apply)."""
+    if settings.kernel == "pyro":
+        return False
+    capable = isinstance(family, BatchedPotential)
+    if settings.kernel == "batched":
+        if not capable:
+            raise MissingCapability(
+                f"kernel: 'batched' needs the BatchedPotential capability, which the "
+                f"{family.name} family does not declare; use kernel='pyro' (or 'auto')")
+        if fix_params is not None or init_params is not None:
+            raise ValueError("kernel: 'batched' takes neither fix_params nor init_params; use "
+                             "kernel='pyro'")
+        return True
+    return capable and fix_params is None and init_params is None
 
 
 def _one_chain(model, args, kwargs, settings, seed, init_params, max_plate_nesting, jit) -> MCMC:
@@ -225,9 +273,10 @@ def fit(
     loaded: list = []  # (module parameter, its own value): handed back at the end
     try:
         with isolated(seed), one_thread(x), Timer(x.device) as timer:
+            batched = _use_batched(family, settings, fix_params, init_params)
             model, discrete = _prepared(model, x, fix_params, family, loaded)
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            run = run_nuts(
+            run = run_batched(family.batched_potential(x), settings, seed) if batched else run_nuts(
                 model,
                 (x,),
                 settings,
@@ -271,7 +320,8 @@ def fit(
         seconds=timer.seconds,
         converged=converged,
         message=(
-            f"{settings.num_chains} chains x {settings.num_samples} draws; "
+            f"{settings.num_chains} chains x {settings.num_samples} draws "
+            f"({'batched kernel, chains in one computation' if batched else 'Pyro NUTS'}); "
             f"{diag['divergences']} divergences{why}" + _note("mcmc", x)
         ),
         settings={**family.settings(), **vars(settings)},

@@ -47,12 +47,12 @@ import torch
 from pyro.ops.indexing import Vindex
 
 from elbolab.models.base import ModelFamily
-from elbolab.models.capabilities import Evidence, Moments
+from elbolab.models.capabilities import Evidence, FlatPotential, Moments
 from elbolab.models.gmm import evidence as gmm_evidence
 from elbolab.models.gmm.evidence import MAX_ASSIGNMENTS
 from elbolab.models.gmm.fit import GMMCavi, GMMMap
 from elbolab.models.gmm.means import sorted_means, spread_means
-from elbolab.models.numerics import softmax
+from elbolab.models.numerics import LOG_2PI, softmax
 from elbolab.models.validate import as_data, integer, positive
 
 #: the prior variances the family accepts: beyond, 1/s2 or s2 * (sums of squares) leave float64
@@ -298,6 +298,38 @@ class BayesianGMM(ModelFamily):
         n = x.shape[0]
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1, device=x.device) as idx:
             pyro.sample("obs", self.likelihood(mu), obs=x[idx])
+
+    def batched_potential(self, x: torch.Tensor) -> FlatPotential:
+        """U(mu) = -log N(mu; 0, s2 I) - log p(x | mu) (eq. 5), for C chains at once, with its
+        gradient by hand: with a_ik = x_i . mu_k - ||mu_k||^2 / 2 and r = softmax_k(a),
+
+            log p(x | mu) = sum_i logsumexp_k a_ik - ||x||^2/2 - n log K - n d/2 log 2pi,
+            d/dmu_k = sum_i r_ik x_i - (sum_i r_ik) mu_k,   prior: -mu_k / s2.
+
+        Flat coordinates: mu as (K d,); starting points uniform in (-2, 2), as Pyro's default."""
+        x = self.check_data(x)
+        n, d, K, s2 = x.shape[0], x.shape[1], self.K, self.prior_var
+        const = (-0.5 * float((x.double() ** 2).sum()) - n * math.log(K) - 0.5 * n * d * LOG_2PI
+                 - 0.5 * K * d * (math.log(s2) + LOG_2PI))
+
+        def potential(q):
+            mu = q.reshape(q.shape[0], K, d)
+            a = torch.matmul(mu, x.T).transpose(1, 2) - 0.5 * (mu * mu).sum(-1).unsqueeze(1)
+            top = a.amax(-1, keepdim=True)
+            e = torch.exp(a - top)
+            z = e.sum(-1, keepdim=True)
+            lse = (torch.log(z) + top).squeeze(-1).sum(-1)
+            r = e / z  # (C, n, K)
+            grad = torch.matmul(r.transpose(1, 2), x) - r.sum(1).unsqueeze(-1) * mu - mu / s2
+            log_p = lse - 0.5 * (mu * mu).sum((1, 2)) / s2 + const
+            return -log_p, -grad.reshape(q.shape)
+
+        def init(chains: int, generator: torch.Generator):
+            u = torch.rand(chains, K * d, generator=generator, dtype=torch.float64)
+            return (4 * u - 2).to(x)
+
+        return FlatPotential(K * d, potential, lambda q: {"mu": q.reshape(*q.shape[:-1], K, d)},
+                             init)
 
     def mcmc_init(self, x: torch.Tensor) -> None:
         """No special start: Pyro's default initialization."""

@@ -1,0 +1,210 @@
+"""One NUTS transition for C chains at once, over flat tensors (pure functions, no Pyro).
+
+The sampler is the multinomial No-U-Turn sampler of Stan (Hoffman & Gelman 2014; Betancourt
+2017, "A Conceptual Introduction to Hamiltonian Monte Carlo", sec. A.4): trajectories grow by
+doubling in a random direction; states are drawn within a subtree in proportion to
+w = exp(-H) (uniform progressive sampling) and a new subtree replaces the current proposal with
+probability min(1, W_new / W_old) (biased progressive sampling); growth stops at a U-turn,
+
+    rho . M^{-1} p(-) <= 0   or   rho . M^{-1} p(+) <= 0,   rho = sum of momenta,
+
+checked on the whole trajectory, inside every subtree, and across each merge (Stan's extra
+checks: the first subtree with the first state of the second, the second with the last state of
+the first), or at a divergence (H - H0 > 1000). The criterion is symmetric, so subtrees are built
+in the order of travel whatever the direction.
+
+Batching: every chain takes its own direction, step size and diagonal inverse mass matrix M^{-1};
+all chains run the same tree shape, and a chain whose trajectory has stopped keeps its state
+(``torch.where``), so C chains cost one computation per leapfrog. A point is packed into one
+row ``[q | p | grad U | U]`` of width 3D + 1, so choosing between two points is one ``where``.
+
+``potential(q)`` maps q of shape (C, D) to (U (C,), grad U (C, D)), U = -log density.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: H - H0 beyond this is a divergence (Stan's value)
+MAX_DELTA_H = 1000.0
+
+
+@dataclass
+class Tree:
+    """A subtree, its ends in the order of travel (``start`` next to where it was grown from);
+    ``p_*`` the momenta at its ends and ``s_*`` the same times M^{-1} (p#)."""
+
+    start: torch.Tensor  # packed point (C, 3D + 1)
+    end: torch.Tensor
+    proposal: torch.Tensor
+    log_w: torch.Tensor  # (C,) log sum of exp(H0 - H) over its states
+    rho: torch.Tensor  # (C, D) sum of its momenta
+    p_start: torch.Tensor
+    p_end: torch.Tensor
+    s_start: torch.Tensor
+    s_end: torch.Tensor
+    valid: torch.Tensor  # (C,) bool: no divergence, no U-turn inside
+    diverging: torch.Tensor  # (C,) bool
+    accept: torch.Tensor  # (C,) sum over its states of min(1, exp(H0 - H))
+    size: int  # leapfrog steps
+
+
+def pack(q, p, grad, U) -> torch.Tensor:
+    return torch.cat([q, p, grad, U.unsqueeze(-1)], dim=-1)
+
+
+def parts(z: torch.Tensor, D: int):
+    """(q, p, grad U, U) of packed points."""
+    return z[:, :D], z[:, D:2 * D], z[:, 2 * D:3 * D], z[:, 3 * D]
+
+
+def kinetic(p, inv_mass) -> torch.Tensor:
+    return 0.5 * (inv_mass * p * p).sum(-1)
+
+
+def leapfrog(z, eps, inv_mass, potential, D: int) -> torch.Tensor:
+    """One leapfrog step of signed size ``eps`` (C, 1) from packed points ``z``."""
+    q, p, g, _ = parts(z, D)
+    p = p - 0.5 * eps * g
+    q = q + eps * inv_mass * p
+    U, g = potential(q)
+    p = p - 0.5 * eps * g
+    return pack(q, p, g, U)
+
+
+def turning(rho, p_a, p_b, inv_mass) -> torch.Tensor:
+    """The (symmetric) no-U-turn criterion fails between momenta ``p_a`` and ``p_b``."""
+    return ((inv_mass * p_a * rho).sum(-1) <= 0) | ((inv_mass * p_b * rho).sum(-1) <= 0)
+
+
+def merge_turns(rho, first: Tree, second: Tree) -> torch.Tensor:
+    """The criterion on the merged trajectory and across the merge (Stan's extra checks), in
+    one computation: pairs (first.start, second.end) with rho, (first.start, second.start) with
+    first.rho + second.p_start, (first.end, second.end) with second.rho + first.p_end."""
+    a = torch.stack([first.s_start, first.s_start, first.s_end])
+    b = torch.stack([second.s_end, second.s_start, second.s_end])
+    r = torch.stack([rho, first.rho + second.p_start, second.rho + first.p_end])
+    return (((a * r).sum(-1) <= 0) | ((b * r).sum(-1) <= 0)).any(0)
+
+
+def _where(mask, a, b):
+    return torch.where(mask.unsqueeze(-1), a, b)
+
+
+@dataclass
+class Step:
+    """What every leapfrog of one trajectory shares: half the signed step, the signed step times
+    M^{-1}, M^{-1}, the starting energy H0 and the potential."""
+
+    half_eps: torch.Tensor  # (C, 1)
+    eps_im: torch.Tensor  # (C, D)
+    inv_mass: torch.Tensor
+    H0: torch.Tensor
+    potential: object
+    D: int
+    gen: torch.Generator
+
+
+def leaf(z, k: Step) -> Tree:
+    D = k.D
+    p = z[:, D:2 * D] - k.half_eps * z[:, 2 * D:3 * D]
+    q = z[:, :D] + k.eps_im * p
+    U, g = k.potential(q)
+    p = p - k.half_eps * g
+    s = k.inv_mass * p
+    dH = torch.nan_to_num(U + 0.5 * (s * p).sum(-1) - k.H0, nan=math.inf)
+    diverging = dH > MAX_DELTA_H
+    z1 = torch.cat([q, p, g, U.unsqueeze(-1)], dim=-1)
+    return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging,
+                torch.exp(-dH).clamp(max=1.0), 1)
+
+
+def build(z, depth: int, k: Step) -> Tree:
+    """A subtree of 2^depth leapfrog steps from ``z`` (not included) in the direction of the step."""
+    if depth == 0:
+        return leaf(z, k)
+    t1 = build(z, depth - 1, k)
+    t2 = build(t1.end, depth - 1, k)
+    log_w = torch.logaddexp(t1.log_w, t2.log_w)
+    u = torch.rand(log_w.shape, generator=k.gen, device=log_w.device, dtype=log_w.dtype)
+    take2 = torch.log(u) < t2.log_w - log_w
+    rho = t1.rho + t2.rho
+    valid = t1.valid & t2.valid & ~merge_turns(rho, t1, t2)
+    return Tree(t1.start, t2.end, _where(take2, t2.proposal, t1.proposal), log_w, rho,
+                t1.p_start, t2.p_end, t1.s_start, t2.s_end, valid,
+                t1.diverging | (t1.valid & t2.diverging), t1.accept + t2.accept * t1.valid,
+                t1.size + t2.size)
+
+
+@dataclass
+class Transition:
+    z: torch.Tensor  # the new packed points (C, 3D + 1)
+    accept: torch.Tensor  # (C,) mean acceptance statistic over the trajectory
+    diverging: torch.Tensor  # (C,) bool
+    depth: torch.Tensor  # (C,) tree depth reached
+    leapfrogs: torch.Tensor  # (C,) leapfrog steps taken
+
+
+def transition(z, step_size, inv_mass, potential, max_depth: int, gen) -> Transition:
+    """One NUTS transition of every chain from packed points ``z`` (module docstring);
+    ``step_size`` (C,), ``inv_mass`` (C, D)."""
+    C, D = z.shape[0], inv_mass.shape[-1]
+    q, _, g, U = parts(z, D)
+    p0 = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype) / inv_mass.sqrt()
+    s0 = inv_mass * p0
+    H0 = U + 0.5 * (s0 * p0).sum(-1)
+    z0 = pack(q, p0, g, U)
+    whole = Tree(z0, z0, z0, torch.zeros_like(U), p0, p0, p0, s0, s0, None, None, None, 0)
+    left, right = whole, whole  # one-point trees holding each end's point and momenta
+    proposal, log_w, rho = z0, whole.log_w, p0
+    active = torch.ones(C, dtype=torch.bool, device=z.device)
+    diverging = torch.zeros_like(active)
+    accept, steps, depth = torch.zeros_like(U), torch.zeros_like(U), torch.zeros_like(U)
+    for d in range(max_depth):
+        forward = torch.rand(C, generator=gen, device=z.device) < 0.5
+        eps = torch.where(forward, step_size, -step_size).unsqueeze(-1)
+        k = Step(0.5 * eps, eps * inv_mass, inv_mass, H0, potential, D, gen)
+        first = _ends(forward, left, right)  # the current trajectory in the order of travel
+        first.rho = rho
+        t = build(first.end, d, k)
+        grow = active & t.valid
+        u = torch.rand(C, generator=gen, device=z.device, dtype=U.dtype)
+        proposal = _where(grow & (torch.log(u) < t.log_w - log_w), t.proposal, proposal)
+        total = rho + t.rho
+        turn = merge_turns(total, first, t)
+        log_w = torch.where(grow, torch.logaddexp(log_w, t.log_w), log_w)
+        rho = _where(grow, total, rho)
+        left = _end_tree(grow & ~forward, t, left)
+        right = _end_tree(grow & forward, t, right)
+        accept = accept + t.accept * active
+        steps = steps + t.size * active
+        diverging = diverging | (active & t.diverging)
+        depth = depth + active
+        active = grow & ~turn
+        if not bool(active.any()):
+            break
+    return Transition(proposal, accept / steps.clamp(min=1), diverging, depth, steps)
+
+
+def _ends(forward, left: Tree, right: Tree) -> Tree:
+    """The trajectory [left, right] seen in the order of travel: forward it starts at ``left``."""
+    def pick(a, b):
+        return _where(forward, a, b)
+    return Tree(pick(left.start, right.start), pick(right.start, left.start), None, None, None,
+                pick(left.p_start, right.p_start), pick(right.p_start, left.p_start),
+                pick(left.s_start, right.s_start), pick(right.s_start, left.s_start),
+                None, None, None, 0)
+
+
+def _end_tree(mask, t: Tree, old: Tree) -> Tree:
+    """The new end point (``t.end``, as a one-point tree) where ``mask``, else ``old``."""
+    return Tree(_where(mask, t.end, old.start), None, None, None, None,
+                _where(mask, t.p_end, old.p_start), None, _where(mask, t.s_end, old.s_start),
+                None, None, None, None, 0)
+
+
+__all__ = ["MAX_DELTA_H", "Transition", "Tree", "build", "kinetic", "leapfrog", "pack", "parts",
+           "transition", "turning"]
