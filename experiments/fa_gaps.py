@@ -120,6 +120,25 @@ def load_data(args, device, dtype):
     return x, None, {"data_file": str(args.data), "rows_with_nan_dropped": int((~keep).sum())}
 
 
+#: largest column root mean square of user data the SVI rows handle (they start at unit scale)
+MAX_DATA_SCALE = 1e3
+
+
+def check_scale(args, x) -> None:
+    """Refuse, before any work, user data in units the SVI fits and guides cannot reach from
+    their unit-scale start (EM, CAVI and NUTS handle any scale): a one-line ``--data`` error
+    saying what to do."""
+    if "svi" not in args.engine_list:
+        return
+    rms = float(x.double().square().mean(0).sqrt().max())
+    if rms > MAX_DATA_SCALE:
+        raise common.CliError(
+            f"--data: columns of size up to {rms:.3g} (root mean square); the study's SVI fits "
+            f"and guides start at unit scale and do not reach data in these units (up to "
+            f"{MAX_DATA_SCALE:.0e} works): standardize the columns (subtract each column's mean, "
+            "divide by its standard deviation) and rerun, or leave svi out of --engines")
+
+
 def split(x, frac, seed):
     g = torch.Generator().manual_seed(seed + 101)
     perm = torch.randperm(x.shape[0], generator=g).to(x.device)
@@ -342,6 +361,7 @@ def run(args) -> dict:
     device, dtype = common.setup(args, "fa_gaps")
     progress = args.progress and not args.quick
     x_all, truth, data_info = load_data(args, device, dtype)
+    check_scale(args, x_all)
     x, x_test = split(x_all, args.test_frac, args.seed)
     kind = args.model
     try:

@@ -49,6 +49,7 @@ from elbolab.inference.runtime import isolated
 from elbolab.models.data import load_array
 from elbolab.models.gmm.evidence import exact_posterior_draws
 from elbolab.models.gmm.model import MAX_ASSIGNMENTS, BayesianGMM, sorted_means
+from elbolab.models.validate import TooLarge, check_size
 
 SVI_GUIDES = ("mean-field", "collapsed", "auto-normal", "auto-mvn")
 ENGINES = ("em", "cavi", "svi", "mcmc")
@@ -110,21 +111,36 @@ def check(args: Settings) -> None:
 MAX_WORK = 2e11
 
 
-def check_work(args: Settings, n: int, d: int, engines, num_guides: int) -> None:
-    """Refuse settings whose work cannot finish in reasonable time, before any work: every engine
-    costs about n K d per sweep, step or gradient (EM/CAVI: up to 1000 sweeps per restart; SVI:
-    steps x particles per guide plus the evaluation; NUTS: up to 2^5 gradients per draw)."""
+def check_work(args: Settings, n: int, d: int, engines, svi_guides: list) -> None:
+    """Refuse settings whose work cannot finish in reasonable time or memory, before any work:
+    every engine costs about n K d per sweep, step or gradient (EM/CAVI: up to 1000 sweeps per
+    restart; SVI: steps x particles per guide plus the evaluation; NUTS: up to 2^5 gradients per
+    draw), and every variational fit is evaluated with ``--eval-particles`` draws of q (its ELBO,
+    CAVI's Monte Carlo check, PSIS), 200 at a time, each holding n K (d + 1) numbers; a guide
+    that sums the assignments out holds K copies of the K d means per particle. ``svi_guides``:
+    the GuideSpecs SVI runs."""
     per = n * args.K * d
     sweeps = 2 * 1000 * args.restarts * (("em" in engines) + ("cavi" in engines)) / 2
-    steps = ("svi" in engines) * num_guides * (args.svi_steps * args.svi_particles
-                                               + args.eval_particles)
+    steps = len(svi_guides) * args.svi_steps * args.svi_particles
+    evals = args.eval_particles * (2 * ("cavi" in engines) + 2 * len(svi_guides))
     grads = ("mcmc" in engines) * args.nuts_chains * (args.nuts_samples + args.nuts_warmup) * 32
-    work = per * (sweeps + steps + grads)
+    work = per * (sweeps + steps + grads) + n * args.K * (d + 1) * evals
     if work > MAX_WORK:
         raise common.CliError(
             f"--K: n K d = {per:.3g} point-component terms per sweep, {work:.2g} in all, is more "
             f"than this study runs in reasonable time ({MAX_WORK:.0g}); use fewer components, "
             "points, steps or engines")
+    batch = min(200, args.eval_particles)
+    sizes = [(4 * batch * n * args.K * (d + 1),
+              f"evaluating a variational fit with {batch} draws of q at a time")]
+    if any(g.collapsed or g.enumerated for g in svi_guides):
+        sizes.append((4 * args.svi_particles * args.K * (args.K * d + n),
+                      f"an SVI step of a guide that sums out the K={args.K} assignments"))
+    for numbers, what in sizes if ("cavi" in engines or svi_guides) else ():
+        try:
+            check_size(numbers, "K", f"{what} (n={n}, K={args.K}, d={d})")
+        except TooLarge as exc:
+            raise common.CliError(f"--{exc}") from None
 
 
 #: engine-settings field -> study flag, to name the flag in errors raised by the engines
@@ -196,7 +212,8 @@ def run(args) -> dict:
     engines, svi_guides = list_engines_guides(args, ENGINES, guides.for_family(family))
     x, data_info = load_data(args, family, device, dtype)
     n = x.shape[0]
-    check_work(args, n, x.shape[1], engines, len(svi_guides))
+    specs = guides.for_family(family)
+    check_work(args, n, x.shape[1], engines, [specs[g] for g in svi_guides])
     out = common.open_run(args, "gmm_engines")
     print(f"Bayesian GMM: n={n}, d={x.shape[1]}, K={args.K}, s2={args.prior_var}, device={device}")
 

@@ -269,14 +269,16 @@ def figures(models, results, data, gap_df, out, seed):
     for kind, res in zip(models, results):
         tr = np.asarray(res.trace) / res.n_data
         w = max(1, min(25, len(tr) // 10))
-        smooth = np.convolve(tr, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w - 1, smooth, label=f"{kind} train (minibatch)")
+        if len(tr):  # a run that diverged at its first steps kept no step of its trace
+            smooth = np.convolve(tr, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(len(smooth)) + w - 1, smooth, label=f"{kind} train (minibatch)")
         val = res.state.run.val_trace
         if val:
             ax.plot(*zip(*val), "o--", ms=3, label=f"{kind} held-out")
     ax.set_xlabel("SVI step")
     ax.set_ylabel("ELBO per image (nats)")
-    ax.legend(fontsize=plots.LEGEND_FONTSIZE)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=plots.LEGEND_FONTSIZE)
     fig.tight_layout()
     fig.savefig(out / "elbo_curves.png", dpi=plots.DPI)
     plt.close(fig)

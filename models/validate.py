@@ -16,6 +16,9 @@ import torch
 
 from elbolab.models.numerics import one_thread
 
+#: devices whose tensors hold no values (shapes only): data there is refused, naming the device
+NO_VALUES_DEVICES = ("meta",)
+
 
 def as_data(
     x,
@@ -57,6 +60,10 @@ def as_data(
         if dtype is None:
             dtype = torch.float64 if arr.dtype == np.float64 else torch.get_default_dtype()
         t = torch.as_tensor(arr, dtype=dtype, device=device)
+    if t.device.type in NO_VALUES_DEVICES:
+        raise ValueError(f"{name}: a tensor on the {t.device.type!r} device holds no values "
+                         "(shapes only); nothing can be computed on it: move the data to 'cpu' "
+                         "or 'cuda'")
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if t.dim() not in allowed:
         raise ValueError(

@@ -521,6 +521,31 @@ def _save_below_file(tmp, mp):
 CASES.append(Case("result-save-below-a-file", _save_below_file, OSError, "folder"))
 
 
+# ----------------------------------------------------------------------------- issue 21
+def _meta(x):
+    return x.to("meta")
+
+
+CASES += [
+    # a local guide cannot evaluate held-out points: one line, no Pyro trace-shape table
+    Case("fit-svi-local-guide-val-data", call(
+        inference.fit, "svi", FactorAnalysis(2, params=TRUTH_F), X_F, guide="mean-field",
+        val_data=X_F[:5], eval_every=1, num_steps=3), ValueError, "val_data"),
+    # float32 data of size 1e-150 round to 0: said so, not torch's eigh failure
+    Case("fit-em-fa-f32-underflow-to-zero", call(inference.fit, "em", FactorAnalysis(2),
+                                                 (X_F * 1e-150).float()), ValueError, "x"),
+    Case("fit-em-fa-all-columns-constant", call(inference.fit, "em", FactorAnalysis(2),
+                                                torch.ones(30, 5, dtype=torch.float64)),
+         ValueError, "x"),
+    # tensors on the meta device hold no values: refused at the boundary, naming the device
+    Case("fit-cavi-gmm-meta-device", call(inference.fit, "cavi", G, _meta(X_G)), ValueError, "x"),
+    Case("fit-em-fa-meta-device", call(inference.fit, "em", FactorAnalysis(2), _meta(X_F)),
+         ValueError, "x"),
+    Case("fit-svi-fa-meta-device", call(inference.fit, "svi", FactorAnalysis(2), _meta(X_F)),
+         ValueError, "x"),
+]
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -547,3 +572,4 @@ def test_bad_input(c: Case, tmp_path, monkeypatch):
     assert re.search(pattern, message), f"{c.id}: {message!r} does not name {c.field!r}"
     assert len(message.splitlines()) <= 3, f"{c.id}: message of {len(message.splitlines())} lines"
     assert _listing(tmp_path) == before, f"{c.id}: files were written"
+

@@ -132,3 +132,35 @@ def test_bayes_rows_without_nuts_and_flag_checks():
     for flags in (["--nuts-chains", "0"], ["--nuts-samples", "2"], ["--nuts-depth", "0"]):
         with pytest.raises(SystemExit):
             parse(flags)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_data_in_large_units_is_one_line_saying_what_to_do(tmp_path, capsys, dtype):
+    """Issue 21: FA data x 1e6 tracebacked in the SVI/guide stages; now a one-line --data error
+    before any work, nothing left behind."""
+    x, _ = FactorAnalysis(2, dim=5).simulate(40, seed=0, dtype=torch.float64)
+    np.save(tmp_path / "big.npy", x.numpy() * 1e6)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "fa_gaps", "--quick", "--data", str(tmp_path / "big.npy"), "--dtype",
+                  dtype, "--out", str(out), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fa_gaps: --data: ") and "standardize" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npy"]
+
+
+def test_runaway_learning_rate_flags_rows_and_goes_on(tmp_path):
+    """Issue 21: --svi-lr 1e6 tracebacked; now every SVI row stops at the step that ran away,
+    keeps its last good state (an ELBO of the size of the EM row's, not 1e22) and is flagged."""
+    out = tmp_path / "out"
+    argv = ["--quick", "--no-progress", "--out", str(out), "--svi-lr", "1e6", "--engines",
+            "em,svi", "--guides", "linear-full,mlp", "--joint-guides", "mlp"]
+    assert cli.main(["run", "fa_gaps", *argv]) == 0
+    s = pd.read_csv(out / "summary.csv")
+    svi_rows = s[s.engine == "svi"]
+    assert len(svi_rows) == 3 and svi_rows.diag_diverged.astype(bool).all()
+    em_elbo = float(s[s.engine == "em"].elbo.iloc[0])
+    assert np.isfinite(svi_rows.elbo).all()
+    assert (svi_rows.elbo.abs() < 1e3 * abs(em_elbo)).all(), svi_rows.elbo.tolist()
+    assert not svi_rows.converged.astype(bool).any()

@@ -151,3 +151,14 @@ def test_settings_too_large_to_finish_are_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="--K: .*reasonable time"):
         gmm_engines.main(["--K", "200000", "--n", "100", "--out", str(out)])
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_quick_run_with_a_huge_K_is_refused_before_any_work(tmp_path, capsys):
+    """Issue 21: --quick --K 200000 ran past 150 s; now one line naming --K, nothing written."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as info:
+        gmm_engines.main(["--quick", "--K", "200000", "--out", str(out), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gmm_engines: --K: "), err
+    assert not list(tmp_path.iterdir())

@@ -155,3 +155,22 @@ def test_skip_mode_undoes_moments_of_a_callers_own_step_too():
                    if torch.is_tensor(t)]
     assert run.skipped == 1 and len(run.trace) == 7 and moments
     assert all(bool(torch.isfinite(t).all()) for t in moments)
+
+
+def test_a_runaway_loss_stops_the_run_and_keeps_the_state_before_it():
+    """Issue 21: a learning rate of 1e6 throws an amortized guide's weights to 1e7 and the loss
+    to 1e20 while it stays finite; the loop refuses the step that ran away, undoes the update
+    that produced it and says so, and the ELBO reported is that of the kept state."""
+    from elbolab.models.fa.model import FactorAnalysis
+
+    fam = FactorAnalysis(2, dim=5)
+    x, truth = fam.simulate(48, seed=0, dtype=torch.float64)
+    fixed = FactorAnalysis(2, params=truth)
+    exact = fixed.log_evidence(x).value
+    s = svi.Settings(num_steps=30, lr=1e6, num_particles=4, eval_particles=50,
+                     learn_model_params=False, num_posterior_samples=0)
+    res = svi.fit(fixed, x, s, guide="linear-full")
+    assert res.diagnostics["diverged"] and "ran away" in res.message, res.message
+    assert math.isfinite(res.elbo) and res.elbo < exact and abs(res.elbo) < 1e3 * abs(exact)
+    for v in res.state.guide.state_dict().values():
+        assert float(v.abs().max()) < 1e3  # the kept weights are not the runaway ones

@@ -118,3 +118,19 @@ def test_bad_flags_name_the_flag(tmp_path):
         vae_gaps.main(["--quick", "--out", str(tmp_path), "--data", str(tmp_path / "no.npy")])
     with pytest.raises(SystemExit, match="--latent-dim"):
         vae_gaps.main(["--quick", "--out", str(tmp_path), "--latent-dim", "1"])
+
+
+def test_runaway_learning_rate_is_flagged_and_the_study_goes_on(tmp_path):
+    """Issue 21: --svi-lr 1e6 ended in "a cannot be empty"; now the networks stop at the step
+    that ran away, keep their last good weights, and the rows say they diverged."""
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "imgs.npy", g.integers(0, 256, size=(60, 4, 4)).astype(np.uint8))
+    out = tmp_path / "out"
+    argv = ["--quick", "--no-progress", "--out", str(out), "--data", str(tmp_path / "imgs.npy"),
+            "--likelihood", "gaussian", "--latent-dim", "2", "--svi-lr", "1e6"]
+    assert vae_gaps.main(argv) == 0
+    s = pd.read_csv(out / "summary.csv")
+    trained = s[s.guide.isin(["ffg", "flow"])]
+    assert len(trained) == 2 and trained.diag_diverged.astype(bool).all()
+    assert (trained.training_end == "diverged").all()
+    assert np.isfinite(trained.elbo).all() and (trained.elbo_per_datum.abs() < 1e6).all()

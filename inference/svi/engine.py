@@ -39,6 +39,7 @@ from elbolab.inference.svi.checkpoint import (
 from elbolab.inference.svi.loop import run_svi
 from elbolab.inference.svi.pair import (
     check_coverage,
+    check_val_data,
     enumeration_of,
     load_params_from,
     param_names,
@@ -114,6 +115,8 @@ def fit(
         elif payload is not None:
             load_params_from(payload, family.model, guide_fn, x)
         check_coverage(family, guide_fn, x, spec)
+        if st.val_data is not None and st.eval_every:
+            check_val_data(family, guide_fn, settings.stopping.val_data, spec)
         sequential = ""
         if users_code and settings.objective.vectorize_particles and not settings.objective.direct:
             sequential = vectorization_problem(family, guide_fn, x, nest, enum)

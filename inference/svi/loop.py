@@ -25,7 +25,7 @@ from elbolab.inference.svi.checkpoint import (
 )
 from elbolab.inference.svi.run import MIN_JUDGED, SviRun, judge
 from elbolab.inference.svi.settings import Settings
-from elbolab.inference.svi.steps import PyroStep, make_loss
+from elbolab.inference.svi.steps import PyroStep, make_loss, runaway_bounds
 
 
 def run_svi(
@@ -43,9 +43,11 @@ def run_svi(
 ) -> SviRun:
     """Optimize inside the current param store; never seeds or clears anything.
 
-    A step whose loss or gradient is non-finite, or whose update would break a parameter, is not
-    applied (:mod:`elbolab.inference.svi.steps`); a non-finite loss also undoes the update before it (the
-    parameters it produced gave that loss). The run stops with the step, the reason, and the last
+    A step whose loss or gradient is non-finite, whose loss ran away (finite, but a million times
+    its scale away from the losses before it: :func:`elbolab.inference.svi.steps.runaway_bounds`),
+    or whose update would break a parameter, is not applied (:mod:`elbolab.inference.svi.steps`);
+    a non-finite or runaway loss also undoes the update before it (the parameters it produced
+    gave that loss). The run stops with the step, the reason, and the last
     parameters whose loss was finite (``skip_nonfinite``: count both as skipped and go on). ``step_fn`` replaces the Pyro step (the direct path, :func:`direct_step`).
     ``resume``: a checkpoint payload (:func:`elbolab.inference.svi.checkpoint.read_checkpoint`) to continue.
     The steps run on ``settings.threads`` CPU threads (data on the CPU; restored afterwards).
@@ -118,7 +120,12 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
     progress = show_progress(settings.progress)
     bar = tqdm(range(start, st.num_steps), desc="svi", disable=not progress, leave=False,
                delay=PROGRESS_DELAY, file=sys.stderr)
+    guard = hasattr(step_fn, "bounds")
+    best = min((-v for v in run.trace), default=math.inf)
     for step in bar:
+        bounds = runaway_bounds(-run.trace[-1], best, n) if run.trace else None
+        if guard:
+            step_fn.bounds = bounds
         try:  # a refused step (non-finite loss, gradient or update) changes no parameter
             value, refused = step_fn()
         except (ValueError, RuntimeError) as exc:  # distribution validation on NaN parameters
@@ -126,8 +133,10 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
                 raise
             value, refused = math.nan, f"the step failed ({str(exc).splitlines()[0][:160]})"
         if refused:
-            undone = not math.isfinite(value) and _undo_last(step_fn)
-            if undone:  # the loss at these parameters is non-finite: back to the last finite one
+            ran_away = bounds is not None and math.isfinite(value) and not (
+                bounds[0] <= value <= bounds[1])
+            undone = (ran_away or not math.isfinite(value)) and _undo_last(step_fn)
+            if undone:  # the loss at these parameters is unusable: back to the last usable one
                 run.trace.pop()
             if skip:
                 run.skipped += 1 + undone
@@ -135,13 +144,14 @@ def _loop(step_fn, run, settings, n, model, guide, collapsed, max_plate_nesting,
             run.diverged = True
             kept = step - undone
             run.steps = kept
-            why = (f"the last at which the loss was finite; step {step}'s update was undone"
-                   if undone else "the update was not applied" if math.isfinite(value) else
+            why = (f"the last at which the loss was {'in range' if ran_away else 'finite'}; step "
+                   f"{step}'s update was undone" if undone else "the update was not applied" if math.isfinite(value) else
                    "the loss at them was non-finite; no earlier state was in memory")
             run.message = (f"diverged at step {step + 1}: {refused}; kept the parameters of step "
                            f"{kept} ({why})")
             return run
         run.trace.append(-value)
+        best = min(best, value)
         run.steps = step + 1
         if progress and step % 50 == 0:
             bar.set_postfix(elbo_per_datum=f"{-value / n:.4f}", refresh=False)

@@ -49,6 +49,25 @@ def check_coverage(family, guide_fn, x, spec: GuideSpec) -> None:
                          "model does not have (a misspelled name?)")
 
 
+def check_val_data(family, guide_fn, val, spec: GuideSpec) -> None:
+    """The guide and the model traced once on the held-out data, before any step: a guide that
+    cannot evaluate them (a local guide holds one q per training point) is a one-line error
+    naming ``val_data``, without Pyro's table of trace shapes."""
+    from elbolab.inference.evaluation.psis import reason
+
+    devices = [val.device] if val.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
+            gtr = poutine.trace(guide_fn).get_trace(val)
+            poutine.trace(poutine.replay(family.model, trace=gtr)).get_trace(val)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        why = reason(exc)
+    else:
+        return
+    raise ValueError(f"val_data: guide {spec.name!r} cannot evaluate the {val.shape[0]} held-out "
+                     f"points ({why})")
+
+
 def enumeration_of(family, guide_fn, x, spec: GuideSpec) -> GuideSpec:
     """``spec`` marked for ``TraceEnum_ELBO`` when the model has discrete sites to enumerate:
     ``collapsed`` when the guide leaves them to be summed out, ``enumerated`` when it samples one

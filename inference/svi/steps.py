@@ -32,6 +32,20 @@ from elbolab.inference.svi.sparse_adam import LazyClippedAdam
 from elbolab.models.capabilities import LocalDensities, MissingCapability
 from elbolab.models.numerics import LOG_2PI, minibatch_indices
 
+#: a finite loss this many times its scale away from the losses before it is a runaway
+#: (:func:`runaway_bounds`): refused like a non-finite one.
+RUNAWAY = 1e6
+
+
+def runaway_bounds(previous: float, best: float, n: int) -> tuple[float, float]:
+    """(lo, hi) a step's loss must lie in, given the loss of the step before (``previous``) and
+    the lowest so far (``best``), over ``n`` data points: no rise above ``best`` and no drop below
+    ``previous`` of more than :data:`RUNAWAY` times max(|loss|, n) (a nat per datum). An honest
+    step moves the loss by about its own size; a learning rate that throws the parameters to
+    1e10 moves it by 1e20 (and a loss that started huge, on data in large units, may still fall
+    to its optimum: a fall is measured from the step before)."""
+    return (previous - RUNAWAY * max(abs(previous), n), best + RUNAWAY * max(abs(best), n))
+
 
 def make_loss(settings: Settings, collapsed: bool, max_plate_nesting: int):
     """The Pyro ELBO object for these settings (``collapsed``: any enumeration, model or guide)."""
@@ -58,11 +72,16 @@ def adam(params, settings: Settings, num_steps: int) -> ClippedAdam:
     return LazyClippedAdam(params, lr=o.lr, clip_norm=o.clip_norm or math.inf, lrd=gamma)
 
 
-def apply(optimizer, value: float, params, check: ParamCheck, keep_state: bool) -> str:
-    """The guarded update after a loss and its gradients: ``""`` when applied, else why not."""
+def apply(optimizer, value: float, params, check: ParamCheck, keep_state: bool,
+          bounds: tuple[float, float] | None = None) -> str:
+    """The guarded update after a loss and its gradients: ``""`` when applied, else why not.
+    ``bounds``: (lo, hi) the loss must lie in (:func:`runaway_bounds`; None: any finite loss)."""
     try:
         if not math.isfinite(value):
             return f"loss became {value}"
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            return (f"the loss ran away to {value:.3g} (outside [{bounds[0]:.3g}, "
+                    f"{bounds[1]:.3g}]: {RUNAWAY:.0e} times the scale of the losses before it)")
         if optimizer is None:  # a guide and model without parameters: nothing to move
             return ""
         refused, grads_finite = optimizer.guarded_step(check.valid, keep_state)
@@ -82,6 +101,7 @@ class PyroStep:
         self.optimizer: ClippedAdam | None = None
         self._seen: set[int] = set()
         self._check = ParamCheck()
+        self.bounds: tuple[float, float] | None = None  # set by the loop (runaway_bounds)
 
     def prepare(self) -> None:
         """Make the optimizer over the params one step would touch, in the same order (to load
@@ -104,7 +124,8 @@ class PyroStep:
             raise
         params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
         self._register(params)
-        return value, apply(self.optimizer, value, params, self._check, self.keep_state)
+        return value, apply(self.optimizer, value, params, self._check, self.keep_state,
+                            self.bounds)
 
     def _register(self, params) -> None:
         new = [p for p in params if id(p) not in self._seen]
@@ -184,7 +205,7 @@ def direct_step(family, guide, x: torch.Tensor, settings: Settings, keep_state: 
             opt.zero_grad()
             raise
         value = float(-elbo.detach())
-        return value, apply(opt, value, params, check, step.keep_state)
+        return value, apply(opt, value, params, check, step.keep_state, step.bounds)
 
-    step.optimizer, step.keep_state = opt, keep_state
+    step.optimizer, step.keep_state, step.bounds = opt, keep_state, None
     return step

@@ -181,7 +181,8 @@ def check_second_moments(x: torch.Tensor, name: str = "x") -> None:
     """Every covariance computation needs the columns' sums of squares: an error naming ``name``
     when n max|x|^2 overflows with a factor 100 of headroom (for the products the algorithms
     form), or when a non-constant column's mean squared deviation underflows below the dtype's
-    smallest normal number (float32 data of size 1e-20: every later quantity is NaN)."""
+    smallest normal number (float32 data of size 1e-20: every later quantity is NaN), or when
+    no column varies (float32 data of size 1e-150 are all 0: said so)."""
     xd = x.detach()
     if xd.shape[0] < 1:
         return
@@ -205,6 +206,13 @@ def check_second_moments(x: torch.Tensor, name: str = "x") -> None:
                          f"the data's second moments in {kind}; rescale the data")
     spread = dev.abs().amax(0) > 0
     tiny = torch.finfo(x.dtype).tiny
+    if not bool(spread.any()) and xd.shape[0] > 1:  # no column varies: nothing to model
+        if not bool(finite.any()) and x.dtype != torch.float64:
+            raise ValueError(f"{name}: every value is 0 in {kind}: data smaller than "
+                             f"{torch.finfo(x.dtype).smallest_normal:.1g} underflow {kind} (to "
+                             "0 when below its smallest subnormal); rescale the data or use "
+                             "float64")
+        raise ValueError(f"{name}: every column is constant (no variance to model)")
     if bool((spread & (ss < tiny)).any()):
         raise ValueError(f"{name}: the data's variances (as small as {float(ss[spread].min()):.3g}) "
                          f"underflow {kind}; rescale the data or use float64")
