@@ -65,8 +65,10 @@ def run(only, quick: bool, out: Path) -> list:
         if "nuts" in only:
             from bench import nuts_gmm
 
-            rows += nuts_gmm.run(warmup=200 if quick else 500, draws=300 if quick else 1000,
-                                 repeat=rep)
+            kw = dict(warmup=200 if quick else 500, draws=300 if quick else 1000, repeat=rep)
+            rows += nuts_gmm.run(**kw)  # one chain
+            rows += nuts_gmm.run(**kw, chains=4)  # chains batched vs NumPyro's vectorized
+            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2)  # a larger model beside it
         if "vae" in only:
             from bench import vae_default
 

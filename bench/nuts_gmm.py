@@ -28,24 +28,27 @@ GOAL = 1.0
 
 
 def _ess_and_means(draws: np.ndarray):
-    """(smallest bulk ESS, means, MCSEs) of the sorted means; draws (draw, K)."""
+    """(smallest bulk ESS, means, MCSEs) of the means sorted by their first coordinate; draws
+    (chain, draw, K, d)."""
     import arviz as az
 
-    s = np.sort(draws, axis=-1)[None]  # (chain=1, draw, K)
+    order = np.argsort(draws[..., 0], axis=-1)
+    s = np.take_along_axis(draws, order[..., None], axis=-2).reshape(*draws.shape[:2], -1)
     ds = az.convert_to_dataset({"mu": s})
     ess = np.asarray(az.ess(ds, method="bulk")["mu"].values)
     mcse = np.asarray(az.mcse(ds, method="mean")["mu"].values)
-    return float(ess.min()), s[0].mean(0), mcse
+    return float(ess.min()), s.reshape(-1, s.shape[-1]).mean(0), mcse
 
 
-def _numpyro_model(K, prior_var):
+def _numpyro_model(K, d, prior_var):
     import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as nd
 
     def model(x):
-        mu = numpyro.sample("mu", nd.Normal(jnp.zeros(K), math.sqrt(prior_var)).to_event(1))
-        mix = nd.MixtureSameFamily(nd.Categorical(probs=jnp.ones(K) / K), nd.Normal(mu, 1.0))
+        mu = numpyro.sample("mu", nd.Normal(jnp.zeros((K, d)), math.sqrt(prior_var)).to_event(2))
+        comp = nd.Normal(mu, 1.0).to_event(1)
+        mix = nd.MixtureSameFamily(nd.Categorical(probs=jnp.ones(K) / K), comp)
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("x", mix, obs=x)
 
@@ -53,12 +56,12 @@ def _numpyro_model(K, prior_var):
 
 
 def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
-        verbose=True) -> list[Row]:
+        verbose=True, chains=1, d=1) -> list[Row]:
     try:
         import jax
         import numpyro
     except ImportError:
-        return [skipped_row(f"NUTS, GMM K={K}, n={n}, {warmup}+{draws}, ESS/s vs NumPyro",
+        return [skipped_row(f"NUTS, GMM K={K}, d={d}, n={n}, {chains} chain(s), ESS/s vs NumPyro",
                             ">= NumPyro warm", "NumPyro not installed (pip install "
                             "'elbolab[bench]'): NUTS row skipped")]
     from elbolab import inference
@@ -66,28 +69,29 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
 
     jax.config.update("jax_enable_x64", True)
     numpyro.set_host_device_count(1)
-    fam = BayesianGMM(K, prior_var)
+    fam = BayesianGMM(K, prior_var, dim=d)
     x, _ = fam.simulate(n, seed=seed)
-    xj = jax.numpy.asarray(x[:, 0].numpy())
-    model = _numpyro_model(K, prior_var)
+    xj = jax.numpy.asarray(x.numpy())
+    model = _numpyro_model(K, d, prior_var)
+    method = "vectorized" if chains > 1 else "sequential"
     out = {}
 
     def ours():
         r = inference.fit("mcmc", fam, x, seed=seed, warmup=warmup, num_samples=draws,
-                          num_chains=1)
-        out["elbolab"] = r.samples["mu"][0, :, :, 0].numpy()
+                          num_chains=chains)
+        out["elbolab"] = r.samples["mu"].numpy()
 
     def make():
         kernel = numpyro.infer.NUTS(model, target_accept_prob=0.8)
-        return numpyro.infer.MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=1,
-                                  progress_bar=False)
+        return numpyro.infer.MCMC(kernel, num_warmup=warmup, num_samples=draws,
+                                  num_chains=chains, chain_method=method, progress_bar=False)
 
     warm = {"mcmc": make(), "runs": 0}
 
     def cold():
         m = make()
         m.run(jax.random.PRNGKey(seed), xj)
-        out["cold"] = np.asarray(m.get_samples()["mu"])
+        out["cold"] = np.asarray(m.get_samples(group_by_chain=True)["mu"])
 
     def warm_run():
         m = warm["mcmc"]
@@ -96,7 +100,7 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
         warm["runs"] += 1
         t0 = time.perf_counter()
         m.run(jax.random.PRNGKey(seed + warm["runs"]), xj)
-        out["warm"] = np.asarray(m.get_samples()["mu"])
+        out["warm"] = np.asarray(m.get_samples(group_by_chain=True)["mu"])
         return time.perf_counter() - t0
 
     t = interleaved({"elbolab": ours, "numpyro cold": cold, "numpyro warm": warm_run}, repeat)
@@ -111,12 +115,14 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     if verbose:
         print(f"  NUTS ESS (last run): elbolab {e_o:.0f}, numpyro warm {e_w:.0f}, cold "
               f"{ess['cold'][0]:.0f}; {checks[0]}")
+    vs = "NumPyro warm" + (" (vectorized chains)" if chains > 1 else "")
     return [Row(
-        f"NUTS, GMM K={K}, n={n}, {warmup} warm-up + {draws} draws, 1 chain, ESS/s end to end",
+        f"NUTS, GMM K={K}, d={d}, n={n}, {warmup} warm-up + {draws} draws, {chains} chain"
+        f"{'s' if chains > 1 else ''}, ESS/s end to end",
         f"{rate['elbolab']:.0f} ESS/s ({t['elbolab'].spread(1, '{:.3g}')} s, ESS {e_o:.0f})",
-        f"NumPyro warm {rate['numpyro warm']:.0f} ESS/s ({t['numpyro warm'].spread(1, '{:.3g}')}"
+        f"{vs} {rate['numpyro warm']:.0f} ESS/s ({t['numpyro warm'].spread(1, '{:.3g}')}"
         f" s), cold {rate['numpyro cold']:.0f} ESS/s ({t['numpyro cold'].spread(1, '{:.3g}')} s)",
-        rate["elbolab"] / rate["numpyro warm"], ">= 1x NumPyro warm", GOAL, mean_load(t), checks,
+        rate["elbolab"] / rate["numpyro warm"], f">= 1x {vs}", GOAL, mean_load(t), checks,
         note="ESS is the smallest bulk ESS of the sorted means (last run of each side); "
              f"elbolab/NumPyro cold = {rate['elbolab'] / rate['numpyro cold']:.2f}x")]
 
@@ -128,8 +134,12 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chains", type=int, default=1)
+    p.add_argument("--K", type=int, default=3)
+    p.add_argument("--d", type=int, default=1)
     a = p.parse_args(argv)
-    rows = run(a.n, warmup=a.warmup, draws=a.draws, repeat=a.repeat, seed=a.seed)
+    rows = run(a.n, K=a.K, warmup=a.warmup, draws=a.draws, repeat=a.repeat, seed=a.seed,
+               chains=a.chains, d=a.d)
     from bench.common import details, table
 
     print(table(rows))
