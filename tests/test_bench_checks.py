@@ -109,7 +109,7 @@ def test_nuts_ess_helper_on_independent_draws():
 
     rng = np.random.default_rng(0)
     draws = rng.normal(size=(2000, 3)) + np.array([-3.0, 0.0, 3.0])
-    ess, means, mcse = _ess_and_means(draws)
+    ess, means, mcse = _ess_and_means(draws[None, :, :, None])  # (chain, draw, K, d)
     assert 1500 < ess < 2600  # i.i.d. draws: ESS ~ the number of draws
     np.testing.assert_allclose(means, np.sort(draws, -1).mean(0))
     np.testing.assert_allclose(mcse, 1 / np.sqrt(2000), rtol=0.2)

@@ -180,8 +180,8 @@ def test_validation_names_fields():
         FAParams(p.W[0], p.mu, p.psi)
     with pytest.raises(ValueError, match="^dim"):
         FactorAnalysis(2).simulate(5)
-    with pytest.raises(ValueError, match="^z"):
-        FactorAnalysis(2, params=p).log_joint(torch.zeros(3, 6, dtype=torch.float64),
+    with pytest.raises(ValueError, match="^z"):  # (data that vary: constant data are refused)
+        FactorAnalysis(2, params=p).log_joint(torch.randn(3, 6, dtype=torch.float64),
                                               torch.zeros(3, 3, dtype=torch.float64))
 
 

@@ -82,7 +82,8 @@ def z_scores(res, x, weight, bias, noise):
     return ((got - exact) / mcse).abs()
 
 
-@pytest.mark.parametrize("pyro_module", [False, True], ids=["pyro.module", "PyroModule"])
+@pytest.mark.parametrize("pyro_module", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["pyro.module", "PyroModule"])
 def test_nuts_samples_under_the_svi_fitted_decoder(data, pyro_module):
     fam = LinearVae(pyro_module=pyro_module)
     initial = {k: v.detach().clone() for k, v in fam.decoder.named_parameters()}
