@@ -39,6 +39,17 @@ def _hint(word: str, rest: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    """The console script; Ctrl-C or a SIGTERM ends a study with one line and status 130 (its
+    unfinished folder handled as the study says), not a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:
+        why = str(exc) or "interrupted"
+        print(f"elbolab: {why}", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -174,3 +174,20 @@ def test_a_runaway_loss_stops_the_run_and_keeps_the_state_before_it():
     assert math.isfinite(res.elbo) and res.elbo < exact and abs(res.elbo) < 1e3 * abs(exact)
     for v in res.state.guide.state_dict().values():
         assert float(v.abs().max()) < 1e3  # the kept weights are not the runaway ones
+
+
+def test_an_elbo_that_ran_away_after_the_last_step_is_not_reported():
+    """One step at a huge rate: no later step sees the update that broke the fit, so the final
+    evaluation catches it (the loop's runaway rule): diverged, the ELBO NaN, never -1e28."""
+    import math
+
+    from elbolab import inference
+    from elbolab.models.data.images import load_digits
+    from elbolab.models.vae import VAE
+
+    d = load_digits()
+    x = d.x_train[:200]
+    fit = inference.fit("svi", VAE(d.data_dim, 4), x, guide="mlp", num_steps=1, lr=1e6,
+                        eval_particles=10, num_posterior_samples=0, seed=0)
+    assert fit.diagnostics["diverged"] and not fit.converged
+    assert math.isnan(fit.elbo) and "ran away" in fit.message

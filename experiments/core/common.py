@@ -7,8 +7,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,6 +251,7 @@ def entry(prog: str, fn, argv) -> int:
     restored afterwards. A warning raised during the run is one line ``prog: warning: ...`` on
     stderr (the console and the run's log), not Python's file:line and source line."""
     threads = torch.get_num_threads()
+    term = _terminate_as_interrupt()
     try:
         with warnings.catch_warnings():  # the caller's filters and showwarning come back after
             warnings.showwarning = _one_line_warning(prog)
@@ -277,6 +280,21 @@ def entry(prog: str, fn, argv) -> int:
         raise
     finally:
         torch.set_num_threads(threads)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _terminate_as_interrupt():
+    """A SIGTERM (``kill``, a scheduler's time limit) ends the run as Ctrl-C does: the
+    unfinished folder is kept for ``--resume`` and the study says so. Returns the handler to
+    restore (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"terminated (signal {signum})")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def whole_message(message: str, exc: BaseException) -> str:

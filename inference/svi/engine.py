@@ -18,6 +18,7 @@ with its standard error) are in :mod:`elbolab.inference.svi.run`; training over 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pyro
@@ -49,7 +50,7 @@ from elbolab.inference.svi.pair import (
 )
 from elbolab.inference.svi.settings import Settings
 from elbolab.inference.svi.state import SviState, resolve_guide
-from elbolab.inference.svi.steps import direct_step
+from elbolab.inference.svi.steps import direct_step, runaway_bounds
 from elbolab.models.program import Program, as_family
 
 
@@ -58,6 +59,18 @@ def _notes(elbo: float, x) -> str:
     out = "" if math.isfinite(elbo) else "; the ELBO estimate at the kept parameters is not finite"
     note = device_note("svi", x)
     return out + (f"; {note}" if note else "")
+
+
+def _ran_away(elbo: float, run, n: int) -> str:
+    """Why the ELBO at the kept parameters is not reported: it lies a runaway away (the loop's
+    rule, :func:`elbolab.inference.svi.steps.runaway_bounds`) from the last training loss."""
+    if not run.trace or not math.isfinite(elbo):
+        return ""
+    lo, hi = runaway_bounds(-run.trace[-1], -max(run.trace), n)
+    if lo <= -elbo <= hi:
+        return ""
+    return (f"the ELBO at the kept parameters ran away to {elbo:.3g} (the last training ELBO was "
+            f"{run.trace[-1]:.3g}): diverged, no ELBO reported")
 
 
 def _users_code(family, guide) -> bool:
@@ -151,6 +164,10 @@ def fit(
         guide_names = param_names(guide_fn, x)
         model_names = param_names(family.model, x) - guide_names
         samples, log_lik = posterior_draws(family, guide_fn, x, ev.num_posterior_samples)
+    runaway = _ran_away(est.value, run, x.shape[0])
+    if runaway:  # e.g. one step at a huge rate: no later step saw the update that broke it
+        run.diverged, run.message = True, run.message + f"; {runaway}"
+        est = dataclasses.replace(est, value=math.nan, se=math.nan)
     converged = run.converged and not run.diverged
     return FitResult(
         **data_fields(family, x, seed),
