@@ -161,27 +161,33 @@ def test_svi_eight_schools_elbo_below_the_exact_log_evidence():
         assert err <= 0.25 * ref[name]["sd"], (name, err)
 
 
-_WIDE_PRIOR_INIT = pytest.mark.xfail(
-    reason="SVI starts at the prior median of the Normal(0, 1000) that stands in for Stan's flat "
-    "prior (hundreds away): after 4000 steps kidiq's beta[1] is -150 vs 25.9; needs an init "
-    "option or a data-based start (reported, issue 19)", strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [
-    pytest.param("kidscore_momiq", marks=_WIDE_PRIOR_INIT),
-    pytest.param("logmesquite", marks=_WIDE_PRIOR_INIT),
-    "arK",
-])
+@pytest.mark.parametrize("module", ["kidscore_momiq", "logmesquite", "arK"])
 def test_svi_auto_mvn_on_regressions(module):
     # Linear-Gaussian regressions: the posterior of (beta, log sigma) is close to Gaussian, so a
     # full-covariance Gaussian guide is close to exact. Means within 0.2 posterior sd (2,000
     # draws: 0.02 sd of Monte Carlo error; the reference's 0.01 sd; the rest is Adam's jitter and
     # the small skew of log sigma) and sds within 20% (the guide's sd is set by the Adam
     # iterate's covariance factor, noisier than its mean).
+    from pyro.infer.autoguide import AutoMultivariateNormal
+    from pyro.infer.autoguide.initialization import init_to_value
+
     mod = program(module)
-    fit = inference.fit("svi", mod.model, mod.data(), guide="auto-mvn", num_steps=4000,
-                        lr=0.01, seed=0)
+    data = mod.data()
+    if hasattr(mod, "init_values"):
+        # kidiq and mesquite stand Stan's flat prior in with Normal(0, 1000): the autoguide's own
+        # start (the median of prior draws) is hundreds of units from the answer, which Adam,
+        # moving a location by about lr per step, does not cover (4,000 steps at lr 0.01 leave
+        # kidiq's beta[1] at -150 vs 25.9). So the guide starts where a user would start it, at
+        # the least-squares fit (docs/posteriordb.md). That settles the means; what is tested is
+        # that SVI keeps them and learns the covariance from init_scale 0.1 (kidiq: beta[1] sd 6,
+        # correlation -0.99 with beta[2]).
+        guide = AutoMultivariateNormal(mod.model, init_loc_fn=init_to_value(
+            values=mod.init_values(**data)))
+        steps, lr = 5000, 0.05
+    else:
+        guide, steps, lr = "auto-mvn", 4000, 0.01
+    fit = inference.fit("svi", mod.model, data, guide=guide, num_steps=steps, lr=lr, seed=0)
     q = draws_of(module, fit.posterior_samples(2000))
     bad = []
     for name, r in reference(module)["parameters"].items():

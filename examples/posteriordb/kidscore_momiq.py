@@ -31,3 +31,15 @@ def data():
         "kid_score": torch.tensor(raw["kid_score"]),
         "mom_iq": torch.tensor(raw["mom_iq"]),
     }
+
+
+def init_values(N, kid_score, mom_iq):
+    """A data-based start for SVI (``init_to_value``): the least-squares fit and its residual sd.
+
+    Under the flat prior that is the posterior mean; an autoguide's own start is the median of
+    draws from the ``Normal(0, 1000)`` prior, hundreds of units from beta[1] = 26, and Adam moves
+    a location by about ``lr`` per step (see docs/posteriordb.md)."""
+    y = kid_score.to(torch.get_default_dtype())
+    X = torch.stack([torch.ones_like(y), mom_iq.to(y.dtype)], dim=-1)
+    beta = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    return {"beta": beta, "sigma": (y - X @ beta).std()}

@@ -36,3 +36,14 @@ def model(N, weight, diam1, diam2, canopy_height, total_height, density, group):
 def data():
     raw = json.loads((Path(__file__).parent / "data" / "mesquite.json").read_text())
     return {k: v if k == "N" else torch.tensor(v) for k, v in raw.items()}
+
+
+def init_values(N, weight, diam1, diam2, canopy_height, total_height, density, group):
+    """A data-based start for SVI (``init_to_value``): the least-squares fit on the same design
+    and its residual sd (under the flat prior, the posterior mean; an autoguide's own start is
+    the median of draws from the ``Normal(0, 1000)`` prior, see docs/posteriordb.md)."""
+    logs = [v.log() for v in (diam1, diam2, canopy_height, total_height, density)]
+    X = torch.stack([torch.ones(N, dtype=weight.dtype), *logs, group.to(weight.dtype)], dim=-1)
+    y = weight.log()
+    beta = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    return {"beta": beta, "sigma": (y - X @ beta).std()}
