@@ -111,6 +111,7 @@ def test_nuts_samples_under_the_svi_fitted_decoder(data, pyro_module):
         assert torch.equal(v.detach(), initial[k])
 
 
+@pytest.mark.slow
 def test_fix_params_as_a_dict_and_a_module_outside_the_family(data):
     """A decoder the model reads from outside the family object (a closure): NUTS samples under
     the dict's weights and hands the user's network back unchanged."""

@@ -43,9 +43,9 @@ DATA = {"J": 8, "sigma": SIGMA, "y": Y}
 
 def test_a_plain_function_with_dict_data_through_nuts_and_svi():
     mean, sd = exact_posterior()
-    nuts = inference.fit("mcmc", pooled, DATA, seed=0, num_samples=500, warmup=300, num_chains=2)
+    nuts = inference.fit("mcmc", pooled, DATA, seed=0, num_samples=300, warmup=200, num_chains=2)
     draws = nuts.posterior_samples()["mu"]
-    assert draws.shape == (2, 500) and draws.dtype == torch.float64  # float64 in, float64 out
+    assert draws.shape == (2, 300) and draws.dtype == torch.float64  # float64 in, float64 out
     # NUTS mean within 4 MCSE (ESS >= 200 from the convergence rule) of the exact mean
     ess = nuts.diagnostics["ess_bulk_min"]
     assert abs(float(draws.mean()) - mean) < 4 * sd / math.sqrt(ess)
