@@ -1,7 +1,11 @@
-"""NUTS (Pyro) as the reference engine, with diagnostics on label- and rotation-invariant quantities.
+"""NUTS as the reference engine, with diagnostics on label- and rotation-invariant quantities.
 
-Chains run one after another with seeds ``seed, seed + 1, ...`` (deterministic on CPU; no worker
-processes). Discrete sites named in ``family.discrete_sites`` are summed out by enumeration.
+Two kernels, chosen from declared capabilities (``Settings.kernel``): a family with
+:class:`~elbolab.models.capabilities.BatchedPotential` runs all chains in one computation
+(:mod:`elbolab.inference.mcmc.batched`, one generator seeded by ``seed``); any other model runs
+Pyro's NUTS chain after chain with seeds ``seed, seed + 1, ...``. Both are deterministic on CPU
+(no worker processes). Discrete sites named in ``family.discrete_sites`` are summed out by
+enumeration.
 R-hat and bulk/tail ESS (Vehtari et al. 2021, via ArviZ) are computed on
 ``family.posterior_invariants(samples, x)``: raw mixture means or factor loadings mix across labels or
 rotations, so their R-hat says nothing.
