@@ -140,7 +140,7 @@ def run(potential, q0: torch.Tensor, *, warmup: int, num_samples: int, target_ac
         step = da.final()
     qs, div, acc, depth = [], [], [], []
     for _ in range(num_samples):
-        tr = transition(z, step, inv_mass, potential, max_depth, gen)
+        tr = transition(z, step, inv_mass, potential, max_depth, gen, adapting=False)
         z, leapfrogs = tr.z, leapfrogs + int(tr.leapfrogs.sum())
         qs.append(z[:, :D])
         div.append(tr.diverging)

@@ -84,10 +84,11 @@ def merge_turns(rho, first: Tree, second: Tree) -> torch.Tensor:
     """The criterion on the merged trajectory and across the merge (Stan's extra checks), in
     one computation: pairs (first.start, second.end) with rho, (first.start, second.start) with
     first.rho + second.p_start, (first.end, second.end) with second.rho + first.p_end."""
-    a = torch.stack([first.s_start, first.s_start, first.s_end])
-    b = torch.stack([second.s_end, second.s_start, second.s_end])
+    sharp = torch.stack([first.s_start, first.s_start, first.s_end,
+                         second.s_end, second.s_start, second.s_end])  # (6, C, D)
     r = torch.stack([rho, first.rho + second.p_start, second.rho + first.p_end])
-    return (((a * r).sum(-1) <= 0) | ((b * r).sum(-1) <= 0)).any(0)
+    dots = (sharp.view(2, 3, *rho.shape) * r).sum(-1)  # (2, 3, C)
+    return (dots <= 0).flatten(0, 1).any(0)
 
 
 def _where(mask, a, b):
@@ -106,6 +107,7 @@ class Step:
     potential: object
     D: int
     gen: torch.Generator
+    adapting: bool = True  # the acceptance statistic is only read during warm-up
 
 
 def leaf(z, k: Step) -> Tree:
@@ -118,8 +120,8 @@ def leaf(z, k: Step) -> Tree:
     dH = torch.nan_to_num(U + 0.5 * (s * p).sum(-1) - k.H0, nan=math.inf)
     diverging = dH > MAX_DELTA_H
     z1 = torch.cat([q, p, g, U.unsqueeze(-1)], dim=-1)
-    return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging,
-                torch.exp(-dH).clamp(max=1.0), 1)
+    accept = torch.exp(-dH).clamp(max=1.0) if k.adapting else None
+    return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging, accept, 1)
 
 
 def build(z, depth: int, k: Step) -> Tree:
@@ -135,7 +137,8 @@ def build(z, depth: int, k: Step) -> Tree:
     valid = t1.valid & t2.valid & ~merge_turns(rho, t1, t2)
     return Tree(t1.start, t2.end, _where(take2, t2.proposal, t1.proposal), log_w, rho,
                 t1.p_start, t2.p_end, t1.s_start, t2.s_end, valid,
-                t1.diverging | (t1.valid & t2.diverging), t1.accept + t2.accept * t1.valid,
+                t1.diverging | (t1.valid & t2.diverging),
+                None if t1.accept is None else t1.accept + t2.accept * t1.valid,
                 t1.size + t2.size)
 
 
@@ -148,62 +151,51 @@ class Transition:
     leapfrogs: torch.Tensor  # (C,) leapfrog steps taken
 
 
-def transition(z, step_size, inv_mass, potential, max_depth: int, gen) -> Transition:
+def transition(z, step_size, inv_mass, potential, max_depth: int, gen,
+               adapting: bool = True) -> Transition:
     """One NUTS transition of every chain from packed points ``z`` (module docstring);
-    ``step_size`` (C,), ``inv_mass`` (C, D)."""
+    ``step_size`` (C,), ``inv_mass`` (C, D). ``adapting``: compute the acceptance statistic
+    (warm-up reads it; sampling does not)."""
     C, D = z.shape[0], inv_mass.shape[-1]
     q, _, g, U = parts(z, D)
     p0 = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype) / inv_mass.sqrt()
-    s0 = inv_mass * p0
-    H0 = U + 0.5 * (s0 * p0).sum(-1)
+    H0 = U + 0.5 * (inv_mass * p0 * p0).sum(-1)
     z0 = pack(q, p0, g, U)
-    whole = Tree(z0, z0, z0, torch.zeros_like(U), p0, p0, p0, s0, s0, None, None, None, 0)
-    left, right = whole, whole  # one-point trees holding each end's point and momenta
-    proposal, log_w, rho = z0, whole.log_w, p0
+    left = right = proposal = z0  # the trajectory's ends in time, as packed points
+    log_w, rho = torch.zeros_like(U), p0
     active = torch.ones(C, dtype=torch.bool, device=z.device)
     diverging = torch.zeros_like(active)
-    accept, steps, depth = torch.zeros_like(U), torch.zeros_like(U), torch.zeros_like(U)
+    accept = torch.zeros_like(U)
+    depth = torch.zeros_like(U)
     for d in range(max_depth):
         forward = torch.rand(C, generator=gen, device=z.device) < 0.5
-        eps = torch.where(forward, step_size, -step_size).unsqueeze(-1)
-        k = Step(0.5 * eps, eps * inv_mass, inv_mass, H0, potential, D, gen)
-        first = _ends(forward, left, right)  # the current trajectory in the order of travel
-        first.rho = rho
-        t = build(first.end, d, k)
+        fwd = forward.unsqueeze(-1)
+        eps = torch.where(fwd, step_size.unsqueeze(-1), -step_size.unsqueeze(-1))
+        k = Step(0.5 * eps, eps * inv_mass, inv_mass, H0, potential, D, gen, adapting)
+        far, near = torch.where(fwd, left, right), torch.where(fwd, right, left)
+        p_far, p_near = far[:, D:2 * D], near[:, D:2 * D]
+        first = Tree(far, near, None, None, rho, p_far, p_near, inv_mass * p_far,
+                     inv_mass * p_near, None, None, None, 0)  # the trajectory, in travel order
+        t = build(near, d, k)
         grow = active & t.valid
         u = torch.rand(C, generator=gen, device=z.device, dtype=U.dtype)
         proposal = _where(grow & (torch.log(u) < t.log_w - log_w), t.proposal, proposal)
         total = rho + t.rho
         turn = merge_turns(total, first, t)
         log_w = torch.where(grow, torch.logaddexp(log_w, t.log_w), log_w)
-        rho = _where(grow, total, rho)
-        left = _end_tree(grow & ~forward, t, left)
-        right = _end_tree(grow & forward, t, right)
-        accept = accept + t.accept * active
-        steps = steps + t.size * active
+        g1 = grow.unsqueeze(-1)
+        rho = torch.where(g1, total, rho)
+        left = torch.where(g1 & ~fwd, t.end, left)
+        right = torch.where(g1 & fwd, t.end, right)
+        if adapting:
+            accept = accept + t.accept * active
         diverging = diverging | (active & t.diverging)
         depth = depth + active
         active = grow & ~turn
         if not bool(active.any()):
             break
+    steps = torch.exp2(depth) - 1  # the leapfrogs of a tree grown to this depth
     return Transition(proposal, accept / steps.clamp(min=1), diverging, depth, steps)
-
-
-def _ends(forward, left: Tree, right: Tree) -> Tree:
-    """The trajectory [left, right] seen in the order of travel: forward it starts at ``left``."""
-    def pick(a, b):
-        return _where(forward, a, b)
-    return Tree(pick(left.start, right.start), pick(right.start, left.start), None, None, None,
-                pick(left.p_start, right.p_start), pick(right.p_start, left.p_start),
-                pick(left.s_start, right.s_start), pick(right.s_start, left.s_start),
-                None, None, None, 0)
-
-
-def _end_tree(mask, t: Tree, old: Tree) -> Tree:
-    """The new end point (``t.end``, as a one-point tree) where ``mask``, else ``old``."""
-    return Tree(_where(mask, t.end, old.start), None, None, None, None,
-                _where(mask, t.p_end, old.p_start), None, _where(mask, t.s_end, old.s_start),
-                None, None, None, None, 0)
 
 
 __all__ = ["MAX_DELTA_H", "Transition", "Tree", "build", "kinetic", "leapfrog", "pack", "parts",

@@ -312,17 +312,19 @@ class BayesianGMM(ModelFamily):
         const = (-0.5 * float((x.double() ** 2).sum()) - n * math.log(K) - 0.5 * n * d * LOG_2PI
                  - 0.5 * K * d * (math.log(s2) + LOG_2PI))
 
+        xt = x.T.contiguous()
+
         def potential(q):
-            mu = q.reshape(q.shape[0], K, d)
-            a = torch.matmul(mu, x.T).transpose(1, 2) - 0.5 * (mu * mu).sum(-1).unsqueeze(1)
-            top = a.amax(-1, keepdim=True)
+            mu = q.view(q.shape[0], K, d)
+            sq = (mu * mu).sum(-1, keepdim=True)  # (C, K, 1)
+            a = torch.matmul(mu, xt) - 0.5 * sq  # (C, K, n)
+            top = a.amax(1, keepdim=True)
             e = torch.exp(a - top)
-            z = e.sum(-1, keepdim=True)
-            lse = (torch.log(z) + top).squeeze(-1).sum(-1)
-            r = e / z  # (C, n, K)
-            grad = torch.matmul(r.transpose(1, 2), x) - r.sum(1).unsqueeze(-1) * mu - mu / s2
-            log_p = lse - 0.5 * (mu * mu).sum((1, 2)) / s2 + const
-            return -log_p, -grad.reshape(q.shape)
+            z = e.sum(1, keepdim=True)
+            r = e / z
+            U = -((torch.log(z) + top).sum((1, 2)) - 0.5 * sq.sum((1, 2)) / s2 + const)
+            grad = mu * (r.sum(-1, keepdim=True) + 1.0 / s2) - torch.matmul(r, x)
+            return U, grad.view(q.shape)
 
         def init(chains: int, generator: torch.Generator):
             u = torch.rand(chains, K * d, generator=generator, dtype=torch.float64)
