@@ -267,3 +267,23 @@ def test_a_programs_fit_is_saved_and_loaded_bit_for_bit(tmp_path, make_guide):
     assert torch.equal(a, b)
     assert back.elbo_estimate(DATA, num_particles=50, seed=1) == fit.elbo_estimate(
         DATA, num_particles=50, seed=1)
+
+
+def test_the_engines_called_directly_take_a_program_too():
+    from elbolab.inference import mcmc, svi
+    from elbolab.inference.closed_form import em
+    from elbolab.models.capabilities import MissingCapability
+
+    y = torch.randn(10)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    nuts = mcmc.fit(model, y, mcmc.Settings(num_samples=20, warmup=20, num_chains=1))
+    assert nuts.posterior_samples()["mu"].shape == (1, 20)
+    fit = svi.fit(model, y, svi.Settings(num_steps=5, eval_particles=4))
+    assert fit.n_data == 10
+    with pytest.raises(MissingCapability, match="ClosedFormEM"):
+        em.fit(model, y)

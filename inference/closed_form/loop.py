@@ -17,6 +17,7 @@ from elbolab.inference.runtime import Timer, isolated
 from elbolab.models.ascent import AscentSettings, ascend
 from elbolab.models.capabilities import ClosedFormCAVI, ClosedFormEM, require
 from elbolab.models.numerics import one_thread
+from elbolab.models.program import as_family
 
 #: engine name -> (capability, how the family hands out its algorithm)
 _ALGORITHMS = {
@@ -30,6 +31,7 @@ def fit_closed_form(engine: str, family, x, settings: AscentSettings | None, see
 
     ``FitResult.state`` is the algorithm's own dataclass state; ``posterior`` its ``posterior``.
     """
+    family = as_family(family)  # a plain program: the error below names what it lacks
     capability, get = _ALGORITHMS[engine]
     require(family, capability, engine.upper())
     if settings is None:

@@ -45,6 +45,7 @@ from elbolab.models.capabilities import (
     PointwiseLogLikelihood,
     PosteriorInvariants,
 )
+from elbolab.models.program import as_family
 from elbolab.models.validate import boolean, choice, integer, positive, probability
 
 KERNELS = ("auto", "batched", "pyro")
@@ -267,7 +268,7 @@ def fit(
     :class:`~elbolab.models.capabilities.PosteriorInvariants`, else on every sampled site.
     """
     settings = check_settings(settings, Settings, "mcmc")
-    family = copy.deepcopy(family)
+    family = copy.deepcopy(as_family(family))  # a plain Pyro program works called directly too
     x = family.check_data(x)
     model = family.mcmc_model if isinstance(family, McmcModel) else family.model
     if init_params is None and isinstance(family, McmcModel):
