@@ -198,8 +198,9 @@ def _rebuild(meta, tensors, family, x, user_guide=None):
                          "FitResult.load(folder, model, x, guide=...)")
     if not spec.amortized and x.shape[0] != meta["n_data"]:
         raise ValueError(
-            f"x: the {meta['guide']!r} guide holds one q per data point for {meta['n_data']} "
-            f"points; got {x.shape[0]}")
+            f"x: the {meta['guide']!r} guide was fitted on {meta['n_data']} points and is not "
+            f"amortized (a per-point guide holds one q per point; a guide function may too), so "
+            f"it is rebuilt on those points only; got {x.shape[0]}")
     ref = x
     store = {"params": {k: v.to(ref.device) for k, v in tensors["params"].items()},
              "constraints": {k: CONSTRAINTS[c] for k, c in meta["constraints"].items()}}

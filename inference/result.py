@@ -85,6 +85,14 @@ class FitResult:
     #: latent site -> names of its leading dims (plates), for ArviZ (plain programs)
     dims: dict[str, list[str]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """One line: what ran and what came out (the fields are all there as attributes)."""
+        draws = {k: tuple(v.shape) for k, v in self.samples.items() if hasattr(v, "shape")}
+        return (f"FitResult(model={self.model!r}, engine={self.engine!r}, guide={self.guide!r}, "
+                f"bound={self.bound!r}, elbo={self.elbo:.6g}, elbo_se={self.elbo_se:.3g}, "
+                f"n_data={self.n_data}, converged={self.converged}, "
+                f"iterations={len(self.trace)}, samples={draws})")
+
     def __post_init__(self):
         if self.bound not in BOUNDS:
             raise ValueError(f"bound: must be one of {sorted(BOUNDS)}, got {self.bound!r}")
@@ -227,9 +235,9 @@ class FitResult:
         spec = getattr(self.state, "spec", None)
         if spec is not None and not spec.amortized and x.shape[0] != self.n_data:
             raise ValueError(
-                f"x: the {self.guide!r} guide holds one q per data point for the fit's "
-                f"{self.n_data} points; got {x.shape[0]} (evaluate on the same data, or fit an "
-                "amortized guide)")
+                f"x: the {self.guide!r} guide was fitted on {self.n_data} points and is not "
+                f"amortized (a per-point guide holds one q per point; a guide function may too); "
+                f"got {x.shape[0]} (evaluate on the same data, or fit an amortized guide)")
         return x
 
     def save(self, folder):

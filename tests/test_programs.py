@@ -287,3 +287,11 @@ def test_the_engines_called_directly_take_a_program_too():
     assert fit.n_data == 10
     with pytest.raises(MissingCapability, match="ClosedFormEM"):
         em.fit(model, y)
+
+
+def test_a_result_prints_as_one_line():
+    fit = inference.fit("svi", pooled, DATA, seed=0, num_steps=5, eval_particles=4,
+                        num_posterior_samples=10)
+    text = repr(fit)
+    assert "\n" not in text and len(text) < 400
+    assert "engine='svi'" in text and "'mu': (1, 10)" in text
