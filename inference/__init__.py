@@ -25,10 +25,19 @@ ENGINES = {
 }
 
 
+#: names Pyro, NumPyro or PyTorch users type for ours (for "did you mean")
+SYNONYMS = {"nuts": "mcmc", "hmc": "mcmc", "vi": "svi", "learning_rate": "lr",
+            "num_warmup": "warmup", "warmup_steps": "warmup", "chains": "num_chains",
+            "steps": "num_steps", "n_steps": "num_steps", "max_iter_em": "max_iter"}
+
+
 def engine(name: str):
     """The engine module called ``name`` (one of :data:`ENGINES`)."""
     if name not in ENGINES:
-        raise ValueError(f"engine: must be one of {sorted(ENGINES)}, got {name!r}")
+        near = SYNONYMS.get(str(name).lower()) or next(
+            iter(difflib.get_close_matches(str(name), list(ENGINES), n=1, cutoff=0.6)), None)
+        hint = f"; did you mean {near!r}?" if near in ENGINES else ""
+        raise ValueError(f"engine: must be one of {sorted(ENGINES)}, got {name!r}{hint}")
     return importlib.import_module(ENGINES[name])
 
 
@@ -52,7 +61,8 @@ def fit(name: str, family, x, settings=None, *, seed: int = 0, data_plate: str |
     flat = {k: v for k, v in options.items() if k not in own}
     unknown = sorted(set(flat) - setting_names)
     if unknown:
-        near = {u: difflib.get_close_matches(u, [*own, *setting_names], n=1, cutoff=0.6)
+        near = {u: [SYNONYMS[u]] if SYNONYMS.get(u) in (*own, *setting_names) else
+                difflib.get_close_matches(u, [*own, *setting_names], n=1, cutoff=0.6)
                 for u in unknown}
         hint = "".join(f"; did you mean {m[0]!r} for {u!r}?" for u, m in near.items() if m)
         raise TypeError(

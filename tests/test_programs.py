@@ -212,6 +212,13 @@ def test_bad_programs_and_data_are_named_before_any_work():
         inference.fit("svi", pooled, DATA, num_step=10)
     with pytest.raises(ValueError, match="did you mean 'auto-normal'"):
         inference.fit("svi", pooled, DATA, guide="auto-normall")
+    # the names Pyro and NumPyro users type
+    with pytest.raises(ValueError, match="did you mean 'mcmc'"):
+        inference.fit("nuts", pooled, DATA)
+    with pytest.raises(TypeError, match="did you mean 'lr' for 'learning_rate'"):
+        inference.fit("svi", pooled, DATA, learning_rate=0.1)
+    with pytest.raises(TypeError, match="did you mean 'warmup' for 'num_warmup'"):
+        inference.fit("mcmc", pooled, DATA, num_warmup=10)
 
 
 def test_the_data_plate_is_found_or_named():
