@@ -94,6 +94,17 @@ class Program(ModelFamily):
                              "inside it with pyro.plate(..., subsample_size=...))")
         return self._run(*x.args, **x.kwargs)
 
+    def pointwise_log_likelihood(self, samples: dict, x: ProgramData) -> torch.Tensor:
+        """log p(x_n | latents) of every draw, ``(chain, draw, n)``, for ArviZ's
+        ``log_likelihood`` group (LOO, WAIC): one trace per draw. A KeyError (the engines then
+        leave the group out) without a data plate, with discrete sites summed out (their
+        conditional would not be the likelihood), or with an observed site outside the plate."""
+        if not self.data_plate or self.discrete_sites:
+            raise KeyError("no per-point likelihood: no data plate, or discrete sites summed out")
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
+            return _pointwise(self.program, self.site_dims, samples, x, self.data_plate)
+
     def call(self, fn):
         """``fn`` (a guide written like the program) called the engines' way, ``fn(x)``."""
         def guide(x: ProgramData, subsample_size: int | None = None):
@@ -157,6 +168,31 @@ def as_family(model, data_plate: str | None = None):
             raise TypeError("data_plate: applies to a plain Pyro program, not to a model family")
         return model
     return Program(model, data_plate=data_plate)
+
+
+def _pointwise(program, site_dims, samples: dict, x: ProgramData, plate: str) -> torch.Tensor:
+    """log p(observed_n | latents) per draw, (chain, draw, n): the program conditioned on each
+    draw's latent values, the log densities of its observed sites summed over every dim but the
+    data plate's."""
+    names = [k for k in site_dims if k in samples] or list(samples)
+    chains, draws = next(iter(samples.values())).shape[:2]
+    out = torch.empty(chains, draws, x.shape[0], dtype=x.dtype, device=x.device)
+    for c in range(chains):
+        for s in range(draws):
+            fixed = {k: samples[k][c, s] for k in names}
+            tr = poutine.trace(poutine.condition(program, data=fixed)).get_trace(*x.args, **x.kwargs)
+            total = 0.0
+            for site in tr.nodes.values():
+                if site["type"] != "sample" or not site["is_observed"] or site["name"] in fixed:
+                    continue
+                dim = next((f.dim for f in site["cond_indep_stack"] if f.name == plate), None)
+                if dim is None:
+                    raise KeyError(f"observed site {site['name']!r} outside the data plate")
+                lp = site["fn"].log_prob(site["value"])
+                lp = lp.expand(site["fn"].batch_shape).movedim(dim, -1)
+                total = total + lp.reshape(-1, lp.shape[-1]).sum(0)
+            out[c, s] = total
+    return out
 
 
 # -- helpers ------------------------------------------------------------------------------------

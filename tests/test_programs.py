@@ -302,3 +302,29 @@ def test_a_result_prints_as_one_line():
     text = repr(fit)
     assert "\n" not in text and len(text) < 400
     assert "engine='svi'" in text and "'mu': (1, 10)" in text
+
+
+def test_a_programs_draws_carry_their_pointwise_log_likelihood():
+    """ArviZ's log_likelihood group (LOO, WAIC) for a plain program: log N(y_n; w x_n + b, sigma)
+    of each draw, written out independently here."""
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 10.0))
+        b = pyro.sample("b", dist.Normal(0.0, 10.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(w * x + b, sigma), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, generator=g)
+    y = 2 * x + 1 + 0.5 * torch.randn(30, generator=g)
+    fit = inference.fit("mcmc", model, {"x": x, "y": y}, seed=0, num_samples=50, warmup=50,
+                        num_chains=2)
+    ll = fit.log_likelihood["x"]
+    assert ll.shape == (2, 50, 30)
+    w, b, s = (fit.samples[k] for k in ("w", "b", "sigma"))
+    ref = dist.Normal(w[..., None] * x + b[..., None], s[..., None]).log_prob(y)
+    torch.testing.assert_close(ll, ref)
+    assert "log_likelihood" in fit.to_inference_data().groups()
+    # summed out discrete sites: their conditional is not the likelihood, so no group
+    auto = inference.fit("svi", gmm, GMM_DATA, seed=0, num_steps=5, eval_particles=4)
+    assert auto.log_likelihood == {}

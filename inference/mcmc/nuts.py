@@ -293,11 +293,12 @@ def fit(
             invariants = family.posterior_invariants(samples, x)
         else:
             invariants = samples
-        log_lik = (
-            {"x": family.pointwise_log_likelihood(samples, x)}
-            if isinstance(family, PointwiseLogLikelihood)
-            else {}
-        )
+        log_lik = {}
+        if isinstance(family, PointwiseLogLikelihood):
+            try:
+                log_lik = {"x": family.pointwise_log_likelihood(samples, x)}
+            except KeyError:  # a program without a data plate, or with sites summed out
+                log_lik = {}
     finally:
         hand_back(loaded)
     diag = invariant_diagnostics(invariants)
