@@ -184,7 +184,8 @@ def fit(
         converged=converged,
         message=run.message + _notes(est.value, x) + (
             f"; particles drawn one at a time (vectorized particles fail on this model: "
-            f"{sequential})" if sequential else ""),
+            f"{sequential}; indexing such as locs[c] vectorizes with pyro.ops.indexing.Vindex)"
+            if sequential else ""),
         settings={**family.settings(), **settings.flat(), "guide_options": guide_options},
         diagnostics={"steps": run.steps, "eval_particles": est.num_particles,
                      "projected_gain_per_datum": run.slope, "projected_gain_se": run.slope_se,
