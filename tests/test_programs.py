@@ -328,3 +328,24 @@ def test_a_programs_draws_carry_their_pointwise_log_likelihood():
     # summed out discrete sites: their conditional is not the likelihood, so no group
     auto = inference.fit("svi", gmm, GMM_DATA, seed=0, num_steps=5, eval_particles=4)
     assert auto.log_likelihood == {}
+
+
+def test_psis_reads_a_programs_own_data_plate():
+    """Per-point k-hats for a program whose plate over data points is not called "data"; with
+    q = p(z | y) exactly (z_n | y_n ~ N(y_n / 2, 1/2)) every weight is equal: k-hat -inf."""
+    from elbolab.inference.evaluation.diagnostics import psis_khat
+
+    def model(y):
+        with pyro.plate("obs", len(y)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    def exact(y):
+        with pyro.plate("obs", len(y)):
+            pyro.sample("z", dist.Normal(y / 2, math.sqrt(0.5)))
+
+    y = torch.randn(20, dtype=torch.float64)
+    fit = inference.fit("svi", model, y, guide=exact, num_steps=2, eval_particles=4)
+    d = psis_khat(fit, y, num_samples=100)
+    assert d.khat_points is not None and d.khat_points.shape == (20,)
+    assert d.khat == -math.inf and np.all(d.khat_points == -math.inf)

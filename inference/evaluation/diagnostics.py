@@ -115,8 +115,9 @@ def psis_frame(results, x, *, family_of=None, num_samples: int = 1000,
     return pd.DataFrame(rows)
 
 
-def _diagnose(model, guide, x, S, nest, seed) -> PsisDiagnostic:
-    w = importance_log_weights(model, guide, x, num_samples=S, max_plate_nesting=nest, seed=seed)
+def _diagnose(model, guide, x, S, nest, seed, plate=DATA) -> PsisDiagnostic:
+    w = importance_log_weights(model, guide, x, num_samples=S, max_plate_nesting=nest, seed=seed,
+                               plate=plate)
     k_points = None if w.pointwise is None else pareto_khat(w.pointwise, axis=0)
     return PsisDiagnostic(pareto_khat(w.joint), k_points, importance_ess(w.joint), S, w.note)
 
@@ -125,7 +126,8 @@ def _psis_result(fit: FitResult, x, family, S, seed) -> PsisDiagnostic:
     if fit.engine == "svi":
         fam = fit.state.family
         with fit.fitted() as (model, guide):
-            return _diagnose(model, guide, fam.check_data(x), S, fam.max_plate_nesting, seed)
+            return _diagnose(model, guide, fam.check_data(x), S, fam.max_plate_nesting, seed,
+                             getattr(fam, "data_plate", None) or DATA)
     if fit.engine != "cavi":
         raise NotVariational(f"fit: a {fit.engine} fit has no variational distribution q")
     if family is None:

@@ -94,7 +94,7 @@ class ImportanceWeights:
 
 def importance_log_weights(model, guide, x, *, num_samples: int = 1000,
                            max_plate_nesting: int = 1, particle_batch: int | None = None,
-                           seed: int = 0) -> ImportanceWeights:
+                           seed: int = 0, plate: str = DATA) -> ImportanceWeights:
     """Log weights (1) of ``num_samples`` draws from ``guide(x)`` under ``model(x)``.
 
     Draws are vectorized by an outer plate at dim -(max_plate_nesting + 1), in chunks of
@@ -105,7 +105,8 @@ def importance_log_weights(model, guide, x, *, num_samples: int = 1000,
     are enumerated and summed out exactly (Pyro's tensor contraction, as ``TraceEnum_ELBO``
     does); a continuous model site the guide does not sample is an error naming it. Guide sites
     marked for enumeration are sampled. The draws are seeded by ``seed`` without touching the
-    caller's random state.
+    caller's random state. ``plate``: the plate over data points (a plain program's may have
+    another name).
     """
     S = integer(num_samples, "num_samples", minimum=2)
     nest = integer(max_plate_nesting, "max_plate_nesting", minimum=1)
@@ -114,19 +115,19 @@ def importance_log_weights(model, guide, x, *, num_samples: int = 1000,
     c = integer(c, "particle_batch", minimum=1)
     parts = []
     with seeded(seed, x.device), torch.no_grad():
-        local, note, enum = _structure(model, guide, x)
+        local, note, enum = _structure(model, guide, x, plate)
         try:
             left = S
             while left > 0:
                 m = min(c, left)
-                parts.append(_chunk(model, guide, x, m, nest, local))
+                parts.append(_chunk(model, guide, x, m, nest, local, plate))
                 left -= m
         except (ValueError, RuntimeError, IndexError) as exc:
             vector_error = exc
         else:
             vector_error = None
         if vector_error is not None:
-            parts = _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error)
+            parts = _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error, plate)
             why = f"particles drawn one at a time (vectorized: {reason(vector_error)})"
             note = f"{note}; {why}" if note else why
     w = torch.cat(parts, 0)
@@ -155,7 +156,7 @@ def reason(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error):
+def _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error, plate=DATA):
     """Log weights (1) of S draws traced one by one: (S,) or, when ``local``, (S, n)."""
     n = x.shape[0]
     out = torch.empty((S, n) if local else (S,), dtype=x.dtype, device=x.device)
@@ -168,7 +169,7 @@ def _one_at_a_time(model, guide, x, S, nest, local, enum, vector_error):
                                  first_available_dim=-(nest + 1))
             mtr = poutine.trace(m).get_trace(x)
             if local or enum:
-                target = (DATA,) if local else ()
+                target = (plate,) if local else ()
                 out[s] = (_contract(mtr, target, (n,) if local else (), enum=True)
                           - _contract(gtr, target, (n,) if local else (), enum=False))
             else:
@@ -188,7 +189,7 @@ def _log_prob_sum(trace) -> torch.Tensor:
                         if _random(site)]).sum()
 
 
-def _structure(model, guide, x):
+def _structure(model, guide, x, plate=DATA):
     """(all sites in the data plate, note, model has discrete sites to sum out); errors for latent
     sites the guide leaves uncovered."""
     with torch.no_grad(), poutine.block():
@@ -201,9 +202,9 @@ def _structure(model, guide, x):
                          f"{uncovered}; importance weights need q over every continuous latent")
     enum = any(_latent(s) and k not in gtr.nodes for k, s in mtr.nodes.items())
     outside = sorted({k for tr in (gtr, mtr) for k, s in tr.nodes.items()
-                      if _random(s) and not _in_data(s)})
+                      if _random(s) and not _in_data(s, plate)})
     if outside:
-        return False, f"site(s) {outside} outside plate 'data': overall k-hat only", enum
+        return False, f"site(s) {outside} outside plate {plate!r}: overall k-hat only", enum
     return True, "", enum
 
 
@@ -216,11 +217,11 @@ def _latent(site) -> bool:
     return _random(site) and not site["is_observed"]
 
 
-def _in_data(site) -> bool:
-    return any(f.name == DATA for f in site["cond_indep_stack"])
+def _in_data(site, plate=DATA) -> bool:
+    return any(f.name == plate for f in site["cond_indep_stack"])
 
 
-def _chunk(model, guide, x, S, nest, local):
+def _chunk(model, guide, x, S, nest, local, plate=DATA):
     def vectorized(fn):
         def wrapped(*args, **kwargs):
             with pyro.plate(PARTICLES, S, dim=-(nest + 1)):
@@ -232,7 +233,7 @@ def _chunk(model, guide, x, S, nest, local):
                                                default="parallel"),
                               first_available_dim=-(nest + 2))
     mtr = poutine.trace(enum_model).get_trace(x)
-    target, shape = ((PARTICLES, DATA), (S, x.shape[0])) if local else ((PARTICLES,), (S,))
+    target, shape = ((PARTICLES, plate), (S, x.shape[0])) if local else ((PARTICLES,), (S,))
     return (_contract(mtr, target, shape, enum=True)
             - _contract(gtr, target, shape, enum=False))
 
