@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from elbolab.inference import arviz_io
 from elbolab.inference.budget import check_mcmc
 from elbolab.inference.mcmc import adapt
+from elbolab.inference.mcmc.potential import trace_potential
 from elbolab.inference.mcmc.prepare import hand_back, prepared
 from elbolab.inference.result import FitResult, check_settings, data_fields
 from elbolab.inference.runtime import (
@@ -41,7 +42,6 @@ from elbolab.inference.tracing import to_numpy
 from elbolab.models.capabilities import (
     BatchedPotential,
     McmcModel,
-    MissingCapability,
     PointwiseLogLikelihood,
     PosteriorInvariants,
 )
@@ -147,17 +147,21 @@ def run_batched(flat, settings: Settings, seed: int) -> NutsRun:
     return NutsRun(samples, [int(d) for d in draws.diverging.sum(1)], draws.diverging.cpu())
 
 
+def _flat(family, model, x):
+    """The family's declared potential, else one read from the model's own trace."""
+    if isinstance(family, BatchedPotential):
+        return family.batched_potential(x)
+    return trace_potential(model, x, family.max_plate_nesting)
+
+
 def _use_batched(family, settings: Settings, fix_params, init_params) -> bool:
     """The batched kernel when the family declares BatchedPotential (``kernel="auto"``), or when
-    asked (``"batched"``: an error naming what is missing if it cannot apply)."""
+    asked (``"batched"``: the family's potential, else one read from the model's trace by
+    :func:`elbolab.inference.mcmc.potential.trace_potential`)."""
     if settings.kernel == "pyro":
         return False
     capable = isinstance(family, BatchedPotential)
     if settings.kernel == "batched":
-        if not capable:
-            raise MissingCapability(
-                f"kernel: 'batched' needs the BatchedPotential capability, which the "
-                f"{family.name} family does not declare; use kernel='pyro' (or 'auto')")
         if fix_params is not None or init_params is not None:
             raise ValueError("kernel: 'batched' takes neither fix_params nor init_params; use "
                              "kernel='pyro'")
@@ -279,7 +283,7 @@ def fit(
             batched = _use_batched(family, settings, fix_params, init_params)
             model, discrete = prepared(model, x, fix_params, family, loaded)
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            run = run_batched(family.batched_potential(x), settings, seed) if batched else run_nuts(
+            run = run_batched(_flat(family, model, x), settings, seed) if batched else run_nuts(
                 model,
                 (x,),
                 settings,

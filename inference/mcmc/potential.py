@@ -1,0 +1,110 @@
+"""A batched NUTS potential read from any Pyro model's own trace (``kernel="batched"`` on a model
+whose family declares no :class:`~elbolab.models.capabilities.BatchedPotential`).
+
+The continuous latent sites are found by one trace and laid out flat in unconstrained space,
+u -> z = T(u) with T = ``biject_to(support)``. For C chains the model runs once under an outer
+plate of size C at dim -(max_plate_nesting + 1), conditioned on the C values of every site, and
+
+    U(u) = -sum over sites of log p(z) summed over every dim but the chain's - log |dT/du|,
+
+with its gradient by autograd (one backward pass for all chains, which are independent). A model
+that cannot take the outer plate (a module or an index that a batch dim breaks) is an error
+naming why, raised before any step: use ``kernel="pyro"`` for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from torch.distributions import biject_to
+
+from elbolab.inference.tracing import site_is_plate
+from elbolab.models.capabilities import FlatPotential
+
+CHAINS = "_nuts_chains"
+
+
+def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
+    """The :class:`FlatPotential` of ``model(x)`` over its continuous latent sites."""
+    nest = max_plate_nesting
+    with torch.no_grad(), poutine.block():
+        tr = poutine.trace(model).get_trace(x)
+    sites = [(k, s) for k, s in tr.nodes.items()
+             if s["type"] == "sample" and not s["is_observed"] and not site_is_plate(s)]
+    discrete = [k for k, s in sites if s["fn"].has_enumerate_support]
+    if discrete:
+        raise ValueError(f"kernel: 'batched' on a model's trace takes continuous sites only; "
+                         f"{discrete} are discrete (use kernel='pyro')")
+    layout = []  # (name, transform, constrained shape, unconstrained shape, batch dims, offset)
+    offset = 0
+    for name, s in sites:
+        t = biject_to(s["fn"].support)
+        u = t.inv(s["value"])
+        batch = len(s["fn"].batch_shape)
+        layout.append((name, t, tuple(s["value"].shape), tuple(u.shape), batch, offset))
+        offset += u.numel()
+    like = sites[0][1]["value"]
+
+    def values(q):
+        """Site name -> (constrained value shaped for the chain plate, log |det J| (C,))."""
+        C, out, logdet = q.shape[0], {}, 0.0
+        for name, t, shape, ushape, batch, start in layout:
+            n = math.prod(ushape)
+            u = q[:, start:start + n].reshape(C, *ushape)
+            z = t(u)
+            ladj = t.log_abs_det_jacobian(u, z)
+            logdet = logdet + ladj.reshape(C, -1).sum(1)
+            pad = (1,) * max(nest - batch, 0)
+            out[name] = z.reshape(C, *pad, *shape)
+        return out, logdet
+
+    def log_density(q):
+        C = q.shape[0]
+        fixed, logdet = values(q)
+        with pyro.plate(CHAINS, C, dim=-(nest + 1)):
+            t = poutine.trace(poutine.condition(model, data=fixed)).get_trace(x)
+        total = logdet
+        for s in t.nodes.values():
+            if s["type"] != "sample" or site_is_plate(s):
+                continue
+            lp = s["fn"].log_prob(s["value"])
+            if s["scale"] is not None:
+                lp = lp * s["scale"]
+            if s["mask"] is not None and s["mask"] is not True:
+                lp = torch.where(torch.as_tensor(s["mask"]), lp, torch.zeros_like(lp))
+            if lp.dim() > nest and lp.shape[-(nest + 1)] == C:
+                lp = lp.movedim(-(nest + 1), 0).reshape(C, -1).sum(1)
+            else:  # no latent value reaches it: the same for every chain
+                lp = lp.sum().expand(C)
+            total = total + lp
+        return total
+
+    def potential(q):
+        with torch.enable_grad():
+            q = q.detach().requires_grad_(True)
+            lp = log_density(q)
+            (g,) = torch.autograd.grad(lp.sum(), q)
+        return -lp.detach(), -g
+
+    def to_sites(q):
+        lead = q.shape[:-1]
+        flat = q.reshape(-1, q.shape[-1])
+        vals, _ = values(flat)
+        return {name: vals[name].reshape(*lead, *shape) for name, _, shape, *_ in layout}
+
+    def init(chains: int, generator: torch.Generator):
+        u = torch.rand(chains, offset, generator=generator, dtype=torch.float64)
+        return (4 * u - 2).to(like)
+
+    try:  # the outer plate must go through the model: say why not before any step
+        potential(init(2, torch.Generator().manual_seed(0)))
+    except (ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"kernel: 'batched' needs the model to take an outer plate of chains; "
+                         f"it failed ({str(e).splitlines()[0][:200]}); use kernel='pyro'") from e
+    return FlatPotential(offset, potential, to_sites, init)
+
+
+__all__ = ["CHAINS", "trace_potential"]
