@@ -15,6 +15,7 @@ import torch
 from elbolab import inference
 from elbolab.inference import arviz_io
 from elbolab.inference.mcmc import adapt
+from elbolab.inference.mcmc.arrays import Random, host_state, on_host
 from elbolab.models.capabilities import BatchedPotential
 from elbolab.models.gmm import BayesianGMM, sorted_means
 
@@ -31,13 +32,18 @@ def _gaussian(D=3):
     return potential, mean, cov
 
 
-def test_batched_chains_reproduce_a_correlated_gaussian():
-    """Means within 4 MCSE (ArviZ), variances within 4 sd of the variance estimator (ESS-scaled)."""
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_batched_chains_reproduce_a_correlated_gaussian(library):
+    """Means within 4 MCSE (ArviZ), variances within 4 sd of the variance estimator (ESS-scaled),
+    with the chains' state in NumPy (the CPU's) and in torch (a GPU's, run here on the CPU)."""
     potential, mean, cov = _gaussian()
-    gen = torch.Generator().manual_seed(1)
-    draws = adapt.run(potential, torch.zeros(4, 3, dtype=torch.float64), warmup=300,
-                      num_samples=800, target_accept=0.8, max_depth=10, gen=gen)
-    q = draws.q.numpy()
+    q0 = torch.zeros(4, 3, dtype=torch.float64)
+    if library == "numpy":
+        potential, q0 = on_host(potential), host_state(q0)
+    draws = adapt.run(potential, q0, warmup=300, num_samples=800, target_accept=0.8,
+                      max_depth=10, rng=Random(1, q0))
+    q = np.asarray(draws.q)
+    assert type(draws.q) is type(q0) and q.dtype == np.float64
     assert q.shape == (4, 800, 3) and not draws.diverging.any()
     assert (arviz_io.rhat(q) < 1.02).all()  # a sampler that does not mix is far above
     mcse = arviz_io.mcse_mean(q)
@@ -46,7 +52,7 @@ def test_batched_chains_reproduce_a_correlated_gaussian():
     var = q.reshape(-1, 3).var(0)
     assert (np.abs(var / torch.diag(cov).numpy() - 1) < 4 * np.sqrt(2 / ess)).all()
     # the adapted diagonal inverse mass matrix estimates the marginal variances
-    assert torch.allclose(draws.inv_mass.mean(0), torch.diag(cov), rtol=0.35)
+    assert np.allclose(np.asarray(draws.inv_mass).mean(0), torch.diag(cov).numpy(), rtol=0.35)
 
 
 def test_the_gmm_batched_potential_is_the_models_own_density():
@@ -109,6 +115,9 @@ def test_batched_runs_are_reproducible():
     a = inference.fit("mcmc", fam, x, seed=5, warmup=30, num_samples=30, num_chains=3)
     b = inference.fit("mcmc", fam, x, seed=5, warmup=30, num_samples=30, num_chains=3)
     assert torch.equal(a.samples["mu"], b.samples["mu"])
+    assert a.samples["mu"].dtype == torch.float64
+    f32 = inference.fit("mcmc", fam, x.float(), seed=5, warmup=30, num_samples=30, num_chains=3)
+    assert f32.samples["mu"].dtype == torch.float32  # the state, draws and output in float32
 
 
 @pytest.mark.cuda

@@ -15,18 +15,24 @@ in the order of travel whatever the direction.
 
 Batching: every chain takes its own direction, step size and diagonal inverse mass matrix M^{-1};
 all chains run the same tree shape, and a chain whose trajectory has stopped keeps its state
-(``torch.where``), so C chains cost one computation per leapfrog. A point is packed into one
+(``where``), so C chains cost one computation per leapfrog. A point is packed into one
 row ``[q | p | grad U | U]`` of width 3D + 1, so choosing between two points is one ``where``.
 
-``potential(q)`` maps q of shape (C, D) to (U (C,), grad U (C, D)), U = -log density.
+``potential(q)`` maps q of shape (C, D) to (U (C,), grad U (C, D)), U = -log density. The arrays
+are NumPy's or torch's (:mod:`.arrays`): every function here takes its library from its input.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
+
+from elbolab.inference.mcmc.arrays import Random, namespace
+
+Array = Any  # a NumPy array or a torch tensor, the same library throughout one run
 
 #: H - H0 beyond this is a divergence (Stan's value)
 MAX_DELTA_H = 1000.0
@@ -37,35 +43,35 @@ class Tree:
     """A subtree, its ends in the order of travel (``start`` next to where it was grown from);
     ``p_*`` the momenta at its ends and ``s_*`` the same times M^{-1} (p#)."""
 
-    start: torch.Tensor  # packed point (C, 3D + 1)
-    end: torch.Tensor
-    proposal: torch.Tensor
-    log_w: torch.Tensor  # (C,) log sum of exp(H0 - H) over its states
-    rho: torch.Tensor  # (C, D) sum of its momenta
-    p_start: torch.Tensor
-    p_end: torch.Tensor
-    s_start: torch.Tensor
-    s_end: torch.Tensor
-    valid: torch.Tensor  # (C,) bool: no divergence, no U-turn inside
-    diverging: torch.Tensor  # (C,) bool
-    accept: torch.Tensor  # (C,) sum over its states of min(1, exp(H0 - H))
+    start: Array  # packed point (C, 3D + 1)
+    end: Array
+    proposal: Array
+    log_w: Array  # (C,) log sum of exp(H0 - H) over its states
+    rho: Array  # (C, D) sum of its momenta
+    p_start: Array
+    p_end: Array
+    s_start: Array
+    s_end: Array
+    valid: Array  # (C,) bool: no divergence, no U-turn inside
+    diverging: Array  # (C,) bool
+    accept: Array  # (C,) sum over its states of min(1, exp(H0 - H))
     size: int  # leapfrog steps
 
 
-def pack(q, p, grad, U) -> torch.Tensor:
-    return torch.cat([q, p, grad, U.unsqueeze(-1)], dim=-1)
+def pack(q, p, grad, U) -> Array:
+    return namespace(q).concatenate([q, p, grad, U[:, None]], axis=-1)
 
 
-def parts(z: torch.Tensor, D: int):
+def parts(z: Array, D: int):
     """(q, p, grad U, U) of packed points."""
     return z[:, :D], z[:, D:2 * D], z[:, 2 * D:3 * D], z[:, 3 * D]
 
 
-def kinetic(p, inv_mass) -> torch.Tensor:
+def kinetic(p, inv_mass) -> Array:
     return 0.5 * (inv_mass * p * p).sum(-1)
 
 
-def leapfrog(z, eps, inv_mass, potential, D: int) -> torch.Tensor:
+def leapfrog(z, eps, inv_mass, potential, D: int) -> Array:
     """One leapfrog step of signed size ``eps`` (C, 1) from packed points ``z``."""
     q, p, g, _ = parts(z, D)
     p = p - 0.5 * eps * g
@@ -75,24 +81,21 @@ def leapfrog(z, eps, inv_mass, potential, D: int) -> torch.Tensor:
     return pack(q, p, g, U)
 
 
-def turning(rho, p_a, p_b, inv_mass) -> torch.Tensor:
+def turning(rho, p_a, p_b, inv_mass) -> Array:
     """The (symmetric) no-U-turn criterion fails between momenta ``p_a`` and ``p_b``."""
     return ((inv_mass * p_a * rho).sum(-1) <= 0) | ((inv_mass * p_b * rho).sum(-1) <= 0)
 
 
-def merge_turns(rho, first: Tree, second: Tree) -> torch.Tensor:
+def merge_turns(rho, first: Tree, second: Tree) -> Array:
     """The criterion on the merged trajectory and across the merge (Stan's extra checks), in
     one computation: pairs (first.start, second.end) with rho, (first.start, second.start) with
     first.rho + second.p_start, (first.end, second.end) with second.rho + first.p_end."""
-    sharp = torch.stack([first.s_start, first.s_start, first.s_end,
-                         second.s_end, second.s_start, second.s_end])  # (6, C, D)
-    r = torch.stack([rho, first.rho + second.p_start, second.rho + first.p_end])
-    dots = (sharp.view(2, 3, *rho.shape) * r).sum(-1)  # (2, 3, C)
-    return (dots <= 0).flatten(0, 1).any(0)
-
-
-def _where(mask, a, b):
-    return torch.where(mask.unsqueeze(-1), a, b)
+    xp, (C, D) = namespace(rho), rho.shape
+    sharp = xp.concatenate([first.s_start, first.s_start, first.s_end,
+                            second.s_end, second.s_start, second.s_end]).reshape(2, 3, C, D)
+    r = xp.concatenate([rho, first.rho + second.p_start, second.rho + first.p_end])
+    dots = (sharp * r.reshape(3, C, D)).sum(-1)  # (2, 3, C)
+    return (dots <= 0).reshape(6, C).any(0)
 
 
 @dataclass
@@ -100,27 +103,29 @@ class Step:
     """What every leapfrog of one trajectory shares: half the signed step, the signed step times
     M^{-1}, M^{-1}, the starting energy H0 and the potential."""
 
-    half_eps: torch.Tensor  # (C, 1)
-    eps_im: torch.Tensor  # (C, D)
-    inv_mass: torch.Tensor
-    H0: torch.Tensor
+    half_eps: Array  # (C, 1)
+    eps_im: Array  # (C, D)
+    inv_mass: Array
+    H0: Array
     potential: object
     D: int
-    gen: torch.Generator
+    rng: Random
+    xp: Any  # numpy or torch
     adapting: bool = True  # the acceptance statistic is only read during warm-up
 
 
 def leaf(z, k: Step) -> Tree:
-    D = k.D
+    D, xp = k.D, k.xp
     p = z[:, D:2 * D] - k.half_eps * z[:, 2 * D:3 * D]
     q = z[:, :D] + k.eps_im * p
     U, g = k.potential(q)
     p = p - k.half_eps * g
     s = k.inv_mass * p
-    dH = torch.nan_to_num(U + 0.5 * (s * p).sum(-1) - k.H0, nan=math.inf)
+    dH = U + 0.5 * (s * p).sum(-1) - k.H0
+    dH = xp.where(dH == dH, dH, math.inf)  # nan: a divergence
     diverging = dH > MAX_DELTA_H
-    z1 = torch.cat([q, p, g, U.unsqueeze(-1)], dim=-1)
-    accept = torch.exp(-dH).clamp(max=1.0) if k.adapting else None
+    z1 = xp.concatenate([q, p, g, U[:, None]], axis=-1)
+    accept = xp.clip(xp.exp(-dH), None, 1.0) if k.adapting else None
     return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging, accept, 1)
 
 
@@ -130,12 +135,12 @@ def build(z, depth: int, k: Step) -> Tree:
         return leaf(z, k)
     t1 = build(z, depth - 1, k)
     t2 = build(t1.end, depth - 1, k)
-    log_w = torch.logaddexp(t1.log_w, t2.log_w)
-    u = torch.rand(log_w.shape, generator=k.gen, device=log_w.device, dtype=log_w.dtype)
-    take2 = torch.log(u) < t2.log_w - log_w
+    xp = k.xp
+    log_w = xp.logaddexp(t1.log_w, t2.log_w)
+    take2 = xp.log(k.rng.uniform(log_w.shape)) < t2.log_w - log_w
     rho = t1.rho + t2.rho
     valid = t1.valid & t2.valid & ~merge_turns(rho, t1, t2)
-    return Tree(t1.start, t2.end, _where(take2, t2.proposal, t1.proposal), log_w, rho,
+    return Tree(t1.start, t2.end, xp.where(take2[:, None], t2.proposal, t1.proposal), log_w, rho,
                 t1.p_start, t2.p_end, t1.s_start, t2.s_end, valid,
                 t1.diverging | (t1.valid & t2.diverging),
                 None if t1.accept is None else t1.accept + t2.accept * t1.valid,
@@ -144,49 +149,57 @@ def build(z, depth: int, k: Step) -> Tree:
 
 @dataclass
 class Transition:
-    z: torch.Tensor  # the new packed points (C, 3D + 1)
-    accept: torch.Tensor  # (C,) mean acceptance statistic over the trajectory
-    diverging: torch.Tensor  # (C,) bool
-    depth: torch.Tensor  # (C,) tree depth reached
-    leapfrogs: torch.Tensor  # (C,) leapfrog steps taken
+    z: Array  # the new packed points (C, 3D + 1)
+    accept: Array  # (C,) mean acceptance statistic over the trajectory
+    diverging: Array  # (C,) bool
+    depth: Array  # (C,) tree depth reached
+    leapfrogs: Array  # (C,) leapfrog steps taken
 
 
-def transition(z, step_size, inv_mass, potential, max_depth: int, gen,
+def transition(z, step_size, inv_mass, potential, max_depth: int, rng: Random,
                adapting: bool = True) -> Transition:
     """One NUTS transition of every chain from packed points ``z`` (module docstring);
-    ``step_size`` (C,), ``inv_mass`` (C, D). ``adapting``: compute the acceptance statistic
-    (warm-up reads it; sampling does not)."""
+    ``step_size`` (C,), ``inv_mass`` (C, D), all in the library of ``z``, as ``rng`` draws.
+    ``adapting``: compute the acceptance statistic (warm-up reads it; sampling does not)."""
+    xp = namespace(z)
+    if xp is np:
+        with np.errstate(all="ignore"):  # exp, log and inf - inf at divergences: handled
+            return _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting)
+    return _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting)
+
+
+def _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting) -> Transition:
     C, D = z.shape[0], inv_mass.shape[-1]
     q, _, g, U = parts(z, D)
-    p0 = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype) / inv_mass.sqrt()
+    p0 = rng.normal(q.shape) / xp.sqrt(inv_mass)
     H0 = U + 0.5 * (inv_mass * p0 * p0).sum(-1)
     z0 = pack(q, p0, g, U)
     left = right = proposal = z0  # the trajectory's ends in time, as packed points
-    log_w, rho = torch.zeros_like(U), p0
-    active = torch.ones(C, dtype=torch.bool, device=z.device)
-    diverging = torch.zeros_like(active)
-    accept = torch.zeros_like(U)
-    depth = torch.zeros_like(U)
+    log_w, rho = xp.zeros_like(U), p0
+    active = xp.zeros_like(U) == 0
+    diverging = ~active
+    accept = xp.zeros_like(U)
+    depth = xp.zeros_like(U)
+    step = step_size[:, None]
     for d in range(max_depth):
-        forward = torch.rand(C, generator=gen, device=z.device) < 0.5
-        fwd = forward.unsqueeze(-1)
-        eps = torch.where(fwd, step_size.unsqueeze(-1), -step_size.unsqueeze(-1))
-        k = Step(0.5 * eps, eps * inv_mass, inv_mass, H0, potential, D, gen, adapting)
-        far, near = torch.where(fwd, left, right), torch.where(fwd, right, left)
+        fwd = rng.uniform((C, 1)) < 0.5
+        eps = xp.where(fwd, step, -step)
+        k = Step(0.5 * eps, eps * inv_mass, inv_mass, H0, potential, D, rng, xp, adapting)
+        far, near = xp.where(fwd, left, right), xp.where(fwd, right, left)
         p_far, p_near = far[:, D:2 * D], near[:, D:2 * D]
         first = Tree(far, near, None, None, rho, p_far, p_near, inv_mass * p_far,
                      inv_mass * p_near, None, None, None, 0)  # the trajectory, in travel order
         t = build(near, d, k)
         grow = active & t.valid
-        u = torch.rand(C, generator=gen, device=z.device, dtype=U.dtype)
-        proposal = _where(grow & (torch.log(u) < t.log_w - log_w), t.proposal, proposal)
+        take = grow & (xp.log(rng.uniform((C,))) < t.log_w - log_w)
+        proposal = xp.where(take[:, None], t.proposal, proposal)
         total = rho + t.rho
         turn = merge_turns(total, first, t)
-        log_w = torch.where(grow, torch.logaddexp(log_w, t.log_w), log_w)
-        g1 = grow.unsqueeze(-1)
-        rho = torch.where(g1, total, rho)
-        left = torch.where(g1 & ~fwd, t.end, left)
-        right = torch.where(g1 & fwd, t.end, right)
+        log_w = xp.where(grow, xp.logaddexp(log_w, t.log_w), log_w)
+        g1 = grow[:, None]
+        rho = xp.where(g1, total, rho)
+        left = xp.where(g1 & ~fwd, t.end, left)
+        right = xp.where(g1 & fwd, t.end, right)
         if adapting:
             accept = accept + t.accept * active
         diverging = diverging | (active & t.diverging)
@@ -194,8 +207,8 @@ def transition(z, step_size, inv_mass, potential, max_depth: int, gen,
         active = grow & ~turn
         if not bool(active.any()):
             break
-    steps = torch.exp2(depth) - 1  # the leapfrogs of a tree grown to this depth
-    return Transition(proposal, accept / steps.clamp(min=1), diverging, depth, steps)
+    steps = xp.exp2(depth) - 1  # the leapfrogs of a tree grown to this depth
+    return Transition(proposal, accept / xp.clip(steps, 1, None), diverging, depth, steps)
 
 
 __all__ = ["MAX_DELTA_H", "Transition", "Tree", "build", "kinetic", "leapfrog", "pack", "parts",

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from elbolab.inference import arviz_io
 from elbolab.inference.budget import check_mcmc
 from elbolab.inference.mcmc import adapt
+from elbolab.inference.mcmc.arrays import Random, host_state, on_host
 from elbolab.inference.mcmc.potential import trace_potential
 from elbolab.inference.mcmc.prepare import hand_back, prepared
 from elbolab.inference.result import FitResult, check_settings, data_fields
@@ -134,17 +135,21 @@ def run_nuts(
 
 def run_batched(flat, settings: Settings, seed: int) -> NutsRun:
     """All chains in one computation (:mod:`elbolab.inference.mcmc.batched`, Stan's adaptation
-    in :mod:`elbolab.inference.mcmc.adapt`) on a family's :class:`FlatPotential`."""
+    in :mod:`elbolab.inference.mcmc.adapt`) on a family's :class:`FlatPotential`; the chains'
+    state in NumPy on the CPU, on the device in torch on a GPU (:mod:`.arrays`)."""
     q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
-    gen = torch.Generator(device=q0.device).manual_seed(seed)
+    state = host_state(q0)
+    potential = flat.potential if state is q0 else on_host(flat.potential)
     total = settings.warmup + settings.num_samples
     with tqdm(total=total, desc="nuts (batched)", disable=not show_progress(settings.progress),
               leave=False, file=sys.stderr) as bar:
-        draws = adapt.run(flat.potential, q0, warmup=settings.warmup,
+        draws = adapt.run(potential, state, warmup=settings.warmup,
                           num_samples=settings.num_samples, target_accept=settings.target_accept,
-                          max_depth=settings.max_tree_depth, gen=gen, on_step=bar.update)
-    samples = flat.to_sites(draws.q)
-    return NutsRun(samples, [int(d) for d in draws.diverging.sum(1)], draws.diverging.cpu())
+                          max_depth=settings.max_tree_depth, rng=Random(seed, state),
+                          on_step=bar.update)
+    q = torch.as_tensor(draws.q).to(q0)
+    diverging = torch.as_tensor(draws.diverging).cpu()
+    return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging)
 
 
 def _flat(family, model, x):
