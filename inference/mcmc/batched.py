@@ -38,7 +38,7 @@ Array = Any  # a NumPy array or a torch tensor, the same library throughout one 
 MAX_DELTA_H = 1000.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Tree:
     """A subtree, its ends in the order of travel (``start`` next to where it was grown from);
     ``p_*`` the momenta at its ends and ``s_*`` the same times M^{-1} (p#)."""
@@ -98,7 +98,7 @@ def merge_turns(rho, first: Tree, second: Tree) -> Array:
     return (dots <= 0).reshape(6, C).any(0)
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """What every leapfrog of one trajectory shares: half the signed step, the signed step times
     M^{-1}, M^{-1}, the starting energy H0 and the potential."""
@@ -125,7 +125,7 @@ def leaf(z, k: Step) -> Tree:
     dH = xp.where(dH == dH, dH, math.inf)  # nan: a divergence
     diverging = dH > MAX_DELTA_H
     z1 = xp.concatenate([q, p, g, U[:, None]], axis=-1)
-    accept = xp.clip(xp.exp(-dH), None, 1.0) if k.adapting else None
+    accept = xp.where(dH > 0, xp.exp(-dH), 1.0) if k.adapting else None  # min(1, e^-dH)
     return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging, accept, 1)
 
 
