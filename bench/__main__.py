@@ -69,6 +69,8 @@ def run(only, quick: bool, out: Path) -> list:
             rows += nuts_gmm.run(**kw)  # one chain
             rows += nuts_gmm.run(**kw, chains=4)  # chains batched vs NumPyro's vectorized
             rows += nuts_gmm.run(**kw, n=5000, K=4, d=2)  # a larger model beside it
+            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2, chains=4)
+            rows += nuts_gmm.run(**kw, chains=4, device="cuda")  # or a line saying why not
         if "vae" in only:
             from bench import vae_default
 

@@ -4,7 +4,8 @@
 
 The same model on both sides (eqs. 1-3 of ``models/gmm.py`` with c summed out: mu_k ~ N(0, s2),
 x_i ~ sum_k (1/K) N(mu_k, 1)), one chain of ``warmup`` + ``draws`` NUTS iterations (target
-acceptance 0.8; elbolab's default max tree depth 8, NumPyro's 10), float64. The figure is the
+acceptance 0.8; elbolab's default max tree depth 8, NumPyro's 10), float64 (float32 for the
+``--device cuda`` row, which runs only where torch sees a GPU). The figure is the
 bulk ESS per second end to end (the whole call: compilation, warm-up, sampling), the ESS the
 smallest over the K sorted means (label-invariant), computed by the same ArviZ call on both sides.
 NumPyro runs cold (a new MCMC object: JAX compiles) and warm (the same object run again: the
@@ -56,7 +57,17 @@ def _numpyro_model(K, d, prior_var):
 
 
 def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
-        verbose=True, chains=1, d=1) -> list[Row]:
+        verbose=True, chains=1, d=1, device="cpu") -> list[Row]:
+    """One row; ``device="cuda"``: elbolab's chains on the GPU in float32 (NumPyro on JAX's own
+    default device, float32 too), a row that says why it is skipped when there is no GPU."""
+    import torch
+
+    cuda = device == "cuda"
+    where = ", on CUDA (float32)" if cuda else ""
+    if cuda and not torch.cuda.is_available():
+        return [skipped_row(f"NUTS, GMM K={K}, d={d}, n={n}, {chains} chains{where}",
+                            ">= NumPyro warm", "no CUDA device here: the CUDA row runs where "
+                            "torch.cuda.is_available()")]
     try:
         import jax
         import numpyro
@@ -67,11 +78,12 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     from elbolab import inference
     from elbolab.models.gmm.model import BayesianGMM
 
-    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", not cuda)
     numpyro.set_host_device_count(1)
     fam = BayesianGMM(K, prior_var, dim=d)
-    x, _ = fam.simulate(n, seed=seed)
+    x, _ = fam.simulate(n, seed=seed, dtype=torch.float32 if cuda else torch.float64)
     xj = jax.numpy.asarray(x.numpy())
+    x = x.to(device)
     model = _numpyro_model(K, d, prior_var)
     method = "vectorized" if chains > 1 else "sequential"
     out = {"elbolab": [], "cold": [], "warm": []}  # every run's draws: ESS is a median over runs
@@ -79,7 +91,7 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     def ours():
         r = inference.fit("mcmc", fam, x, seed=seed + len(out["elbolab"]), warmup=warmup,
                           num_samples=draws, num_chains=chains)
-        out["elbolab"].append(r.samples["mu"].numpy())
+        out["elbolab"].append(r.samples["mu"].double().cpu().numpy())  # synchronizes a GPU
 
     def make():
         kernel = numpyro.infer.NUTS(model, target_accept_prob=0.8)
@@ -91,7 +103,7 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     def cold():
         m = make()
         m.run(jax.random.PRNGKey(seed + len(out["cold"])), xj)
-        out["cold"].append(np.asarray(m.get_samples(group_by_chain=True)["mu"]))
+        out["cold"].append(np.asarray(m.get_samples(group_by_chain=True)["mu"], np.float64))
 
     def warm_run():
         m = warm["mcmc"]
@@ -100,7 +112,7 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
         warm["runs"] += 1
         t0 = time.perf_counter()
         m.run(jax.random.PRNGKey(seed + warm["runs"]), xj)
-        out["warm"].append(np.asarray(m.get_samples(group_by_chain=True)["mu"]))
+        out["warm"].append(np.asarray(m.get_samples(group_by_chain=True)["mu"], np.float64))
         return time.perf_counter() - t0
 
     t = interleaved({"elbolab": ours, "numpyro cold": cold, "numpyro warm": warm_run}, repeat)
@@ -120,7 +132,7 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     vs = "NumPyro warm" + (" (vectorized chains)" if chains > 1 else "")
     return [Row(
         f"NUTS, GMM K={K}, d={d}, n={n}, {warmup} warm-up + {draws} draws, {chains} chain"
-        f"{'s' if chains > 1 else ''}, ESS/s end to end",
+        f"{'s' if chains > 1 else ''}{where}, ESS/s end to end",
         f"{rate['elbolab']:.0f} ESS/s ({t['elbolab'].spread(1, '{:.3g}')} s, ESS {e_o:.0f})",
         f"{vs} {rate['numpyro warm']:.0f} ESS/s ({t['numpyro warm'].spread(1, '{:.3g}')}"
         f" s), cold {rate['numpyro cold']:.0f} ESS/s ({t['numpyro cold'].spread(1, '{:.3g}')} s)",
@@ -140,9 +152,10 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--chains", type=int, default=1)
     p.add_argument("--K", type=int, default=3)
     p.add_argument("--d", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = p.parse_args(argv)
     rows = run(a.n, K=a.K, warmup=a.warmup, draws=a.draws, repeat=a.repeat, seed=a.seed,
-               chains=a.chains, d=a.d)
+               chains=a.chains, d=a.d, device=a.device)
     from bench.common import details, table
 
     print(table(rows))
