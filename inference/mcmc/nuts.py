@@ -3,8 +3,9 @@
 Two kernels, chosen from declared capabilities (``Settings.kernel``): a family with
 :class:`~elbolab.models.capabilities.BatchedPotential` runs all chains in one computation
 (:mod:`elbolab.inference.mcmc.batched`, one generator seeded by ``seed``); any other model runs
-Pyro's NUTS chain after chain with seeds ``seed, seed + 1, ...``. Both are deterministic on CPU
-(no worker processes). Discrete sites named in ``family.discrete_sites`` are summed out by
+Pyro's NUTS, chain c seeded ``seed + c``, one chain after another or one worker process each
+(``Settings.chain_method``, :mod:`elbolab.inference.mcmc.chains`): the same draws either way.
+Both kernels are deterministic on CPU. Discrete sites named in ``family.discrete_sites`` are summed out by
 enumeration.
 R-hat and bulk/tail ESS (Vehtari et al. 2021, via ArviZ) are computed on
 ``family.posterior_invariants(samples, x)``: raw mixture means or factor loadings mix across labels or
@@ -16,18 +17,18 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pyro.infer import MCMC, NUTS, config_enumerate
+from pyro.infer import config_enumerate
 from tqdm.auto import tqdm
 
 from elbolab.inference import arviz_io
 from elbolab.inference.budget import check_mcmc
 from elbolab.inference.mcmc import adapt
 from elbolab.inference.mcmc.arrays import Random, host_state, on_host
+from elbolab.inference.mcmc.chains import run_chains
 from elbolab.inference.mcmc.potential import trace_potential
 from elbolab.inference.mcmc.prepare import hand_back, prepared
 from elbolab.inference.result import FitResult, check_settings, data_fields
@@ -36,7 +37,6 @@ from elbolab.inference.runtime import (
     device_note,
     isolated,
     one_thread,
-    seed_everything,
     show_progress,
 )
 from elbolab.inference.tracing import to_numpy
@@ -50,6 +50,7 @@ from elbolab.models.program import as_family
 from elbolab.models.validate import boolean, choice, integer, positive, probability
 
 KERNELS = ("auto", "batched", "pyro")
+CHAIN_METHODS = ("auto", "sequential", "parallel")
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Settings:
     #: "auto": the batched kernel (all chains in one computation, :mod:`.batched`) for a family
     #: declaring BatchedPotential, else Pyro's NUTS chain by chain; "batched" / "pyro" force one
     kernel: str = "auto"
+    #: how Pyro's kernel runs several chains: "sequential" (one after another, in this process;
+    #: what "auto" means) or "parallel" (one worker process each, spawned: the model must pickle,
+    #: i.e. be defined at module level). The batched kernel runs them in one computation: with
+    #: kernel="auto", naming a chain method chooses Pyro's kernel; kernel="batched" takes none.
+    chain_method: str = "auto"
     #: Pyro's progress bar per chain: None (default) shows it when stderr is a terminal or in a
     #: notebook (:func:`elbolab.inference.runtime.show_progress`), True/False force it
     progress: bool | None = None
@@ -81,6 +87,10 @@ class Settings:
         integer(self.ess_per_chain, "ess_per_chain", minimum=0)
         boolean(self.jit, "jit")
         choice(self.kernel, "kernel", KERNELS)
+        choice(self.chain_method, "chain_method", CHAIN_METHODS)
+        if self.kernel == "batched" and self.chain_method != "auto":
+            raise ValueError(f"chain_method: {self.chain_method!r} is for Pyro's kernel; "
+                             "kernel='batched' runs the chains in one computation")
         if self.progress is not None:
             boolean(self.progress, "progress")
 
@@ -106,31 +116,12 @@ def run_nuts(
     kwargs = kwargs or {}
     if enumerate_discrete:
         model = config_enumerate(model, default="parallel")
-    per_chain, divergences, diverging = [], [], []
-    jit = settings.jit
-    for chain in range(settings.num_chains):
-        try:
-            mcmc = _one_chain(model, args, kwargs, settings, seed + chain, init_params,
-                              max_plate_nesting, jit)
-        except RuntimeError as exc:
-            # the JIT cannot trace some models (e.g. a network's weights read through
-            # pyro.module): run those uncompiled; a model that fails without JIT still raises.
-            if not jit:
-                raise
-            reason = str(exc).splitlines()[0][:200]
-            warnings.warn(f"NUTS: JIT compilation failed ({reason}); running without JIT",
-                          stacklevel=2)
-            jit = False
-            mcmc = _one_chain(model, args, kwargs, settings, seed + chain, init_params,
-                              max_plate_nesting, jit)
-        per_chain.append(mcmc.get_samples())
-        idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
-        divergences.append(len(idx))
-        flags = torch.zeros(settings.num_samples, dtype=torch.bool)
-        flags[list(idx)] = True
-        diverging.append(flags)
-    samples = {k: torch.stack([c[k] for c in per_chain]) for k in per_chain[0]}
-    return NutsRun(samples, divergences, torch.stack(diverging))
+    out = run_chains(model, args, kwargs, settings, seed, init_params, max_plate_nesting)
+    samples = {k: torch.stack([draws[k] for draws, _, _ in out]) for k in out[0][0]}
+    diverging = torch.zeros(settings.num_chains, settings.num_samples, dtype=torch.bool)
+    for c, (_, idx, _) in enumerate(out):
+        diverging[c, idx] = True
+    return NutsRun(samples, [len(idx) for _, idx, _ in out], diverging)
 
 
 def run_batched(flat, settings: Settings, seed: int) -> NutsRun:
@@ -163,8 +154,8 @@ def _use_batched(family, settings: Settings, fix_params, init_params) -> bool:
     """The batched kernel when the family declares BatchedPotential (``kernel="auto"``), or when
     asked (``"batched"``: the family's potential, else one read from the model's trace by
     :func:`elbolab.inference.mcmc.potential.trace_potential`)."""
-    if settings.kernel == "pyro":
-        return False
+    if settings.kernel == "pyro" or settings.chain_method != "auto":
+        return False  # a chain method names Pyro's kernel (Settings.chain_method)
     capable = isinstance(family, BatchedPotential)
     if settings.kernel == "batched":
         if fix_params is not None or init_params is not None:
@@ -172,28 +163,6 @@ def _use_batched(family, settings: Settings, fix_params, init_params) -> bool:
                              "kernel='pyro'")
         return True
     return capable and fix_params is None and init_params is None
-
-
-def _one_chain(model, args, kwargs, settings, seed, init_params, max_plate_nesting, jit) -> MCMC:
-    seed_everything(seed)
-    kernel = NUTS(
-        model,
-        target_accept_prob=settings.target_accept,
-        max_tree_depth=settings.max_tree_depth,
-        jit_compile=jit,
-        ignore_jit_warnings=True,
-        max_plate_nesting=max_plate_nesting,
-    )
-    mcmc = MCMC(
-        kernel,
-        num_samples=settings.num_samples,
-        warmup_steps=settings.warmup,
-        num_chains=1,
-        initial_params=init_params,
-        disable_progbar=not show_progress(settings.progress),
-    )
-    mcmc.run(*args, **kwargs)
-    return mcmc
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
