@@ -68,8 +68,10 @@ def run(only, quick: bool, out: Path) -> list:
             kw = dict(warmup=200 if quick else 500, draws=300 if quick else 1000, repeat=rep)
             rows += nuts_gmm.run(**kw)  # one chain
             rows += nuts_gmm.run(**kw, chains=4)  # chains batched vs NumPyro's vectorized
-            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2)  # a larger model beside it
-            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2, chains=4)
+            # a larger model beside it: a posterior with local modes, both sides started at
+            # the k-means centres (from uniform starts chains sit in different modes)
+            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2, start="kmeans")
+            rows += nuts_gmm.run(**kw, n=5000, K=4, d=2, chains=4, start="kmeans")
             rows += nuts_gmm.run(**kw, chains=4, device="cuda")  # or a line saying why not
         if "vae" in only:
             from bench import vae_default

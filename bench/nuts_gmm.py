@@ -41,6 +41,18 @@ def _ess_and_means(draws: np.ndarray):
     return float(ess.min()), s.reshape(-1, s.shape[-1]).mean(0), mcse
 
 
+def _rhat_over_runs(runs: list) -> float:
+    """The largest split R-hat of the sorted means with every chain of every run as a chain:
+    near 1 when all of them sampled one mode, far above when some sat in another (a
+    multimodal posterior), where ESS/s compares nothing."""
+    import arviz as az
+
+    draws = np.concatenate(runs)  # (chains of all runs, draw, K, d)
+    order = np.argsort(draws[..., 0], axis=-1)
+    s = np.take_along_axis(draws, order[..., None], axis=-2).reshape(*draws.shape[:2], -1)
+    return float(np.asarray(az.rhat(az.convert_to_dataset({"mu": s}))["mu"].values).max())
+
+
 def _numpyro_model(K, d, prior_var):
     import jax.numpy as jnp
     import numpyro
@@ -57,9 +69,12 @@ def _numpyro_model(K, d, prior_var):
 
 
 def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
-        verbose=True, chains=1, d=1, device="cpu") -> list[Row]:
+        verbose=True, chains=1, d=1, device="cpu", start="uniform") -> list[Row]:
     """One row; ``device="cuda"``: elbolab's chains on the GPU in float32 (NumPyro on JAX's own
-    default device, float32 too), a row that says why it is skipped when there is no GPU."""
+    default device, float32 too), a row that says why it is skipped when there is no GPU.
+    ``start``: "uniform" (each side's default, uniform in (-2, 2)) or "kmeans": every chain of
+    both sides at scikit-learn's k-means centres (what a user does for a posterior with local
+    modes, where chains from random starts sit in different ones)."""
     import torch
 
     cuda = device == "cuda"
@@ -84,17 +99,27 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     x, _ = fam.simulate(n, seed=seed, dtype=torch.float32 if cuda else torch.float64)
     xj = jax.numpy.asarray(x.numpy())
     x = x.to(device)
+    init = None
+    if start == "kmeans":
+        from sklearn.cluster import KMeans
+
+        init = KMeans(K, n_init=10, random_state=seed).fit(xj).cluster_centers_.astype(
+            np.float32 if cuda else np.float64)
+        where += ", every chain started at the k-means centres"
     model = _numpyro_model(K, d, prior_var)
     method = "vectorized" if chains > 1 else "sequential"
     out = {"elbolab": [], "cold": [], "warm": []}  # every run's draws: ESS is a median over runs
 
     def ours():
         r = inference.fit("mcmc", fam, x, seed=seed + len(out["elbolab"]), warmup=warmup,
-                          num_samples=draws, num_chains=chains)
+                          num_samples=draws, num_chains=chains,
+                          init_params=None if init is None else {"mu": torch.as_tensor(init)})
         out["elbolab"].append(r.samples["mu"].double().cpu().numpy())  # synchronizes a GPU
 
     def make():
-        kernel = numpyro.infer.NUTS(model, target_accept_prob=0.8)
+        strategy = (numpyro.infer.init_to_uniform if init is None else
+                    numpyro.infer.init_to_value(values={"mu": jax.numpy.asarray(init)}))
+        kernel = numpyro.infer.NUTS(model, target_accept_prob=0.8, init_strategy=strategy)
         return numpyro.infer.MCMC(kernel, num_warmup=warmup, num_samples=draws,
                                   num_chains=chains, chain_method=method, progress_bar=False)
 
@@ -123,12 +148,15 @@ def run(n=1000, K=3, prior_var=10.0, warmup=500, draws=1000, repeat=3, seed=0,
     tol = 4 * float(np.sqrt(s_o**2 + s_w**2).max())
     checks = [agree("posterior means of the sorted means (4 MCSE)",
                     float(np.abs(m_o - m_w).max()), 0.0, tol)]
+    checks += [agree(f"{who}: every chain of every run in one mode (R-hat of the sorted means "
+                     "over all of them, within 0.05 of 1)", _rhat_over_runs(out[key]), 1.0, 0.05)
+               for who, key in (("elbolab", "elbolab"), ("NumPyro", "warm"))]
     rate = {k: ess[key][0] / t[k].median
             for k, key in (("elbolab", "elbolab"), ("numpyro cold", "cold"),
                            ("numpyro warm", "warm"))}
     if verbose:
         print(f"  NUTS ESS (median over runs): elbolab {e_o:.0f}, numpyro warm {e_w:.0f}, cold "
-              f"{ess['cold'][0]:.0f}; {checks[0]}")
+              f"{ess['cold'][0]:.0f}; {'; '.join(map(str, checks))}")
     vs = "NumPyro warm" + (" (vectorized chains)" if chains > 1 else "")
     return [Row(
         f"NUTS, GMM K={K}, d={d}, n={n}, {warmup} warm-up + {draws} draws, {chains} chain"
@@ -153,9 +181,10 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--K", type=int, default=3)
     p.add_argument("--d", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--start", choices=("uniform", "kmeans"), default="uniform")
     a = p.parse_args(argv)
     rows = run(a.n, K=a.K, warmup=a.warmup, draws=a.draws, repeat=a.repeat, seed=a.seed,
-               chains=a.chains, d=a.d, device=a.device)
+               chains=a.chains, d=a.d, device=a.device, start=a.start)
     from bench.common import details, table
 
     print(table(rows))

@@ -247,12 +247,37 @@ class FlatPotential:
     """NUTS's target for C chains at once, in flat unconstrained coordinates q of shape (C, D):
     ``potential(q)`` -> (U (C,), grad U (C, D)) with U = -log p(q, x) (every constant kept, any
     Jacobian included); ``to_sites(q)`` maps (..., D) to the model's latent sites by name;
-    ``init(C, generator)`` gives starting points (C, D) on the data's device and dtype."""
+    ``init(C, generator)`` gives starting points (C, D) on the data's device and dtype;
+    ``from_sites(values)`` maps site name -> unconstrained value (the site's own shape) to a
+    point (D,), an error naming a missing, unknown or misshapen site (None: no such map)."""
 
     dim: int
     potential: Any
     to_sites: Any
     init: Any
+    from_sites: Any = None
+
+
+def flat_point(given: dict, shapes: dict, like: torch.Tensor) -> torch.Tensor:
+    """Unconstrained values by site name (shapes ``shapes``) laid out flat in that order, as
+    ``like``; a missing, unknown or misshapen site is an error naming it."""
+    if not isinstance(given, dict):
+        raise ValueError(f"init_params: must be a dict site -> unconstrained value, got "
+                         f"{type(given).__name__}")
+    missing, unknown = sorted(set(shapes) - set(given)), sorted(set(given) - set(shapes))
+    if missing or unknown:
+        raise ValueError(f"init_params: the latent sites are {sorted(shapes)}; missing "
+                         f"{missing}, unknown {unknown}")
+    parts = []
+    for name, shape in shapes.items():
+        v = torch.as_tensor(given[name]).to(like)
+        if tuple(v.shape) != tuple(shape):
+            raise ValueError(f"init_params: {name!r} must be shaped {tuple(shape)} (unconstrained), "
+                             f"got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"init_params: {name!r} has NaN or inf")
+        parts.append(v.reshape(-1))
+    return torch.cat(parts)
 
 
 @runtime_checkable

@@ -51,3 +51,15 @@ def test_chain_methods_that_cannot_apply_are_errors():
         inference.fit("mcmc", normal_mean, Y, kernel="batched", chain_method="parallel")
     with pytest.raises(ValueError, match="chain_method: must be one of"):
         inference.fit("mcmc", normal_mean, Y, chain_method="vectorised")
+
+
+def test_a_discrete_latent_with_unbounded_support_is_named_before_any_work():
+    def counts(y):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        k = pyro.sample("k", dist.Poisson(rate))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"latent site 'k' \(Poisson\) is discrete with "
+                                         "unbounded support"):
+        inference.fit("mcmc", counts, torch.randn(10), num_samples=10, warmup=10)

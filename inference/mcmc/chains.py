@@ -9,6 +9,7 @@ import multiprocessing
 import pickle
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 from pyro.infer import MCMC, NUTS
@@ -72,8 +73,15 @@ def run_chains(model, args, kwargs, settings, seed: int, init_params, max_plate_
             "level (not a closure, lambda or function-local class), or use chain_method="
             "'sequential'") from exc
     workers = min(C, multiprocessing.cpu_count())
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return _warned(list(pool.map(_in_worker, jobs)))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return _warned(list(pool.map(_in_worker, jobs)))
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            "chain_method: 'parallel': a worker process died before returning its chain. The "
+            "workers are spawned and import your script again: a script must start its work "
+            "under `if __name__ == \"__main__\":` (and the machine needs memory for one "
+            "process per chain); or use chain_method='sequential'") from exc
 
 
 def _warned(out):

@@ -124,11 +124,17 @@ def run_nuts(
     return NutsRun(samples, [len(idx) for _, idx, _ in out], diverging)
 
 
-def run_batched(flat, settings: Settings, seed: int) -> NutsRun:
+def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = None) -> NutsRun:
     """All chains in one computation (:mod:`elbolab.inference.mcmc.batched`, Stan's adaptation
     in :mod:`elbolab.inference.mcmc.adapt`) on a family's :class:`FlatPotential`; the chains'
-    state in NumPy on the CPU, on the device in torch on a GPU (:mod:`.arrays`)."""
+    state in NumPy on the CPU, on the device in torch on a GPU (:mod:`.arrays`). Every chain
+    starts at ``init_params`` (site -> unconstrained value) when given, as Pyro's kernel does."""
     q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
+    if init_params is not None:
+        if flat.from_sites is None:
+            raise ValueError("init_params: this model's batched potential takes no starting "
+                             "values; use kernel='pyro'")
+        q0 = flat.from_sites(init_params).to(q0).expand_as(q0).clone()
     state = host_state(q0)
     potential = flat.potential if state is q0 else on_host(flat.potential)
     total = settings.warmup + settings.num_samples
@@ -150,19 +156,18 @@ def _flat(family, model, x):
     return trace_potential(model, x, family.max_plate_nesting)
 
 
-def _use_batched(family, settings: Settings, fix_params, init_params) -> bool:
+def _use_batched(family, settings: Settings, fix_params) -> bool:
     """The batched kernel when the family declares BatchedPotential (``kernel="auto"``), or when
     asked (``"batched"``: the family's potential, else one read from the model's trace by
     :func:`elbolab.inference.mcmc.potential.trace_potential`)."""
     if settings.kernel == "pyro" or settings.chain_method != "auto":
         return False  # a chain method names Pyro's kernel (Settings.chain_method)
-    capable = isinstance(family, BatchedPotential)
     if settings.kernel == "batched":
-        if fix_params is not None or init_params is not None:
-            raise ValueError("kernel: 'batched' takes neither fix_params nor init_params; use "
-                             "kernel='pyro'")
+        if fix_params is not None:
+            raise ValueError("kernel: 'batched' takes no fix_params (parameters fixed in the "
+                             "model); use kernel='pyro'")
         return True
-    return capable and fix_params is None and init_params is None
+    return isinstance(family, BatchedPotential) and fix_params is None
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -254,10 +259,10 @@ def fit(
     loaded: list = []  # (module parameter, its own value): handed back at the end
     try:
         with isolated(seed), one_thread(x), Timer(x.device) as timer:
-            batched = _use_batched(family, settings, fix_params, init_params)
+            batched = _use_batched(family, settings, fix_params)
             model, discrete = prepared(model, x, fix_params, family, loaded)
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            run = run_batched(_flat(family, model, x), settings, seed) if batched else run_nuts(
+            run = run_batched(_flat(family, model, x), settings, seed, init_params) if batched else run_nuts(
                 model,
                 (x,),
                 settings,
@@ -302,7 +307,8 @@ def fit(
         seconds=timer.seconds,
         converged=converged,
         message=(
-            f"{settings.num_chains} chains x {settings.num_samples} draws "
+            f"{settings.num_chains} chain{'s' * (settings.num_chains > 1)} x "
+            f"{settings.num_samples} draws "
             f"({'batched kernel, chains in one computation' if batched else 'Pyro NUTS'}); "
             f"{diag['divergences']} divergences{why}" + _note("mcmc", x)
         ),

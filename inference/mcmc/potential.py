@@ -22,7 +22,7 @@ from pyro import poutine
 from torch.distributions import biject_to
 
 from elbolab.inference.tracing import site_is_plate
-from elbolab.models.capabilities import FlatPotential
+from elbolab.models.capabilities import FlatPotential, flat_point
 
 CHAINS = "_nuts_chains"
 
@@ -47,6 +47,12 @@ def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
         layout.append((name, t, tuple(s["value"].shape), tuple(u.shape), batch, offset))
         offset += u.numel()
     like = sites[0][1]["value"]
+    # every site's log-density shape without the chains, its plates' dims padded to ``nest``
+    base = {}
+    for k, site in tr.nodes.items():
+        if site["type"] == "sample" and not site_is_plate(site):
+            shape = tuple(_log_prob(site).shape)
+            base[k] = (1,) * (nest - len(shape)) + shape
 
     def values(q):
         """Site name -> (constrained value shaped for the chain plate, log |det J| (C,))."""
@@ -70,15 +76,15 @@ def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
         for s in t.nodes.values():
             if s["type"] != "sample" or site_is_plate(s):
                 continue
-            lp = s["fn"].log_prob(s["value"])
-            if s["scale"] is not None:
-                lp = lp * s["scale"]
-            if s["mask"] is not None and s["mask"] is not True:
-                lp = torch.where(torch.as_tensor(s["mask"]), lp, torch.zeros_like(lp))
-            if lp.dim() > nest and lp.shape[-(nest + 1)] == C:
-                lp = lp.movedim(-(nest + 1), 0).reshape(C, -1).sum(1)
-            else:  # no latent value reaches it: the same for every chain
-                lp = lp.sum().expand(C)
+            lp = _log_prob(s)
+            lp = lp.reshape((1,) * (nest + 1 - lp.dim()) + tuple(lp.shape))
+            if lp.dim() > nest + 1 or lp.shape[0] not in (1, C) or (
+                    tuple(lp.shape[1:]) != base.get(s["name"], tuple(lp.shape[1:]))):
+                raise ValueError(  # the chains broadcast into another dim: they would mix
+                    f"site {s['name']!r} has log-density shape {tuple(lp.shape)} under {C} "
+                    f"chains, not {(C, *base.get(s['name'], ()))}: the model moves the chains' "
+                    "batch dim (e.g. unsqueeze or indexing from the left)")
+            lp = lp.reshape(lp.shape[0], -1).sum(1).expand(C)  # (1, ...): the same for every chain
             total = total + lp
         return total
 
@@ -99,12 +105,25 @@ def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
         u = torch.rand(chains, offset, generator=generator, dtype=torch.float64)
         return (4 * u - 2).to(like)
 
+    def from_sites(given: dict):
+        return flat_point(given, {name: ushape for name, _, _, ushape, *_ in layout}, like)
+
     try:  # the outer plate must go through the model: say why not before any step
         potential(init(2, torch.Generator().manual_seed(0)))
     except (ValueError, RuntimeError, IndexError) as e:
         raise ValueError(f"kernel: 'batched' needs the model to take an outer plate of chains; "
                          f"it failed ({str(e).splitlines()[0][:200]}); use kernel='pyro'") from e
-    return FlatPotential(offset, potential, to_sites, init)
+    return FlatPotential(offset, potential, to_sites, init, from_sites)
+
+
+def _log_prob(site) -> torch.Tensor:
+    """A site's log-density with its scale and mask applied."""
+    lp = site["fn"].log_prob(site["value"])
+    if site["scale"] is not None:
+        lp = lp * site["scale"]
+    if site["mask"] is not None and site["mask"] is not True:
+        lp = torch.where(torch.as_tensor(site["mask"]), lp, torch.zeros_like(lp))
+    return lp
 
 
 __all__ = ["CHAINS", "trace_potential"]

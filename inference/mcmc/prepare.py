@@ -67,6 +67,16 @@ def prepared(model, x, fix_params, family, loaded: list):
         if s["type"] == "sample" and not s["is_observed"] and not site_is_plate(s)
     }
     discrete = [k for k, s in latent.items() if s["fn"].has_enumerate_support]
+    countless = [f"{k!r} ({type(s['fn']).__name__})" for k, s in latent.items()
+                 if not s["fn"].has_enumerate_support
+                 and s["fn"].support.is_discrete]  # Poisson, Geometric, ...
+    if countless:
+        raise ValueError(
+            f"model: latent site{'s' * (len(countless) > 1)} {', '.join(countless)} "
+            f"{'are' if len(countless) > 1 else 'is'} discrete with unbounded support: NUTS "
+            "samples continuous sites and sums out only discrete ones with finite support "
+            "(Bernoulli, Categorical); observe it, bound it (e.g. a Categorical over 0..N), or "
+            "fit it with SVI")
     if len(discrete) == len(latent):
         raise ValueError(
             f"model: the {family.name} model has no continuous latent site for NUTS to sample "

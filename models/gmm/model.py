@@ -47,7 +47,7 @@ import torch
 from pyro.ops.indexing import Vindex
 
 from elbolab.models.base import ModelFamily
-from elbolab.models.capabilities import Evidence, FlatPotential, Moments
+from elbolab.models.capabilities import Evidence, FlatPotential, Moments, flat_point
 from elbolab.models.gmm import evidence as gmm_evidence
 from elbolab.models.gmm.evidence import MAX_ASSIGNMENTS
 from elbolab.models.gmm.fit import GMMCavi, GMMMap
@@ -332,7 +332,7 @@ class BayesianGMM(ModelFamily):
             return (4 * u - 2).to(x)
 
         return FlatPotential(K * d, potential, lambda q: {"mu": q.reshape(*q.shape[:-1], K, d)},
-                             init)
+                             init, lambda given: flat_point(given, {"mu": (K, d)}, x))
 
     def mcmc_init(self, x: torch.Tensor) -> None:
         """No special start: Pyro's default initialization."""
