@@ -120,6 +120,26 @@ def test_batched_runs_are_reproducible():
     assert f32.samples["mu"].dtype == torch.float32  # the state, draws and output in float32
 
 
+def test_the_gpu_path_of_a_fit_runs_with_torch_state(monkeypatch):
+    """What a GPU runs (the chains' state kept in torch, not NumPy), here on the CPU through the
+    whole fit: draws, divergences and summaries come back as from the NumPy path, and agree
+    with it within 4 MCSE."""
+    from elbolab.inference.mcmc import nuts
+
+    fam = BayesianGMM(2, 10.0)
+    x, _ = fam.simulate(40, seed=1)
+    kw = dict(seed=0, warmup=150, num_samples=300, num_chains=2)
+    host = inference.fit("mcmc", fam, x, **kw)
+    monkeypatch.setattr(nuts, "host_state", lambda q0: q0)  # keep torch, as on a GPU
+    dev = inference.fit("mcmc", fam, x, **kw)
+    assert "batched kernel" in dev.message and dev.samples["mu"].dtype == torch.float64
+    assert dev.sample_stats["diverging"].shape == (2, 300)
+    a, b = (sorted_means(f.samples["mu"]).numpy()[..., 0] for f in (host, dev))
+    assert not np.array_equal(a, b)  # another generator: other draws
+    tol = 4 * np.sqrt(arviz_io.mcse_mean(a) ** 2 + arviz_io.mcse_mean(b) ** 2)
+    assert (np.abs(a.reshape(-1, 2).mean(0) - b.reshape(-1, 2).mean(0)) < tol).all()
+
+
 @pytest.mark.cuda
 def test_batched_chains_on_cuda():
     if not torch.cuda.is_available():
