@@ -270,7 +270,11 @@ def flat_point(given: dict, shapes: dict, like: torch.Tensor) -> torch.Tensor:
                          f"{missing}, unknown {unknown}")
     parts = []
     for name, shape in shapes.items():
-        v = torch.as_tensor(given[name]).to(like)
+        try:
+            v = torch.as_tensor(given[name]).to(like)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"init_params: {name!r} must be a tensor or array of numbers, got "
+                             f"{type(given[name]).__name__}") from exc
         if tuple(v.shape) != tuple(shape):
             raise ValueError(f"init_params: {name!r} must be shaped {tuple(shape)} (unconstrained), "
                              f"got {tuple(v.shape)}")

@@ -216,8 +216,10 @@ def test_a_program_under_the_batched_kernel_starts_at_init_params():
 
 def test_a_program_that_would_mix_the_chains_is_refused_before_any_step():
     """``w.unsqueeze(-2)`` moves the chains' dim: the likelihood comes out (C, C, n), summing
-    over other chains' values (a wrong posterior, R-hat in the millions) unless refused; the
-    same model written as Pyro's batching asks runs and matches the closed form."""
+    over other chains' values (a wrong posterior, R-hat in the millions) unless refused; a
+    ``.sum()`` of the whole likelihood keeps every shape and adds the chains together (found by
+    computing the chains together and alone); the model written as Pyro's batching asks runs
+    and matches the closed form."""
     def unsqueezed(X, y=None):
         w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 2.0).to_event(1))
         b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=X.dtype), 2.0))
@@ -230,13 +232,21 @@ def test_a_program_that_would_mix_the_chains_is_refused_before_any_step():
         with pyro.plate("data", X.shape[0]):
             pyro.sample("y", dist.Normal((X * w).sum(-1) + b, 0.5), obs=y)
 
+    def summed(X, y=None):  # every shape right, but .sum() adds the chains' likelihoods
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 2.0).to_event(1))
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=X.dtype), 2.0))
+        pyro.factor("ll", dist.Normal((X * w).sum(-1) + b, 0.5).log_prob(y).sum())
+
     g = torch.Generator().manual_seed(0)
     X = torch.randn(60, 3, generator=g, dtype=torch.float64)
     y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 \
         + 0.5 * torch.randn(60, generator=g, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"site 'y' has log-density shape \(2, 2, 60\) under 2 "
-                                         r"chains, not \(2, 60\).*kernel='pyro'"):
+    with pytest.raises(ValueError, match=r"site 'y' has log-density shape \(3, 3, 60\) under 3 "
+                                         r"chains, not \(3, 60\).*kernel='pyro'"):
         inference.fit("mcmc", unsqueezed, {"X": X, "y": y}, kernel="batched", num_chains=2)
+    with pytest.raises(ValueError, match=r"computed together, .* is not each chain's alone.*"
+                                         r"reduces over the chains' dim.*kernel='pyro'"):
+        inference.fit("mcmc", summed, {"X": X, "y": y}, kernel="batched", num_chains=2)
     fit = inference.fit("mcmc", batched, {"X": X, "y": y}, kernel="batched", num_chains=2,
                         seed=0, warmup=200, num_samples=300)
     A = torch.cat([X, torch.ones(60, 1, dtype=X.dtype)], 1)  # conjugate: prior sd 2, noise 0.5
@@ -245,3 +255,22 @@ def test_a_program_that_would_mix_the_chains_is_refused_before_any_step():
     sd = torch.linalg.inv(prec).diagonal().sqrt()
     b = fit.samples["b"].numpy()
     assert abs(b.mean() - float(mean[3])) < 4 * float(sd[3]) / math.sqrt(arviz_io.ess(b))
+
+
+def test_a_scale_that_underflows_on_a_wild_leapfrog_is_a_divergence_not_an_error():
+    """A positive scale through exp: early leapfrogs with a large step reach exp(u) = 0, which
+    Pyro's argument checks would raise on mid-run; sampling treats it as a divergence and the
+    posterior of the mean matches the conjugate one given the scale's spread."""
+    def model(y):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=y.dtype)))
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    y = 1.5 + 0.3 * torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pyro.validation_enabled(True):
+        fit = inference.fit("mcmc", model, y, kernel="batched", num_chains=2, seed=0,
+                            warmup=200, num_samples=300)
+    mu = fit.samples["mu"].numpy()
+    se = float(y.std()) / math.sqrt(len(y))  # the posterior sd of mu, about
+    assert abs(mu.mean() - float(y.mean())) < 4 * se

@@ -63,3 +63,28 @@ def test_a_discrete_latent_with_unbounded_support_is_named_before_any_work():
     with pytest.raises(ValueError, match=r"latent site 'k' \(Poisson\) is discrete with "
                                          "unbounded support"):
         inference.fit("mcmc", counts, torch.randn(10), num_samples=10, warmup=10)
+
+
+def test_init_params_for_pyros_kernel_are_checked_against_the_programs_sites():
+    """Pyro's NUTS would take eta shaped (2, 8) and sample a different model, and meet a missing
+    site with a KeyError mid-run: each is an error naming the site, before any work; plain
+    numbers are taken as tensors of the site's dtype."""
+    def eight(J, sigma, y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("J", J):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+    data = {"J": 8, "sigma": torch.full((8,), 10.0), "y": torch.arange(8.0)}
+    kw = dict(num_samples=5, warmup=5, num_chains=1, kernel="pyro")
+    bad = [({"mu": 0.0, "tau": 0.0, "eta": torch.zeros(2, 8)}, r"'eta' must be shaped \(8,\)"),
+           ({"mu": 0.0}, r"missing \['eta', 'tau'\]"),
+           ({"mu": None, "tau": 0.0, "eta": torch.zeros(8)}, "'mu' must be a tensor"),
+           ({"mu": 0.0, "tau": math.nan, "eta": torch.zeros(8)}, "'tau' has NaN")]
+    for given, match in bad:
+        with pytest.raises(ValueError, match="init_params: .*" + match):
+            inference.fit("mcmc", eight, data, init_params=given, **kw)
+    fit = inference.fit("mcmc", eight, data, init_params={"mu": 0.0, "tau": 0.0,
+                                                          "eta": torch.zeros(8)}, **kw)
+    assert fit.samples["eta"].shape == (1, 5, 8) and fit.samples["eta"].dtype == torch.float32

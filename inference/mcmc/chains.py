@@ -79,9 +79,10 @@ def run_chains(model, args, kwargs, settings, seed: int, init_params, max_plate_
     except BrokenProcessPool as exc:
         raise RuntimeError(
             "chain_method: 'parallel': a worker process died before returning its chain. The "
-            "workers are spawned and import your script again: a script must start its work "
-            "under `if __name__ == \"__main__\":` (and the machine needs memory for one "
-            "process per chain); or use chain_method='sequential'") from exc
+            "workers are spawned and import your script again, so the script must start its "
+            "work under `if __name__ == \"__main__\":` while the model is defined outside "
+            "that block, at module level, where an import finds it (and the machine needs "
+            "memory for one process per chain); or use chain_method='sequential'") from exc
 
 
 def _warned(out):

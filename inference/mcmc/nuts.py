@@ -254,13 +254,15 @@ def fit(
     family = copy.deepcopy(as_family(family))  # a plain Pyro program works called directly too
     x = family.check_data(x)
     model = family.mcmc_model if isinstance(family, McmcModel) else family.model
+    given = init_params  # a user's start is checked against the model's sites before any work
     if init_params is None and isinstance(family, McmcModel):
         init_params = family.mcmc_init(x)
     loaded: list = []  # (module parameter, its own value): handed back at the end
     try:
         with isolated(seed), one_thread(x), Timer(x.device) as timer:
             batched = _use_batched(family, settings, fix_params)
-            model, discrete = prepared(model, x, fix_params, family, loaded)
+            model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
+            init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
             run = run_batched(_flat(family, model, x), settings, seed, init_params) if batched else run_nuts(
                 model,

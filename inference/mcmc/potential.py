@@ -82,14 +82,17 @@ def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
                     tuple(lp.shape[1:]) != base.get(s["name"], tuple(lp.shape[1:]))):
                 raise ValueError(  # the chains broadcast into another dim: they would mix
                     f"site {s['name']!r} has log-density shape {tuple(lp.shape)} under {C} "
-                    f"chains, not {(C, *base.get(s['name'], ()))}: the model moves the chains' "
-                    "batch dim (e.g. unsqueeze or indexing from the left)")
+                    f"chains, not {(C, *base.get(s['name'], ()))} (each latent gets the chains "
+                    "left of its plates, as in Pyro's vectorized particles: e.g. `X @ w`, "
+                    "`w.unsqueeze(-2)` or indexing from the left breaks that)")
             lp = lp.reshape(lp.shape[0], -1).sum(1).expand(C)  # (1, ...): the same for every chain
             total = total + lp
         return total
 
     def potential(q):
-        with torch.enable_grad():
+        # no argument checks while sampling: a scale that underflows to 0 on a wild leapfrog
+        # gives an infinite potential (a divergence, as in Pyro's NUTS), not an exception
+        with torch.enable_grad(), pyro.validation_enabled(False):
             q = q.detach().requires_grad_(True)
             lp = log_density(q)
             (g,) = torch.autograd.grad(lp.sum(), q)
@@ -108,12 +111,29 @@ def trace_potential(model, x, max_plate_nesting: int) -> FlatPotential:
     def from_sites(given: dict):
         return flat_point(given, {name: ushape for name, _, _, ushape, *_ in layout}, like)
 
-    try:  # the outer plate must go through the model: say why not before any step
-        potential(init(2, torch.Generator().manual_seed(0)))
+    try:  # the chains must go through the model, each on its own: say why not before any step
+        _check_chains_apart(log_density, init(3, torch.Generator().manual_seed(0)))
     except (ValueError, RuntimeError, IndexError) as e:
-        raise ValueError(f"kernel: 'batched' needs the model to take an outer plate of chains; "
-                         f"it failed ({str(e).splitlines()[0][:200]}); use kernel='pyro'") from e
+        raise ValueError(f"kernel: 'batched' needs the model to take the chains as a batch dim "
+                         f"left of its plates, each chain on its own; "
+                         f"{str(e).splitlines()[0][:300]}; use kernel='pyro'") from e
     return FlatPotential(offset, potential, to_sites, init, from_sites)
+
+
+def _check_chains_apart(log_density, q: torch.Tensor) -> None:
+    """log p of C chains computed together must be each chain's computed alone: a model that
+    reduces over the chains' dim (a ``.sum()`` or ``.mean()`` of everything, ``cumsum(0)``,
+    ``softmax(a, 0)``) keeps every shape right and mixes the chains."""
+    with torch.no_grad():
+        together = log_density(q)
+        alone = torch.cat([log_density(q[c:c + 1]) for c in range(q.shape[0])])
+    tol = (1e-3 if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8)
+    if not torch.allclose(together, alone, rtol=tol, atol=tol * float(alone.abs().max())):
+        raise ValueError(
+            f"the log density of {q.shape[0]} chains computed together, "
+            f"{[round(float(v), 4) for v in together]}, is not each chain's alone, "
+            f"{[round(float(v), 4) for v in alone]}: the model reduces over the chains' dim "
+            "(e.g. a .sum() or .mean() of a whole tensor, cumsum(0), softmax(a, 0))")
 
 
 def _log_prob(site) -> torch.Tensor:

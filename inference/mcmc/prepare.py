@@ -11,14 +11,18 @@ import torch
 from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
+from torch.distributions import biject_to
 
 from elbolab.inference.result import FitResult
 from elbolab.inference.tracing import site_is_plate
+from elbolab.models.capabilities import flat_point
 
 
-def prepared(model, x, fix_params, family, loaded: list):
-    """The model with its ``pyro.param``s fixed (or an error naming them), and its discrete latent
-    sites; an error if nothing continuous is left to sample, or if an observed site holds NaN/inf.
+def prepared(model, x, fix_params, family, loaded: list, init_params: dict | None = None):
+    """The model with its ``pyro.param``s fixed (or an error naming them), its discrete latent
+    sites and ``init_params`` as tensors of the sites' dtype and device; an error if nothing
+    continuous is left to sample, if an observed site holds NaN/inf, or if ``init_params``
+    misses, adds or misshapes a continuous latent site.
 
     Parameters of networks (``pyro.module`` or ``PyroModule``) compute with the module's own
     tensors whatever ``pyro.param`` returns, so their fixed values are copied into the module's
@@ -82,7 +86,12 @@ def prepared(model, x, fix_params, family, loaded: list):
             f"model: the {family.name} model has no continuous latent site for NUTS to sample "
             f"(latent sites: {sorted(latent) or 'none'})"
         )
-    return model, discrete
+    if init_params is not None:  # every continuous site, unconstrained, in its own shape
+        shapes = {k: tuple(biject_to(s["fn"].support).inv(s["value"]).shape)
+                  for k, s in latent.items() if k not in discrete}
+        flat_point(init_params, shapes, torch.empty(0, dtype=torch.float64))
+        init_params = {k: torch.as_tensor(v).to(latent[k]["value"]) for k, v in init_params.items()}
+    return model, discrete, init_params
 
 
 class _ParamInits(Messenger):
