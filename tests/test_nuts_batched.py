@@ -258,9 +258,12 @@ def test_a_program_that_would_mix_the_chains_is_refused_before_any_step():
 
 
 def test_a_scale_that_underflows_on_a_wild_leapfrog_is_a_divergence_not_an_error():
-    """A positive scale through exp: early leapfrogs with a large step reach exp(u) = 0, which
-    Pyro's argument checks would raise on mid-run; sampling treats it as a divergence and the
-    posterior of the mean matches the conjugate one given the scale's spread."""
+    """A positive scale through exp: a leapfrog with a large early step reaches exp(u) = 0,
+    which Pyro's argument checks raise on mid-run; the potential read from the trace gives
+    +inf or nan there (a divergence to the sampler), with the caller's checks on, and a fit
+    runs to the conjugate answer."""
+    from elbolab.inference.mcmc.potential import trace_potential
+
     def model(y):
         sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=y.dtype)))
         mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
@@ -269,6 +272,9 @@ def test_a_scale_that_underflows_on_a_wild_leapfrog_is_a_divergence_not_an_error
 
     y = 1.5 + 0.3 * torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with pyro.validation_enabled(True):
+        flat = trace_potential(model, y, 1)
+        U, _ = flat.potential(torch.tensor([[-1000.0, 1.0], [0.0, 1.0]], dtype=torch.float64))
+        assert not math.isfinite(float(U[0])) and math.isfinite(float(U[1]))
         fit = inference.fit("mcmc", model, y, kernel="batched", num_chains=2, seed=0,
                             warmup=200, num_samples=300)
     mu = fit.samples["mu"].numpy()
