@@ -293,10 +293,23 @@ class BatchedPotential(Protocol):
     def batched_potential(self, x: torch.Tensor) -> FlatPotential: ...
 
 
+@runtime_checkable
+class CompiledPotential(Protocol):
+    """The potential of :meth:`BatchedPotential.batched_potential` compiled with Numba, for the
+    compiled NUTS kernel (:mod:`elbolab.inference.mcmc.compiled`, CPU): ``(fn, data)`` with
+    ``fn(q, data, grad) -> U`` an ``@njit`` function of one point q (D,) float64 that writes
+    grad U into ``grad`` (D,), and ``data`` a tuple of float64 arrays and numbers. It must be the
+    same U, to rounding, as the batched potential."""
+
+    def batched_potential(self, x: torch.Tensor) -> FlatPotential: ...
+
+    def compiled_potential(self, x: torch.Tensor) -> tuple: ...
+
+
 CAPABILITIES = (
     PyroFamily, Simulator, ExactEvidence, PointwiseEvidence, LocalDensities, ExactLocalPosterior,
     ExactInvariantPosterior, ClosedFormEM, ClosedFormCAVI, McmcModel, PosteriorInvariants,
-    PointwiseLogLikelihood, ExactImputation, BatchedPotential,
+    PointwiseLogLikelihood, ExactImputation, BatchedPotential, CompiledPotential,
 )
 
 

@@ -16,7 +16,7 @@ from elbolab import inference
 from elbolab.inference import arviz_io
 from elbolab.inference.mcmc import adapt
 from elbolab.inference.mcmc.arrays import Random, host_state, on_host
-from elbolab.models.capabilities import BatchedPotential
+from elbolab.models.capabilities import BatchedPotential, CompiledPotential
 from elbolab.models.gmm import BayesianGMM, sorted_means
 
 
@@ -70,16 +70,17 @@ def test_the_gmm_batched_potential_is_the_models_own_density():
     assert torch.allclose(grad, -g, atol=1e-9)
 
 
-def test_batched_and_pyro_nuts_agree_with_the_exact_gmm_posterior():
-    """Sorted means: both kernels within 4 combined MCSE of the exact posterior moments (the
+def test_every_kernel_agrees_with_the_exact_gmm_posterior():
+    """Sorted means: the compiled, batched and Pyro kernels each within 4 combined MCSE of the exact posterior moments (the
     mixture over all K^n assignments, Monte Carlo error of 20000 exact draws included)."""
     fam = BayesianGMM(2, 10.0)
     x, _ = fam.simulate(12, seed=3)
     exact = fam.exact_invariant_moments(x, num_samples=20000, seed=0)["mu_sorted"]
-    for kernel in ("batched", "pyro"):
+    for kernel in ("compiled", "batched", "pyro"):
         fit = inference.fit("mcmc", fam, x, seed=0, warmup=300, num_samples=400, num_chains=2,
                             kernel=kernel)
         assert ("batched kernel" in fit.message) == (kernel == "batched")
+        assert ("compiled kernel" in fit.message) == (kernel == "compiled")
         mu = sorted_means(fit.samples["mu"]).numpy()[..., 0]  # (chain, draw, K)
         mcse = arviz_io.mcse_mean(mu)
         err = np.abs(mu.reshape(-1, 2).mean(0) - exact.mean[:, 0].numpy())
@@ -92,7 +93,11 @@ def test_the_kernel_is_chosen_from_declared_capabilities():
     x, _ = fam.simulate(20, seed=0)
     assert isinstance(fam, BatchedPotential)
     auto = inference.fit("mcmc", fam, x, seed=0, warmup=20, num_samples=20, num_chains=2)
-    assert "batched kernel" in auto.message and auto.settings["kernel"] == "auto"
+    assert isinstance(fam, CompiledPotential)  # and the data are on the CPU
+    assert "compiled kernel" in auto.message and auto.settings["kernel"] == "auto"
+    batched = inference.fit("mcmc", fam, x, seed=0, warmup=20, num_samples=20, num_chains=2,
+                            kernel="batched")
+    assert "batched kernel" in batched.message
 
     def program(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
@@ -105,8 +110,14 @@ def test_the_kernel_is_chosen_from_declared_capabilities():
     forced = inference.fit("mcmc", program, torch.randn(10), seed=0, warmup=20, num_samples=20,
                            num_chains=2, kernel="batched")  # asked for: read from the trace
     assert "batched kernel" in forced.message
+    with pytest.raises(ValueError, match="kernel: 'compiled' needs a family declaring "
+                                         "CompiledPotential"):
+        inference.fit("mcmc", program, torch.randn(10), kernel="compiled")
     with pytest.raises(ValueError, match="kernel: must be one of"):
         inference.fit("mcmc", fam, x, kernel="fast")
+    with pytest.raises(ValueError, match="chain_method: 'parallel' is for Pyro's kernel; "
+                                         "kernel='compiled'"):
+        inference.fit("mcmc", fam, x, kernel="compiled", chain_method="parallel")
 
 
 def test_batched_runs_are_reproducible():
@@ -128,7 +139,7 @@ def test_the_gpu_path_of_a_fit_runs_with_torch_state(monkeypatch):
 
     fam = BayesianGMM(2, 10.0)
     x, _ = fam.simulate(40, seed=1)
-    kw = dict(seed=0, warmup=150, num_samples=300, num_chains=2)
+    kw = dict(seed=0, warmup=150, num_samples=300, num_chains=2, kernel="batched")
     host = inference.fit("mcmc", fam, x, **kw)
     monkeypatch.setattr(nuts, "host_state", lambda q0: q0)  # keep torch, as on a GPU
     dev = inference.fit("mcmc", fam, x, **kw)
@@ -182,16 +193,19 @@ def test_both_kernels_agree_with_the_exact_posterior_of_a_plain_program():
         assert abs(med - 1.0) < 0.25, (kernel, med)  # the median of 1000 draws: se ~ 0.08
 
 
-def test_batched_chains_start_where_init_params_says():
-    """Every chain starts at the given point: with no warm-up and one draw of a tiny step size
-    (target acceptance near 1), the draws stay next to it; bad starts are errors naming the site."""
+@pytest.mark.parametrize("kernel", ["compiled", "batched"])
+def test_batched_chains_start_where_init_params_says(kernel):
+    """Every chain starts at the given point: started at the sorted true means (-6.9, -0.9, 4.9:
+    near the posterior mode, where the gradient is small), one draw of one leapfrog (no warm-up,
+    Hoffman & Gelman's step size, here <= 0.25) stays next to them, out of reach of the default
+    start (uniform in (-2, 2)); bad starts are errors naming the site."""
     fam = BayesianGMM(3, 10.0)
-    x, _ = fam.simulate(200, seed=0)
-    start = torch.tensor([[-4.0], [0.5], [6.0]], dtype=torch.float64)
+    x, truth = fam.simulate(200, seed=0)
+    start = truth["mu"].sort(0).values.double()
     fit = inference.fit("mcmc", fam, x, seed=0, warmup=0, num_samples=1, num_chains=3,
-                        init_params={"mu": start}, max_tree_depth=1)
-    assert "batched kernel" in fit.message
-    assert (fit.samples["mu"] - start).abs().max() < 1.5  # one leapfrog of step <= 1 from there
+                        init_params={"mu": start}, max_tree_depth=1, kernel=kernel)
+    assert f"{kernel} kernel" in fit.message
+    assert (fit.samples["mu"] - start).abs().max() < 1.0
     with pytest.raises(ValueError, match=r"init_params: 'mu' must be shaped \(3, 1\)"):
         inference.fit("mcmc", fam, x, init_params={"mu": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"init_params: the latent sites are \['mu'\]; missing "

@@ -110,17 +110,21 @@ def reasonable_step_size(z, inv_mass, potential, rng: Random, D: int) -> Array:
 
 
 def run(potential, q0: Array, *, warmup: int, num_samples: int, target_accept: float,
-        max_depth: int, rng: Random, on_step=None) -> Draws:
+        max_depth: int, rng: Random, on_step=None, step=transition) -> Draws:
     """Warm up from ``q0`` (C, D), then draw ``num_samples`` per chain; ``potential`` and
-    ``rng`` in the library of ``q0``."""
+    ``rng`` in the library of ``q0``. ``step``: one NUTS transition of all chains, with the
+    signature of :func:`elbolab.inference.mcmc.batched.transition` (the compiled one:
+    :class:`elbolab.inference.mcmc.compiled.Compiled`)."""
     xp = namespace(q0)
+    args = (xp, potential, q0, warmup, num_samples, target_accept, max_depth, rng, on_step, step)
     if xp is not np:
-        return _run(xp, potential, q0, warmup, num_samples, target_accept, max_depth, rng, on_step)
+        return _run(*args)
     with np.errstate(all="ignore"):  # a divergence's inf and nan are handled where they arise
-        return _run(xp, potential, q0, warmup, num_samples, target_accept, max_depth, rng, on_step)
+        return _run(*args)
 
 
-def _run(xp, potential, q0, warmup, num_samples, target_accept, max_depth, rng, on_step) -> Draws:
+def _run(xp, potential, q0, warmup, num_samples, target_accept, max_depth, rng, on_step,
+         transition) -> Draws:
     C, D = q0.shape
     U, g = potential(q0)
     z = pack(q0, xp.zeros_like(q0), g, U)

@@ -42,6 +42,7 @@ from elbolab.inference.runtime import (
 from elbolab.inference.tracing import to_numpy
 from elbolab.models.capabilities import (
     BatchedPotential,
+    CompiledPotential,
     McmcModel,
     PointwiseLogLikelihood,
     PosteriorInvariants,
@@ -49,8 +50,10 @@ from elbolab.models.capabilities import (
 from elbolab.models.program import as_family
 from elbolab.models.validate import boolean, choice, integer, positive, probability
 
-KERNELS = ("auto", "batched", "pyro")
+KERNELS = ("auto", "compiled", "batched", "pyro")
 CHAIN_METHODS = ("auto", "sequential", "parallel")
+KERNEL_NOTES = {"compiled": "compiled kernel, each trajectory in machine code",
+                "batched": "batched kernel, chains in one computation", "pyro": "Pyro NUTS"}
 
 
 @dataclass
@@ -61,8 +64,10 @@ class Settings:
     target_accept: float = 0.8
     max_tree_depth: int = 8
     jit: bool = True  # compiled potential: ~3x faster here
-    #: "auto": the batched kernel (all chains in one computation, :mod:`.batched`) for a family
-    #: declaring BatchedPotential, else Pyro's NUTS chain by chain; "batched" / "pyro" force one
+    #: "auto": for a family declaring CompiledPotential with data on the CPU, the compiled kernel
+    #: (the whole trajectory in machine code, :mod:`.compiled`); else for one declaring
+    #: BatchedPotential the batched kernel (all chains in one computation, :mod:`.batched`);
+    #: else Pyro's NUTS chain by chain. "compiled" / "batched" / "pyro" force one
     kernel: str = "auto"
     #: how Pyro's kernel runs several chains: "sequential" (one after another, in this process;
     #: what "auto" means) or "parallel" (one worker process each, spawned: the model must pickle,
@@ -88,9 +93,9 @@ class Settings:
         boolean(self.jit, "jit")
         choice(self.kernel, "kernel", KERNELS)
         choice(self.chain_method, "chain_method", CHAIN_METHODS)
-        if self.kernel == "batched" and self.chain_method != "auto":
+        if self.kernel in ("batched", "compiled") and self.chain_method != "auto":
             raise ValueError(f"chain_method: {self.chain_method!r} is for Pyro's kernel; "
-                             "kernel='batched' runs the chains in one computation")
+                             f"kernel={self.kernel!r} runs the chains itself")
         if self.progress is not None:
             boolean(self.progress, "progress")
 
@@ -124,11 +129,14 @@ def run_nuts(
     return NutsRun(samples, [len(idx) for _, idx, _ in out], diverging)
 
 
-def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = None) -> NutsRun:
-    """All chains in one computation (:mod:`elbolab.inference.mcmc.batched`, Stan's adaptation
-    in :mod:`elbolab.inference.mcmc.adapt`) on a family's :class:`FlatPotential`; the chains'
-    state in NumPy on the CPU, on the device in torch on a GPU (:mod:`.arrays`). Every chain
-    starts at ``init_params`` (site -> unconstrained value) when given, as Pyro's kernel does."""
+def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = None,
+                compiled: tuple | None = None) -> NutsRun:
+    """All chains under one adaptation loop (Stan's, :mod:`elbolab.inference.mcmc.adapt`) on a
+    family's :class:`FlatPotential`: in one computation (:mod:`elbolab.inference.mcmc.batched`;
+    the chains' state in NumPy on the CPU, on the device in torch on a GPU, :mod:`.arrays`), or,
+    given ``compiled`` (a family's ``compiled_potential``), each trajectory in machine code
+    (:mod:`elbolab.inference.mcmc.compiled`, float64 on the CPU). Every chain starts at
+    ``init_params`` (site -> unconstrained value) when given, as Pyro's kernel does."""
     q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
     if init_params is not None:
         if flat.from_sites is None:
@@ -136,14 +144,22 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
                              "values; use kernel='pyro'")
         q0 = flat.from_sites(init_params).to(q0).expand_as(q0).clone()
     state = host_state(q0)
-    potential = flat.potential if state is q0 else on_host(flat.potential)
+    if compiled is not None:
+        from elbolab.inference.mcmc.compiled import Compiled
+
+        state = state.astype(np.float64)
+        potential = Compiled(*compiled)  # (fn, x, params)
+        step = potential.transition
+    else:
+        potential = flat.potential if state is q0 else on_host(flat.potential)
+        step = adapt.transition
     total = settings.warmup + settings.num_samples
     with tqdm(total=total, desc="nuts (batched)", disable=not show_progress(settings.progress),
               leave=False, file=sys.stderr) as bar:
         draws = adapt.run(potential, state, warmup=settings.warmup,
                           num_samples=settings.num_samples, target_accept=settings.target_accept,
                           max_depth=settings.max_tree_depth, rng=Random(seed, state),
-                          on_step=bar.update)
+                          on_step=bar.update, step=step)
     q = torch.as_tensor(draws.q).to(q0)
     diverging = torch.as_tensor(draws.diverging).cpu()
     return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging)
@@ -156,18 +172,33 @@ def _flat(family, model, x):
     return trace_potential(model, x, family.max_plate_nesting)
 
 
-def _use_batched(family, settings: Settings, fix_params) -> bool:
-    """The batched kernel when the family declares BatchedPotential (``kernel="auto"``), or when
-    asked (``"batched"``: the family's potential, else one read from the model's trace by
-    :func:`elbolab.inference.mcmc.potential.trace_potential`)."""
+def _kernel(family, settings: Settings, fix_params, x) -> str:
+    """Which kernel runs, from declared capabilities (``Settings.kernel``): "compiled" for a
+    family declaring CompiledPotential with data on the CPU, "batched" for one declaring
+    BatchedPotential (or asked for: the potential is then read from the model's trace by
+    :func:`elbolab.inference.mcmc.potential.trace_potential`), else "pyro"."""
     if settings.kernel == "pyro" or settings.chain_method != "auto":
-        return False  # a chain method names Pyro's kernel (Settings.chain_method)
+        return "pyro"  # a chain method names Pyro's kernel (Settings.chain_method)
+    if settings.kernel != "auto" and fix_params is not None:
+        raise ValueError(f"kernel: {settings.kernel!r} takes no fix_params (parameters fixed in "
+                         "the model); use kernel='pyro'")
+    compiled = isinstance(family, CompiledPotential)
+    if settings.kernel == "compiled":
+        if not compiled:
+            raise ValueError(f"kernel: 'compiled' needs a family declaring CompiledPotential (a "
+                             f"Numba potential); {type(family).__name__} declares none: use "
+                             "'batched' or 'pyro'")
+        if x.device.type != "cpu":
+            raise ValueError(f"kernel: 'compiled' runs on the CPU; the data are on {x.device}: "
+                             "use 'batched' (chains on the device)")
+        return "compiled"
     if settings.kernel == "batched":
-        if fix_params is not None:
-            raise ValueError("kernel: 'batched' takes no fix_params (parameters fixed in the "
-                             "model); use kernel='pyro'")
-        return True
-    return isinstance(family, BatchedPotential) and fix_params is None
+        return "batched"
+    if fix_params is not None:
+        return "pyro"
+    if compiled and x.device.type == "cpu":
+        return "compiled"
+    return "batched" if isinstance(family, BatchedPotential) else "pyro"
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -260,11 +291,13 @@ def fit(
     loaded: list = []  # (module parameter, its own value): handed back at the end
     try:
         with isolated(seed), one_thread(x), Timer(x.device) as timer:
-            batched = _use_batched(family, settings, fix_params)
+            kernel = _kernel(family, settings, fix_params, x)
             model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
             init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            run = run_batched(_flat(family, model, x), settings, seed, init_params) if batched else run_nuts(
+            compiled = family.compiled_potential(x) if kernel == "compiled" else None
+            run = run_batched(_flat(family, model, x), settings, seed, init_params,
+                              compiled) if kernel != "pyro" else run_nuts(
                 model,
                 (x,),
                 settings,
@@ -311,7 +344,7 @@ def fit(
         message=(
             f"{settings.num_chains} chain{'s' * (settings.num_chains > 1)} x "
             f"{settings.num_samples} draws "
-            f"({'batched kernel, chains in one computation' if batched else 'Pyro NUTS'}); "
+            f"({KERNEL_NOTES[kernel]}); "
             f"{diag['divergences']} divergences{why}" + _note("mcmc", x)
         ),
         settings={**family.settings(), **vars(settings)},

@@ -334,6 +334,18 @@ class BayesianGMM(ModelFamily):
         return FlatPotential(K * d, potential, lambda q: {"mu": q.reshape(*q.shape[:-1], K, d)},
                              init, lambda given: flat_point(given, {"mu": (K, d)}, x))
 
+    def compiled_potential(self, x: torch.Tensor) -> tuple:
+        """:meth:`batched_potential`'s U compiled (:func:`elbolab.models.gmm.compiled.gmm_potential`,
+        Numba): ``(fn, x transposed, float64 (d, n), (K, s2, const))``."""
+        from elbolab.models.gmm.compiled import gmm_potential
+
+        x = self.check_data(x)
+        n, d, K, s2 = x.shape[0], x.shape[1], self.K, float(self.prior_var)
+        xd = x.detach().to("cpu", torch.float64).numpy().T.copy()
+        const = (-0.5 * float((xd ** 2).sum()) - n * math.log(K) - 0.5 * n * d * LOG_2PI
+                 - 0.5 * K * d * (math.log(s2) + LOG_2PI))
+        return gmm_potential, xd, np.array([K, s2, const])
+
     def mcmc_init(self, x: torch.Tensor) -> None:
         """No special start: Pyro's default initialization."""
         return None
