@@ -12,6 +12,7 @@ MCSE of the mean; k-hat is Pareto-smoothed importance sampling's (Vehtari et al.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,21 @@ def _az():
     import arviz  # imported on first use: it takes about a second
 
     return arviz
+
+
+@contextmanager
+def _numpy_path():
+    """ArviZ 0.23 computes with Numba kernels whenever Numba can be imported (it can: the compiled
+    NUTS kernel needs it), and under NumPy >= 2.4 some of them return 1-element arrays where
+    scalars are meant (``az.mcse(x, method="sd")`` raises TypeError). Every statistic here is
+    computed on ArviZ's NumPy path; the caller's setting (``az.Numba.numba_flag``) is restored."""
+    numba = _az().Numba
+    flag = numba.numba_flag
+    numba.numba_flag = False
+    try:
+        yield
+    finally:
+        numba.numba_flag = flag
 
 
 def version() -> str:
@@ -38,19 +54,29 @@ def _dataset(draws) -> object:
 
 def rhat(draws) -> np.ndarray:
     """Rank-normalized split R-hat of each component of ``draws`` (chain, draw, ...)."""
-    return np.asarray(_az().rhat(_dataset(draws))["v"].values, dtype=np.float64)
+    with _numpy_path():
+        return np.asarray(_az().rhat(_dataset(draws))["v"].values, dtype=np.float64)
 
 
 def ess(draws, method: str = "bulk") -> np.ndarray:
     """Bulk (``method="bulk"``) or tail (``"tail"``) effective sample size of each component."""
     if method not in ("bulk", "tail"):
         raise ValueError(f"method: must be 'bulk' or 'tail', got {method!r}")
-    return np.asarray(_az().ess(_dataset(draws), method=method)["v"].values, dtype=np.float64)
+    with _numpy_path():
+        return np.asarray(_az().ess(_dataset(draws), method=method)["v"].values, dtype=np.float64)
 
 
 def mcse_mean(draws) -> np.ndarray:
     """Monte Carlo standard error of the mean of each component."""
-    return np.asarray(_az().mcse(_dataset(draws), method="mean")["v"].values, dtype=np.float64)
+    with _numpy_path():
+        return np.asarray(_az().mcse(_dataset(draws), method="mean")["v"].values,
+                          dtype=np.float64)
+
+
+def mcse_sd(draws) -> np.ndarray:
+    """Monte Carlo standard error of the standard deviation of each component."""
+    with _numpy_path():
+        return np.asarray(_az().mcse(_dataset(draws), method="sd")["v"].values, dtype=np.float64)
 
 
 def chain_statistics(draws) -> dict[str, np.ndarray]:
@@ -63,7 +89,8 @@ def chain_statistics(draws) -> dict[str, np.ndarray]:
 def pareto_khat(log_weights) -> np.ndarray:
     """PSIS k-hat of each row of ``log_weights`` (rows, draws), with relative efficiency 1."""
     lw = np.asarray(log_weights, dtype=np.float64)
-    return np.asarray(_az().psislw(lw, reff=1.0)[1], dtype=np.float64)
+    with _numpy_path():
+        return np.asarray(_az().psislw(lw, reff=1.0)[1], dtype=np.float64)
 
 
 def inference_data(posterior: dict, log_likelihood: dict | None = None,

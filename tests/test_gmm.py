@@ -340,7 +340,7 @@ def test_capabilities_declared():
     assert set(fam.capabilities()) == {
         "PyroFamily", "Simulator", "ExactEvidence", "ExactInvariantPosterior", "ClosedFormEM",
         "ClosedFormCAVI", "McmcModel", "PosteriorInvariants", "PointwiseLogLikelihood",
-        "BatchedPotential",
+        "BatchedPotential", "CompiledPotential",
     }
     # mu is global: log p(x) does not split into per-point terms
     assert not isinstance(fam, PointwiseEvidence)
