@@ -43,8 +43,10 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy, torch and Pyro; return a CPU generator for explicit draws."""
     seed = validate_seed(seed)
     random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeding the legacy global generator is the point
-    pyro.set_rng_seed(seed)
+    # NumPy's legacy generator takes 32-bit seeds: a larger one as its two 32-bit halves (Pyro's
+    # set_rng_seed, which this does the work of, refuses seeds >= 2**32)
+    np.random.seed(seed if seed < 2**32 else [seed % 2**32, seed >> 32])  # noqa: NPY002
+    torch.manual_seed(seed)  # the CPU's and every CUDA device's
     return torch.Generator().manual_seed(seed)
 
 

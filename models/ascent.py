@@ -30,8 +30,8 @@ class AscentSettings:
     progress: bool = False
 
     def __post_init__(self):
-        integer(self.max_iter, "max_iter", minimum=1)
-        integer(self.n_init, "n_init", minimum=1)
+        self.max_iter = integer(self.max_iter, "max_iter", minimum=1)
+        self.n_init = integer(self.n_init, "n_init", minimum=1)
         non_negative(self.tol, "tol")
         boolean(self.progress, "progress")
 

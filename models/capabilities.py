@@ -296,12 +296,13 @@ class BatchedPotential(Protocol):
 @runtime_checkable
 class CompiledPotential(Protocol):
     """The potential of :meth:`BatchedPotential.batched_potential` compiled with Numba, for the
-    compiled NUTS kernel (:mod:`elbolab.inference.mcmc.compiled`, CPU): ``(fn, data)`` with
-    ``fn(q, data, grad) -> U`` an ``@njit`` function of one point q (D,) float64 that writes
-    grad U into ``grad`` (D,), and ``data`` a tuple of float64 arrays and numbers. It must be the
-    same U, to rounding, as the batched potential."""
-
-    def batched_potential(self, x: torch.Tensor) -> FlatPotential: ...
+    compiled NUTS kernel (:mod:`elbolab.inference.mcmc.compiled`, CPU): ``(fn, x, params)`` with
+    ``fn`` an ``@njit(SIGNATURE)`` function (:mod:`elbolab.models.compiled`:
+    ``fn(q, x, params, grad) -> U`` for one point), ``x`` the data as a float64 matrix and
+    ``params`` the family's numbers as float64 (k,). A family declaring it declares
+    :class:`BatchedPotential` too (its :class:`FlatPotential` gives the starting points and the
+    site names), and the two must give the same U: the engine checks it at the starting points
+    before any step."""
 
     def compiled_potential(self, x: torch.Tensor) -> tuple: ...
 

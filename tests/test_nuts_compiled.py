@@ -13,6 +13,7 @@ import pytest
 import torch
 from numba import njit
 
+from elbolab import inference
 from elbolab.inference import arviz_io
 from elbolab.inference.mcmc import adapt
 from elbolab.inference.mcmc.arrays import Random
@@ -116,3 +117,67 @@ def test_a_nan_energy_is_a_divergence_not_a_crash():
     sd = math.sqrt(1 - 2 * 1.5 * math.exp(-1.125) / math.sqrt(2 * math.pi) / math.erf(1.5 / 2**0.5))
     ess = float(arviz_io.ess(draws.q[..., 0]))
     assert abs(draws.q.std() / sd - 1) < 4 / math.sqrt(2 * ess) + 0.02
+
+
+class _WrongPrior(BayesianGMM):
+    """A family whose compiled potential forgot a factor of its prior variance."""
+
+    def compiled_potential(self, x):
+        fn, data, params = super().compiled_potential(x)
+        return fn, data, params * np.array([1.0, 2.0, 1.0])
+
+
+class _CompiledOnly(BayesianGMM):
+    batched_potential = None  # declares compiled_potential alone
+
+
+def _python_potential(q, x, params, grad):
+    return 0.0
+
+
+class _PythonPotential(BayesianGMM):
+    def compiled_potential(self, x):
+        _, data, params = super().compiled_potential(x)
+        return _python_potential, data, params
+
+
+def test_a_compiled_potential_is_checked_before_any_step():
+    """One that disagrees with the family's batched potential (another posterior, silently)
+    is an error naming both values; one missing its batched potential, or not compiled for
+    SIGNATURE, is an error saying what is missing."""
+    x, _ = BayesianGMM(2, 10.0).simulate(30, seed=0)
+    kw = dict(seed=0, warmup=5, num_samples=5, num_chains=2)
+    with pytest.raises(ValueError, match="compiled_potential: disagrees with batched_potential"):
+        inference.fit("mcmc", _WrongPrior(2, 10.0), x, **kw)
+    for kernel in ("auto", "compiled"):
+        with pytest.raises(ValueError, match="declares compiled_potential but no "
+                                             "batched_potential"):
+            inference.fit("mcmc", _CompiledOnly(2, 10.0), x, kernel=kernel, **kw)
+    with pytest.raises(ValueError, match="'_python_potential' must be a Numba @njit function of "
+                                         "elbolab.models.compiled.SIGNATURE"):
+        inference.fit("mcmc", _PythonPotential(2, 10.0), x, **kw)
+
+
+def test_settings_seeds_and_dtypes_at_the_boundary():
+    """What a user passes: whole-number floats are taken as the integers they are (the fit runs
+    and reports them as ints); seeds up to 2**63 - 1 under both kernels; half precision is an
+    error before any work; one draw per chain says why there is no R-hat; the fit says which
+    kernel ran and keeps the tree depth of every draw."""
+    fam = BayesianGMM(2, 10.0)
+    x, _ = fam.simulate(30, seed=0)
+    fit = inference.fit("mcmc", fam, x, seed=2**63 - 1, warmup=20.0, num_samples=10.0,
+                        num_chains=2.0, max_tree_depth=6.0)
+    assert fit.samples["mu"].shape == (2, 10, 2, 1) and fit.settings["num_samples"] == 10
+    assert type(fit.settings["num_chains"]) is int and fit.settings["kernel_used"] == "compiled"
+    depth = fit.sample_stats["tree_depth"]
+    assert depth.shape == (2, 10) and 1 <= int(depth.min()) and int(depth.max()) <= 6
+    pyro_fit = inference.fit("mcmc", fam, x, seed=2**63 - 1, warmup=5, num_samples=5,
+                             num_chains=2, kernel="pyro")
+    assert pyro_fit.settings["kernel_used"] == "pyro"
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"x: NUTS needs float32 or float64 data, got {dtype}"):
+            inference.fit("mcmc", fam, x.to(dtype))
+    one = inference.fit("mcmc", fam, x, warmup=5, num_samples=1, num_chains=4)
+    assert not one.converged and "1 draw per chain; they need >= 4" in one.message
+    with pytest.raises(ValueError, match="max_tree_depth: must be >= 1 and <= 30"):
+        inference.fit("mcmc", fam, x, max_tree_depth=31)

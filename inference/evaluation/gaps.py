@@ -99,12 +99,12 @@ class QStarSettings:
     window: int = 200
 
     def __post_init__(self):
-        integer(self.steps, "steps", minimum=1)
+        self.steps = integer(self.steps, "steps", minimum=1)
         positive(self.lr, "lr")
-        integer(self.num_particles, "num_particles", minimum=1)
+        self.num_particles = integer(self.num_particles, "num_particles", minimum=1)
         positive(self.lr_decay, "lr_decay")
         non_negative(self.tol, "tol")
-        integer(self.window, "window", minimum=1)
+        self.window = integer(self.window, "window", minimum=1)
 
 
 @dataclass

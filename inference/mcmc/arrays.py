@@ -38,6 +38,12 @@ class Random:
             return self.gen.random(shape, dtype=self.dtype)
         return torch.rand(shape, generator=self.gen, device=self.device, dtype=self.dtype)
 
+    def seeds(self, n: int) -> np.ndarray:
+        """``n`` 64-bit seeds (uint64), for generators inside compiled code (host only)."""
+        if not self.numpy:
+            raise ValueError("seeds: drawn on the host only")
+        return self.gen.integers(0, 2**64, size=n, dtype=np.uint64)
+
     def normal(self, shape: tuple):
         if self.numpy:
             return self.gen.standard_normal(shape, dtype=self.dtype)

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 from pyro.infer import MCMC, NUTS
 
-from elbolab.inference.runtime import seed_everything, show_progress
+from elbolab.inference.runtime import MAX_SEED, seed_everything, show_progress
 
 
 def one_chain(model, args, kwargs, settings, seed: int, init_params, max_plate_nesting,
@@ -51,18 +51,24 @@ def _in_worker(job):
     return one_chain(*job)
 
 
+def chain_seed(seed: int, c: int) -> int:
+    """Chain c's seed: ``seed + c``, wrapped into [0, 2**63 - 1]."""
+    return (seed + c) % (MAX_SEED + 1)
+
+
 def run_chains(model, args, kwargs, settings, seed: int, init_params, max_plate_nesting):
     """Every chain, as ``settings.chain_method`` says: a list of :func:`one_chain`'s results."""
     C, jit = settings.num_chains, settings.jit
     if settings.chain_method != "parallel" or C == 1:
         out = []
         for c in range(C):
-            out.append(one_chain(model, args, kwargs, settings, seed + c, init_params,
+            out.append(one_chain(model, args, kwargs, settings, chain_seed(seed, c), init_params,
                                  max_plate_nesting, jit))
             if out[-1][2] is not None:
                 jit = False  # failed once: the next chains run uncompiled at once
         return _warned(out)
-    jobs = [(model, args, kwargs, settings, seed + c, init_params, max_plate_nesting, jit)
+    jobs = [(model, args, kwargs, settings, chain_seed(seed, c), init_params, max_plate_nesting,
+             jit)
             for c in range(C)]
     try:
         pickle.dumps(jobs[0])

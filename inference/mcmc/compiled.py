@@ -11,9 +11,11 @@ between steps. What differs from :mod:`.batched`:
 * The recursion is a binary counter: leaf j of a subtree of 2^d leaves merges with the pending
   subtrees of sizes 1, 2, 4, ... while bit i of j is set, so the merges happen in the order
   and with the operands of the recursive doubling (:func:`elbolab.inference.mcmc.batched.build`).
-* Randomness comes in from outside: the momenta (C, D) and one stream of uniforms (C, M) per
-  transition, drawn by the caller's :class:`~elbolab.inference.mcmc.arrays.Random`, so a seed
-  fixes the draws and no generator state lives in the compiled code.
+* Randomness comes in from outside: the momenta (C, D) and one 64-bit seed per chain per
+  transition, drawn by the caller's :class:`~elbolab.inference.mcmc.arrays.Random`; the seed
+  starts a splitmix64 stream (Steele, Lea & Flood 2014) for the directions and the multinomial
+  choices, as many as the trajectory takes. A seed fixes the draws, no generator state outlives
+  a transition, and a deep tree costs only the uniforms it uses.
 * Everything is float64.
 
 ``potential(q, x, params, grad) -> U`` is of the one type :data:`elbolab.models.compiled.SIGNATURE`
@@ -37,10 +39,20 @@ _FN = types.FunctionType(SIGNATURE)
 _VEC, _MAT = types.float64[::1], types.float64[:, ::1]
 
 
-def uniforms_needed(max_depth: int) -> int:
-    """Uniforms one transition may consume: a direction and a top-level choice per doubling,
-    and one choice per merge inside the subtrees (at most 2^max_depth - 1 in the last)."""
-    return 2 * max_depth + 2 ** max_depth
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True)
+def _uniform(state):
+    """The next number of the splitmix64 stream in ``state`` (uint64 (1,), advanced), as a
+    uniform in (0, 1): the top 53 bits, offset by half a step, so its log is finite."""
+    state[0] += _GOLDEN
+    z = state[0]
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)
 
 
 @njit(cache=True, inline="always")
@@ -72,7 +84,7 @@ def _merge_turns(rho_left, rho_right, p_ls, p_le, p_rs, p_re, inv_mass, tmp):
 
 
 @njit(cache=True)
-def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, u, iu,
+def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, rs,
              prop_q, prop_g, prop_U, rho, p_start, p_end,
              s_q, s_g, s_U, s_rho, s_ps, s_pe, s_lw, tmp):
     """Grow 2^depth leapfrogs of signed size ``eps`` from (q, p, g), which are advanced in
@@ -94,7 +106,7 @@ def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, u, iu,
             kin += inv_mass[i] * p[i] * p[i]
         dH = U + 0.5 * kin - H0
         if not dH <= MAX_DELTA_H:  # also NaN: a divergence
-            return False, True, -math.inf, accept, j + 1, iu
+            return False, True, -math.inf, accept, j + 1
         accept += 1.0 if dH <= 0.0 else math.exp(-dH)
         # the leaf as the current subtree, level 0
         lw = -dH
@@ -108,8 +120,7 @@ def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, u, iu,
         level = 0
         while (j >> level) & 1:  # merge with the pending subtree of this size (it came first)
             total = np.logaddexp(s_lw[level], lw)
-            take_right = math.log(u[iu]) < lw - total
-            iu += 1
+            take_right = math.log(_uniform(rs)) < lw - total
             if not take_right:
                 for i in range(D):
                     prop_q[i] = s_q[level, i]
@@ -117,7 +128,7 @@ def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, u, iu,
                 pU = s_U[level]
             if _merge_turns(s_rho[level], rho, s_ps[level], s_pe[level], p_start, p_end,
                             inv_mass, tmp):
-                return False, False, -math.inf, accept, j + 1, iu
+                return False, False, -math.inf, accept, j + 1
             for i in range(D):
                 rho[i] += s_rho[level, i]
                 p_start[i] = s_ps[level, i]
@@ -133,11 +144,11 @@ def _subtree(potential, x, params, q, p, g, eps, inv_mass, H0, depth, u, iu,
             s_U[level] = pU
             s_lw[level] = lw
     prop_U[0] = pU
-    return True, False, lw, accept, n_leaves, iu
+    return True, False, lw, accept, n_leaves
 
 
 @njit(cache=True)
-def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, u):
+def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, seed):
     """One transition of one chain from the packed point z = [q | p | grad U | U] into out."""
     D = inv_mass.shape[0]
     q0 = z[:D]
@@ -166,14 +177,14 @@ def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, u):
     s_q, s_g, s_rho = np.empty((rows, D)), np.empty((rows, D)), np.empty((rows, D))
     s_ps, s_pe = np.empty((rows, D)), np.empty((rows, D))
     s_U, s_lw = np.empty(rows), np.empty(rows)
-    iu = 0
+    rs = np.empty(1, dtype=np.uint64)
+    rs[0] = seed
     accept = 0.0
     leapfrogs = 0
     diverging = False
     depth = 0
     for d in range(max_depth):
-        fwd = u[iu] < 0.5
-        iu += 1
+        fwd = _uniform(rs) < 0.5
         eps = step if fwd else -step
         if fwd:
             q[:] = qr
@@ -183,8 +194,8 @@ def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, u):
             q[:] = ql
             p[:] = pl
             g[:] = gl
-        valid, div, t_lw, acc, n, iu = _subtree(
-            potential, x, params, q, p, g, eps, inv_mass, H0, d, u, iu, prop_q, prop_g, prop_U,
+        valid, div, t_lw, acc, n = _subtree(
+            potential, x, params, q, p, g, eps, inv_mass, H0, d, rs, prop_q, prop_g, prop_U,
             t_rho, t_ps, t_pe, s_q, s_g, s_U, s_rho, s_ps, s_pe, s_lw, tmp)
         accept += acc
         leapfrogs += n
@@ -193,11 +204,10 @@ def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, u):
             diverging = div
             break
         # biased progressive sampling: the new subtree's proposal with min(1, W_new / W_old)
-        if math.log(u[iu]) < t_lw - log_w:
+        if math.log(_uniform(rs)) < t_lw - log_w:
             out[:D] = prop_q
             out[2 * D:3 * D] = prop_g
             out[3 * D] = prop_U[0]
-        iu += 1
         log_w = np.logaddexp(log_w, t_lw)
         # the trajectory in travel order: (far end, near end) then the new subtree
         if fwd:
@@ -218,8 +228,8 @@ def _one(potential, x, params, z, out, step, inv_mass, max_depth, normals, u):
 
 
 @njit(types.Tuple((_MAT, _VEC, types.boolean[::1], _VEC, _VEC))(
-    _FN, _MAT, _VEC, _MAT, _VEC, _MAT, types.int64, _MAT, _MAT), cache=True)
-def _all(potential, x, params, z, step, inv_mass, max_depth, normals, u):
+    _FN, _MAT, _VEC, _MAT, _VEC, _MAT, types.int64, _MAT, types.uint64[::1]), cache=True)
+def _all(potential, x, params, z, step, inv_mass, max_depth, normals, seeds):
     C = z.shape[0]
     out = np.empty_like(z)
     accept = np.empty(C)
@@ -228,7 +238,7 @@ def _all(potential, x, params, z, step, inv_mass, max_depth, normals, u):
     leapfrogs = np.empty(C)
     for c in range(C):
         a, dv, dp, n = _one(potential, x, params, z[c], out[c], step[c], inv_mass[c], max_depth,
-                            normals[c], u[c])
+                            normals[c], seeds[c])
         accept[c] = a
         diverging[c] = dv
         depth[c] = dp
@@ -253,7 +263,13 @@ class _FirstClass(WrapperAddressProtocol):
     as much as two leapfrogs here)."""
 
     def __init__(self, fn):
-        self.address = _get_wrapper_address(fn, SIGNATURE)
+        try:
+            self.address = _get_wrapper_address(fn, SIGNATURE)
+        except Exception as exc:  # a Python function, or an @njit of other types
+            raise ValueError(
+                f"compiled potential: {getattr(fn, '__name__', fn)!r} must be a Numba @njit "
+                "function of elbolab.models.compiled.SIGNATURE (U = fn(q, x, params, grad), "
+                f"all float64); {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         self._numba_type_ = _FN
 
     def __wrapper_address__(self) -> int:
@@ -281,12 +297,33 @@ class Compiled:
     def transition(self, z, step_size, inv_mass, potential, max_depth, rng, adapting=True):
         C, D = inv_mass.shape
         normals = rng.normal((C, D))
-        u = rng.uniform((C, uniforms_needed(max_depth)))
+        seeds = rng.seeds(C)
         f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
         out, accept, diverging, depth, leapfrogs = _all(
             self.fn, self.x, self.params, f64(z), f64(step_size), f64(inv_mass), max_depth,
-            f64(normals), f64(u))
+            f64(normals), seeds)
         return Transition(out, accept, diverging, depth, leapfrogs)
 
 
-__all__ = ["Compiled", "uniforms_needed"]
+def check_against(compiled: Compiled, reference, q: np.ndarray) -> None:
+    """The compiled potential must be the batched one (``reference``: q (C, D) float64 ->
+    (U, grad U)), the same density with every constant: checked at the points ``q`` and at
+    q + 1/2, to 1e-8 relative in U and 1e-6 relative to the largest gradient (float64 on both
+    sides: what differs is the order of sums). A family whose two potentials disagree would
+    otherwise sample another posterior than its model's, silently."""
+    for points in (q, q + 0.5):
+        U, g = compiled(points)
+        U_ref, g_ref = (np.asarray(v, dtype=np.float64) for v in reference(points))
+        bad_U = np.abs(U - U_ref) > 1e-8 * (1 + np.abs(U_ref))
+        bad_g = np.abs(g - g_ref).max(-1) > 1e-6 * (1 + np.abs(g_ref).max(-1))
+        if bad_U.any() or bad_g.any():
+            c = int(np.flatnonzero(bad_U | bad_g)[0])
+            raise ValueError(
+                "compiled_potential: disagrees with batched_potential at "
+                f"q = {np.array2string(points[c], precision=4, threshold=8)}: U {U[c]!r} "
+                f"against {U_ref[c]!r}, largest gradient difference "
+                f"{float(np.abs(g[c] - g_ref[c]).max()):.3g}; both must be -log p(q, x) with "
+                "every constant kept")
+
+
+__all__ = ["Compiled", "check_against"]

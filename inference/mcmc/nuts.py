@@ -52,6 +52,7 @@ from elbolab.models.validate import boolean, choice, integer, positive, probabil
 
 KERNELS = ("auto", "compiled", "batched", "pyro")
 CHAIN_METHODS = ("auto", "sequential", "parallel")
+MIN_DRAWS = 4  # per chain, for split R-hat and ESS
 KERNEL_NOTES = {"compiled": "compiled kernel, each trajectory in machine code",
                 "batched": "batched kernel, chains in one computation", "pyro": "Pyro NUTS"}
 
@@ -82,14 +83,15 @@ class Settings:
     ess_per_chain: int = 100
 
     def __post_init__(self):
-        integer(self.num_samples, "num_samples", minimum=1)
-        integer(self.warmup, "warmup", minimum=0)
-        integer(self.num_chains, "num_chains", minimum=1)
-        integer(self.max_tree_depth, "max_tree_depth", minimum=1)
+        self.num_samples = integer(self.num_samples, "num_samples", minimum=1)
+        self.warmup = integer(self.warmup, "warmup", minimum=0)
+        self.num_chains = integer(self.num_chains, "num_chains", minimum=1)
+        # 2^30 leapfrogs per draw is out of reach; deeper would overflow the compiled tree counter
+        self.max_tree_depth = integer(self.max_tree_depth, "max_tree_depth", minimum=1, maximum=30)
         probability(self.target_accept, "target_accept", open_left=True, open_right=True)
         if positive(self.rhat_max, "rhat_max", allow_inf=True) < 1:
             raise ValueError(f"rhat_max: must be >= 1, got {self.rhat_max!r}")
-        integer(self.ess_per_chain, "ess_per_chain", minimum=0)
+        self.ess_per_chain = integer(self.ess_per_chain, "ess_per_chain", minimum=0)
         boolean(self.jit, "jit")
         choice(self.kernel, "kernel", KERNELS)
         choice(self.chain_method, "chain_method", CHAIN_METHODS)
@@ -105,6 +107,7 @@ class NutsRun:
     samples: dict[str, torch.Tensor]  # site -> (chain, draw, ...)
     divergences: list[int] = field(default_factory=list)  # per chain
     diverging: torch.Tensor | None = None  # (chain, draw) bool
+    tree_depth: torch.Tensor | None = None  # (chain, draw): the compiled and batched kernels
 
 
 def run_nuts(
@@ -130,12 +133,13 @@ def run_nuts(
 
 
 def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = None,
-                compiled: tuple | None = None) -> NutsRun:
+                compiled: tuple | None = None, reference=None) -> NutsRun:
     """All chains under one adaptation loop (Stan's, :mod:`elbolab.inference.mcmc.adapt`) on a
     family's :class:`FlatPotential`: in one computation (:mod:`elbolab.inference.mcmc.batched`;
     the chains' state in NumPy on the CPU, on the device in torch on a GPU, :mod:`.arrays`), or,
     given ``compiled`` (a family's ``compiled_potential``), each trajectory in machine code
-    (:mod:`elbolab.inference.mcmc.compiled`, float64 on the CPU). Every chain starts at
+    (:mod:`elbolab.inference.mcmc.compiled`, float64 on the CPU), checked first against
+    ``reference``, the batched potential on float64 data. Every chain starts at
     ``init_params`` (site -> unconstrained value) when given, as Pyro's kernel does."""
     q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
     if init_params is not None:
@@ -145,16 +149,18 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
         q0 = flat.from_sites(init_params).to(q0).expand_as(q0).clone()
     state = host_state(q0)
     if compiled is not None:
-        from elbolab.inference.mcmc.compiled import Compiled
+        from elbolab.inference.mcmc.compiled import Compiled, check_against
 
         state = state.astype(np.float64)
         potential = Compiled(*compiled)  # (fn, x, params)
+        check_against(potential, on_host(reference), state)
         step = potential.transition
     else:
         potential = flat.potential if state is q0 else on_host(flat.potential)
         step = adapt.transition
     total = settings.warmup + settings.num_samples
-    with tqdm(total=total, desc="nuts (batched)", disable=not show_progress(settings.progress),
+    desc = f"nuts ({'batched' if compiled is None else 'compiled'})"
+    with tqdm(total=total, desc=desc, disable=not show_progress(settings.progress),
               leave=False, file=sys.stderr) as bar:
         draws = adapt.run(potential, state, warmup=settings.warmup,
                           num_samples=settings.num_samples, target_accept=settings.target_accept,
@@ -162,7 +168,8 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
                           on_step=bar.update, step=step)
     q = torch.as_tensor(draws.q).to(q0)
     diverging = torch.as_tensor(draws.diverging).cpu()
-    return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging)
+    depth = torch.as_tensor(draws.depth).cpu().to(torch.int64)
+    return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging, depth)
 
 
 def _flat(family, model, x):
@@ -183,10 +190,16 @@ def _kernel(family, settings: Settings, fix_params, x) -> str:
         raise ValueError(f"kernel: {settings.kernel!r} takes no fix_params (parameters fixed in "
                          "the model); use kernel='pyro'")
     compiled = isinstance(family, CompiledPotential)
+    name = getattr(family, "name", type(family).__name__)
+    if compiled and not isinstance(family, BatchedPotential) and settings.kernel != "batched":
+        raise ValueError(f"kernel: {name!r} declares compiled_potential but no "
+                         "batched_potential, which gives the compiled kernel its starting points "
+                         "and site names (a FlatPotential: docs/api.md); declare it too, or use "
+                         "kernel='pyro'")
     if settings.kernel == "compiled":
         if not compiled:
             raise ValueError(f"kernel: 'compiled' needs a family declaring CompiledPotential (a "
-                             f"Numba potential); {type(family).__name__} declares none: use "
+                             f"Numba potential, docs/api.md); {name!r} declares none: use "
                              "'batched' or 'pyro'")
         if x.device.type != "cpu":
             raise ValueError(f"kernel: 'compiled' runs on the CPU; the data are on {x.device}: "
@@ -203,12 +216,14 @@ def _kernel(family, settings: Settings, fix_params, x) -> str:
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
     """Worst R-hat and smallest bulk/tail ESS over all invariant quantities (ArviZ). R-hat needs
-    two chains or more: with one it is NaN (not asked of ArviZ), and :func:`convergence` says
-    why."""
+    two chains or more, and every statistic 4 draws per chain (split chains of 2): short of that
+    they are NaN (not asked of ArviZ), and :func:`convergence` says why."""
     if not invariants:
         return {}
     draws = [to_numpy(v) for v in invariants.values()]
     out = {}
+    if min(d.shape[1] for d in draws) < MIN_DRAWS:
+        return {"r_hat_max": math.nan, "ess_bulk_min": math.nan, "ess_tail_min": math.nan}
     if min(d.shape[0] for d in draws) < 2:
         out["r_hat_max"] = math.nan
     for name, fn in (
@@ -249,6 +264,9 @@ def convergence(diag: dict, settings: Settings | None = None) -> tuple[bool, str
     if converged:
         return True, ""
     r_hat = value("r_hat_max", math.nan)
+    if settings.num_samples < MIN_DRAWS:
+        return False, (f"no R-hat or ESS ({settings.num_samples} draw"
+                       f"{'s' * (settings.num_samples > 1)} per chain; they need >= {MIN_DRAWS})")
     return False, (
         (f"R-hat {r_hat:.3f} (need <= {settings.rhat_max})" if math.isfinite(r_hat) else
          f"no R-hat ({settings.num_chains} chain{'s' if settings.num_chains > 1 else ''}; "
@@ -284,6 +302,10 @@ def fit(
     settings = check_settings(settings, Settings, "mcmc")
     family = copy.deepcopy(as_family(family))  # a plain Pyro program works called directly too
     x = family.check_data(x)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: NUTS needs float32 or float64 data, got {x.dtype} (its rounding "
+                         "would move the energy, and the draws, by more than the sampler's own "
+                         "error); pass x.float()")
     model = family.mcmc_model if isinstance(family, McmcModel) else family.model
     given = init_params  # a user's start is checked against the model's sites before any work
     if init_params is None and isinstance(family, McmcModel):
@@ -295,9 +317,12 @@ def fit(
             model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
             init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            compiled = family.compiled_potential(x) if kernel == "compiled" else None
+            compiled = reference = None
+            if kernel == "compiled":
+                compiled = family.compiled_potential(x)
+                reference = family.batched_potential(x.to(torch.float64)).potential
             run = run_batched(_flat(family, model, x), settings, seed, init_params,
-                              compiled) if kernel != "pyro" else run_nuts(
+                              compiled, reference) if kernel != "pyro" else run_nuts(
                 model,
                 (x,),
                 settings,
@@ -338,7 +363,8 @@ def fit(
             },
         },
         log_likelihood=log_lik,
-        sample_stats={"diverging": run.diverging},
+        sample_stats={"diverging": run.diverging,
+                      **({} if run.tree_depth is None else {"tree_depth": run.tree_depth})},
         seconds=timer.seconds,
         converged=converged,
         message=(
@@ -347,7 +373,7 @@ def fit(
             f"({KERNEL_NOTES[kernel]}); "
             f"{diag['divergences']} divergences{why}" + _note("mcmc", x)
         ),
-        settings={**family.settings(), **vars(settings)},
+        settings={**family.settings(), **vars(settings), "kernel_used": kernel},
         diagnostics=diag,
         state=run,
     )

@@ -57,9 +57,9 @@ class Objective:
         for flag in ("vectorize_particles", "mean_field_kl", "jit", "direct", "learn_model_params",
                      "skip_nonfinite"):
             boolean(getattr(self, flag), flag)
-        integer(self.num_particles, "num_particles", minimum=1, maximum=100_000)
+        self.num_particles = integer(self.num_particles, "num_particles", minimum=1, maximum=100_000)
         if self.subsample_size is not None:
-            integer(self.subsample_size, "subsample_size", minimum=1)
+            self.subsample_size = integer(self.subsample_size, "subsample_size", minimum=1)
         if self.direct and (self.jit or self.mean_field_kl):
             bad = "jit" if self.jit else "mean_field_kl"
             raise ValueError(f"{bad}: does not apply with direct=True (the torch-native step)")
@@ -83,13 +83,13 @@ class Stopping:
     patience: int = 0
 
     def __post_init__(self):
-        integer(self.num_steps, "num_steps", minimum=1)
+        self.num_steps = integer(self.num_steps, "num_steps", minimum=1)
         non_negative(self.tol, "tol")
         positive(self.converged_tol, "converged_tol")
-        integer(self.window, "window", minimum=2)
-        integer(self.val_particles, "val_particles", minimum=1)
-        integer(self.eval_every, "eval_every", minimum=0)
-        integer(self.patience, "patience", minimum=0)
+        self.window = integer(self.window, "window", minimum=2)
+        self.val_particles = integer(self.val_particles, "val_particles", minimum=1)
+        self.eval_every = integer(self.eval_every, "eval_every", minimum=0)
+        self.patience = integer(self.patience, "patience", minimum=0)
         if self.patience and not (self.eval_every and self.val_data is not None):
             raise ValueError("patience: early stopping needs val_data and eval_every > 0")
 
@@ -102,7 +102,7 @@ class Checkpointing:
     every: int = 0
 
     def __post_init__(self):
-        integer(self.every, "checkpoint_every", minimum=0)
+        self.every = integer(self.every, "checkpoint_every", minimum=0)
         if self.every and self.path is None:
             raise ValueError("checkpoint: checkpoint_every > 0 needs a checkpoint path")
 
@@ -117,9 +117,9 @@ class Evaluation:
     num_posterior_samples: int = 200
 
     def __post_init__(self):
-        integer(self.eval_particles, "eval_particles", minimum=2, maximum=10_000_000)
-        integer(self.eval_batch, "eval_batch", minimum=1)
-        integer(self.num_posterior_samples, "num_posterior_samples", minimum=0)
+        self.eval_particles = integer(self.eval_particles, "eval_particles", minimum=2, maximum=10_000_000)
+        self.eval_batch = integer(self.eval_batch, "eval_batch", minimum=1)
+        self.num_posterior_samples = integer(self.num_posterior_samples, "num_posterior_samples", minimum=0)
 
 
 #: distributed strategies (PyTorch Lightning's names)
@@ -146,8 +146,8 @@ class Distributed:
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: must be None or one of {list(STRATEGIES)}, got "
                              f"{self.strategy!r}")
-        integer(self.devices, "devices", minimum=1)
-        integer(self.num_nodes, "num_nodes", minimum=1)
+        self.devices = integer(self.devices, "devices", minimum=1)
+        self.num_nodes = integer(self.num_nodes, "num_nodes", minimum=1)
         if self.accelerator not in ("auto", "cpu", "gpu"):
             raise ValueError(f"accelerator: must be 'auto', 'cpu' or 'gpu', got "
                              f"{self.accelerator!r}")
