@@ -55,7 +55,7 @@ def _uniform(state):
     return ((z >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _turning(rho, p_a, p_b, inv_mass):
     """The no-U-turn criterion fails: rho . M^{-1} p_a <= 0 or rho . M^{-1} p_b <= 0."""
     a = 0.0
