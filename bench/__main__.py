@@ -67,7 +67,7 @@ def run(only, quick: bool, out: Path) -> list:
 
             kw = dict(warmup=200 if quick else 500, draws=300 if quick else 1000, repeat=rep)
             rows += nuts_gmm.run(**kw)  # one chain
-            rows += nuts_gmm.run(**kw, chains=4)  # chains batched vs NumPyro's vectorized
+            rows += nuts_gmm.run(**kw, chains=4)  # all chains in one call per iteration vs NumPyro vectorized
             # a larger model beside it: a posterior with local modes, both sides started at
             # the k-means centres (from uniform starts chains sit in different modes)
             rows += nuts_gmm.run(**kw, n=5000, K=4, d=2, start="kmeans")
