@@ -181,3 +181,23 @@ def test_settings_seeds_and_dtypes_at_the_boundary():
     assert not one.converged and "1 draw per chain; they need >= 4" in one.message
     with pytest.raises(ValueError, match="max_tree_depth: must be >= 1 and <= 30"):
         inference.fit("mcmc", fam, x, max_tree_depth=31)
+
+
+def test_both_kernels_accept_nearly_everything_at_a_tiny_step():
+    """As the step goes to 0 the energy is conserved and Stan's acceptance statistic (the mean of
+    min(1, exp(H0 - H)) over the states the trajectory computed) goes to 1: the step-size
+    adaptation reads it. The batched kernel completes every subtree it starts, and once counted
+    states Stan never computes, which pulled the statistic to 0.86 here and left some chains'
+    adapted step sizes 50 times too small."""
+    from elbolab.inference.mcmc import batched
+
+    A = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    cov, mean = A @ A.T, np.array([1.0, -2.0, 0.5])
+    compiled = Compiled(gaussian, np.linalg.inv(cov), mean)
+    q0 = np.tile(mean, (500, 1)) + np.random.default_rng(0).normal(size=(500, 3)) * 0.1
+    U, g = compiled(q0)
+    z = batched.pack(q0, np.zeros_like(q0), g, U)
+    step, inv_mass = np.full(500, 0.01), np.tile(np.diag(cov), (500, 1))
+    for transition in (batched.transition, compiled.transition):
+        tr = transition(z, step, inv_mass, compiled, 8, Random(0, q0))
+        assert tr.accept.mean() > 0.999 and tr.accept.min() > 0.99, transition

@@ -54,7 +54,8 @@ class Tree:
     s_end: Array
     valid: Array  # (C,) bool: no divergence, no U-turn inside
     diverging: Array  # (C,) bool
-    accept: Array  # (C,) sum over its states of min(1, exp(H0 - H))
+    accept: Array  # (C,) sum over its counted states of min(1, exp(H0 - H))
+    counted: Array  # (C,) its states up to the first invalid half: those Stan would compute
     size: int  # leapfrog steps
 
 
@@ -126,7 +127,8 @@ def leaf(z, k: Step) -> Tree:
     diverging = dH > MAX_DELTA_H
     z1 = xp.concatenate([q, p, g, U[:, None]], axis=-1)
     accept = xp.where(dH > 0, xp.exp(-dH), 1.0) if k.adapting else None  # min(1, e^-dH)
-    return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging, accept, 1)
+    counted = xp.ones_like(dH) if k.adapting else None
+    return Tree(z1, z1, z1, -dH, p, p, p, s, s, ~diverging, diverging, accept, counted, 1)
 
 
 def build(z, depth: int, k: Step) -> Tree:
@@ -144,6 +146,7 @@ def build(z, depth: int, k: Step) -> Tree:
                 t1.p_start, t2.p_end, t1.s_start, t2.s_end, valid,
                 t1.diverging | (t1.valid & t2.diverging),
                 None if t1.accept is None else t1.accept + t2.accept * t1.valid,
+                None if t1.counted is None else t1.counted + t2.counted * t1.valid,
                 t1.size + t2.size)
 
 
@@ -179,6 +182,7 @@ def _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting)
     active = xp.zeros_like(U) == 0
     diverging = ~active
     accept = xp.zeros_like(U)
+    counted = xp.zeros_like(U)
     depth = xp.zeros_like(U)
     step = step_size[:, None]
     for d in range(max_depth):
@@ -188,7 +192,7 @@ def _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting)
         far, near = xp.where(fwd, left, right), xp.where(fwd, right, left)
         p_far, p_near = far[:, D:2 * D], near[:, D:2 * D]
         first = Tree(far, near, None, None, rho, p_far, p_near, inv_mass * p_far,
-                     inv_mass * p_near, None, None, None, 0)  # the trajectory, in travel order
+                     inv_mass * p_near, None, None, None, None, 0)  # the trajectory, in order
         t = build(near, d, k)
         grow = active & t.valid
         take = grow & (xp.log(rng.uniform((C,))) < t.log_w - log_w)
@@ -202,13 +206,16 @@ def _transition(xp, z, step_size, inv_mass, potential, max_depth, rng, adapting)
         right = xp.where(g1 & fwd, t.end, right)
         if adapting:
             accept = accept + t.accept * active
+            counted = counted + t.counted * active
         diverging = diverging | (active & t.diverging)
         depth = depth + active
         active = grow & ~turn
         if not bool(active.any()):
             break
     steps = xp.exp2(depth) - 1  # the leapfrogs of a tree grown to this depth
-    return Transition(proposal, accept / xp.clip(steps, 1, None), diverging, depth, steps)
+    # Stan's acceptance statistic: the mean over the states it would have computed (a subtree
+    # stops at its first invalid half; the batch completes it to keep the chains in step)
+    return Transition(proposal, accept / xp.clip(counted, 1, None), diverging, depth, steps)
 
 
 __all__ = ["MAX_DELTA_H", "Transition", "Tree", "build", "kinetic", "leapfrog", "pack", "parts",
