@@ -1,10 +1,16 @@
 """The type of a compiled potential (:class:`~elbolab.models.capabilities.CompiledPotential`).
 
-``fn(q, x, params, grad) -> U``: U(q) = -log p(q, x), every constant kept, for one point q (D,),
-the data x as a matrix in the family's layout (C order) and the family's numbers ``params``
-(k,), all float64, with grad U(q) written into ``grad`` (D,). An ``@njit(SIGNATURE)`` function of this one type reaches the NUTS kernel as
-a first-class function (:mod:`elbolab.inference.mcmc.compiled`): the kernel compiles once for
-every family, and Numba's cache on disk serves later processes.
+``fn(q, x, params, grad) -> U``: U(q) = -log p(q, x), every constant and any log-Jacobian kept,
+for one point q (D,) in unconstrained coordinates, the data x as a matrix in the family's layout
+(C order) and the family's numbers ``params`` (k,), all float64. ``fn`` writes every grad[j] =
+dU/dq_j (the buffer arrives holding anything) and returns U; outside the support it returns
+``math.nan`` (the sampler's divergence) and never raises.
+
+It is compiled as ``@njit(SIGNATURE, error_model="numpy")``. An ``@njit`` function of this one
+type reaches the NUTS kernel as a first-class function (:mod:`elbolab.inference.mcmc.compiled`):
+the kernel compiles once for every family, and Numba's cache on disk serves later processes.
+Numba's default error model raises on a division by zero, and an exception inside a function
+called from compiled code cannot reach the sampler: the engine refuses such a function.
 """
 
 import math
@@ -14,7 +20,6 @@ from numba import njit, types
 
 SIGNATURE = types.float64(types.float64[::1], types.float64[:, ::1], types.float64[::1],
                           types.float64[::1])
-
 
 
 # exp by Cody-Waite range reduction: x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to

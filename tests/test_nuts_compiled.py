@@ -5,6 +5,7 @@ here as a user would write one."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from elbolab.inference.mcmc.arrays import Random
 from elbolab.inference.mcmc.compiled import Compiled
 from elbolab.models.compiled import SIGNATURE, exp_nonpositive
 from elbolab.models.gmm import BayesianGMM
+from elbolab.models.gmm.compiled import gmm_potential
 
 
 def test_exp_nonpositive_is_within_two_ulp_of_numpys():
@@ -60,7 +62,7 @@ def test_the_gmm_compiled_potential_is_the_models_own_density(dtype):
 
 # A user's compiled potential: a correlated Gaussian, the precision as the data matrix and the
 # mean as the numbers (elbolab.models.compiled.SIGNATURE).
-@njit(SIGNATURE)
+@njit(SIGNATURE, error_model="numpy")
 def gaussian(q, prec, mean, grad):
     D = q.shape[0]
     U = 0.0
@@ -73,7 +75,7 @@ def gaussian(q, prec, mean, grad):
     return U
 
 
-@njit(SIGNATURE)
+@njit(SIGNATURE, error_model="numpy")
 def walled(q, x, params, grad):
     """N(0, 1) cut at |q| < 1.5, NaN outside: the kernel must take NaN as a divergence."""
     if abs(q[0]) >= 1.5:
@@ -141,6 +143,42 @@ class _PythonPotential(BayesianGMM):
         return _python_potential, data, params
 
 
+@njit(SIGNATURE)
+def _default_error_model(q, x, params, grad):
+    return 0.0
+
+
+class _RaisingErrors(BayesianGMM):
+    def compiled_potential(self, x):
+        _, data, params = super().compiled_potential(x)
+        return _default_error_model, data, params
+
+
+@njit(SIGNATURE, error_model="numpy")
+def _flipped(q, x, params, grad):
+    U = gmm_potential(q, x, params, grad)
+    grad[0] = -grad[0]
+    return U
+
+
+class _FlippedGradient(BayesianGMM):
+    def compiled_potential(self, x):
+        _, data, params = super().compiled_potential(x)
+        return _flipped, data, params
+
+
+class _Starts(BayesianGMM):
+    """Starting points from ``start(C, D)`` instead of the family's."""
+
+    def __init__(self, start):
+        super().__init__(2, 10.0)
+        self.start = start
+
+    def batched_potential(self, x):
+        flat = super().batched_potential(x)
+        return dataclasses.replace(flat, init=lambda C, generator: self.start(C, flat.dim).to(x))
+
+
 def test_a_compiled_potential_is_checked_before_any_step():
     """One that disagrees with the family's batched potential (another posterior, silently)
     is an error naming both values; one missing its batched potential, or not compiled for
@@ -156,6 +194,21 @@ def test_a_compiled_potential_is_checked_before_any_step():
     with pytest.raises(ValueError, match="'_python_potential' must be a Numba @njit function of "
                                          "elbolab.models.compiled.SIGNATURE"):
         inference.fit("mcmc", _PythonPotential(2, 10.0), x, **kw)
+    with pytest.raises(ValueError, match="'_default_error_model' must be compiled with "
+                                         "error_model='numpy'"):
+        inference.fit("mcmc", _RaisingErrors(2, 10.0), x, **kw)
+    with pytest.raises(ValueError, match="the same U as batched_potential at q = .*, but not the "
+                                         "same gradient: coordinate 0"):
+        inference.fit("mcmc", _FlippedGradient(2, 10.0), x, **kw)
+    for kernel in ("compiled", "batched"):
+        with pytest.raises(ValueError, match=r"init\(2, generator\) must give the starting points "
+                                             r"as \(2, 2\)"):
+            inference.fit("mcmc", _Starts(lambda C, D: torch.zeros(4, D)), x, kernel=kernel,
+                          **kw)
+        with pytest.raises(ValueError, match="U or its gradient is not finite at the start of "
+                                             "chain 0"):
+            inference.fit("mcmc", _Starts(lambda C, D: torch.full((C, D), math.nan)), x,
+                          kernel=kernel, **kw)
 
 
 def test_settings_seeds_and_dtypes_at_the_boundary():

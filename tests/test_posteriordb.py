@@ -227,7 +227,7 @@ def _eight_schools_potential():
 
     half_log_2pi = 0.5 * math.log(2 * math.pi)
 
-    @njit(SIGNATURE)
+    @njit(SIGNATURE, error_model="numpy")
     def potential(q, ys, params, grad):
         mu, lt = q[0], q[1]
         tau = math.exp(lt)

@@ -263,13 +263,20 @@ class _FirstClass(WrapperAddressProtocol):
     as much as two leapfrogs here)."""
 
     def __init__(self, fn):
+        name = getattr(fn, "__name__", fn)
         try:
             self.address = _get_wrapper_address(fn, SIGNATURE)
         except Exception as exc:  # a Python function, or an @njit of other types
             raise ValueError(
-                f"compiled potential: {getattr(fn, '__name__', fn)!r} must be a Numba @njit "
-                "function of elbolab.models.compiled.SIGNATURE (U = fn(q, x, params, grad), "
-                f"all float64); {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+                f"compiled potential: {name!r} must be a Numba @njit function of "
+                "elbolab.models.compiled.SIGNATURE (U = fn(q, x, params, grad), all float64); "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        if getattr(fn, "targetoptions", {}).get("error_model") != "numpy":
+            raise ValueError(
+                f"compiled potential: {name!r} must be compiled with error_model='numpy' "
+                "(@njit(SIGNATURE, error_model='numpy')): under Numba's default a division by "
+                "zero raises, and an exception inside a function called from compiled code "
+                "cannot reach the sampler, which would read U = 0 and go on")
         self._numba_type_ = _FN
 
     def __wrapper_address__(self) -> int:
@@ -310,20 +317,28 @@ def check_against(compiled: Compiled, reference, q: np.ndarray) -> None:
     (U, grad U)), the same density with every constant: checked at the points ``q`` and at
     q + 1/2, to 1e-8 relative in U and 1e-6 relative to the largest gradient (float64 on both
     sides: what differs is the order of sums). A family whose two potentials disagree would
-    otherwise sample another posterior than its model's, silently."""
+    otherwise sample another posterior than its model's, silently. NaN on either side counts as
+    a disagreement."""
     for points in (q, q + 0.5):
         U, g = compiled(points)
         U_ref, g_ref = (np.asarray(v, dtype=np.float64) for v in reference(points))
-        bad_U = np.abs(U - U_ref) > 1e-8 * (1 + np.abs(U_ref))
-        bad_g = np.abs(g - g_ref).max(-1) > 1e-6 * (1 + np.abs(g_ref).max(-1))
-        if bad_U.any() or bad_g.any():
-            c = int(np.flatnonzero(bad_U | bad_g)[0])
+        with np.errstate(invalid="ignore"):
+            bad_U = ~(np.abs(U - U_ref) <= 1e-8 * (1 + np.abs(U_ref)))
+            bad_g = ~(np.abs(g - g_ref).max(-1) <= 1e-6 * (1 + np.abs(g_ref).max(-1)))
+        if not (bad_U.any() or bad_g.any()):
+            continue
+        c = int(np.flatnonzero(bad_U | bad_g)[0])
+        at = np.array2string(points[c], precision=4, threshold=8)
+        if bad_U[c]:
             raise ValueError(
-                "compiled_potential: disagrees with batched_potential at "
-                f"q = {np.array2string(points[c], precision=4, threshold=8)}: U {U[c]!r} "
-                f"against {U_ref[c]!r}, largest gradient difference "
-                f"{float(np.abs(g[c] - g_ref[c]).max()):.3g}; both must be -log p(q, x) with "
+                f"compiled_potential: disagrees with batched_potential at q = {at}: U "
+                f"{float(U[c])!r} against {float(U_ref[c])!r}; both must be -log p(q, x) with "
                 "every constant kept")
+        j = int(np.nanargmax(np.abs(g[c] - g_ref[c]))) if np.isfinite(g[c]).any() else 0
+        raise ValueError(
+            f"compiled_potential: the same U as batched_potential at q = {at}, but not the same "
+            f"gradient: coordinate {j} is {float(g[c, j])!r} against {float(g_ref[c, j])!r}; fn "
+            "must write every grad[j] = dU/dq_j (the buffer arrives holding anything)")
 
 
 __all__ = ["Compiled", "check_against"]

@@ -147,16 +147,21 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
             raise ValueError("init_params: this model's batched potential takes no starting "
                              "values; use kernel='pyro'")
         q0 = flat.from_sites(init_params).to(q0).expand_as(q0).clone()
+    if not isinstance(q0, torch.Tensor):
+        raise ValueError(f"batched_potential: init must give a torch tensor, got "
+                         f"{type(q0).__name__}")
     state = host_state(q0)
     if compiled is not None:
         from elbolab.inference.mcmc.compiled import Compiled, check_against
 
         state = state.astype(np.float64)
         potential = Compiled(*compiled)  # (fn, x, params)
+        _check_start(flat, potential, state, settings.num_chains)
         check_against(potential, on_host(reference), state)
         step = potential.transition
     else:
         potential = flat.potential if state is q0 else on_host(flat.potential)
+        _check_start(flat, potential, state, settings.num_chains)
         step = adapt.transition
     total = settings.warmup + settings.num_samples
     desc = f"nuts ({'batched' if compiled is None else 'compiled'})"
@@ -170,6 +175,30 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
     diverging = torch.as_tensor(draws.diverging).cpu()
     depth = torch.as_tensor(draws.depth).cpu().to(torch.int64)
     return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging, depth)
+
+
+def _check_start(flat, potential, state, chains: int) -> None:
+    """The family's starting points and potential, before any step: ``init`` gives (C, D) with
+    D = ``flat.dim``, the potential U (C,) and grad U (C, D), finite at every start (a chain
+    started where U is NaN or inf never moves)."""
+    C, D = chains, flat.dim
+    if tuple(state.shape) != (C, D):
+        raise ValueError(f"batched_potential: init({C}, generator) must give the starting "
+                         f"points as ({C}, {D}) (chains, FlatPotential.dim), got "
+                         f"{tuple(state.shape)}")
+    U, g = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+            for v in potential(state))
+    if U.shape != (C,) or g.shape != (C, D):
+        raise ValueError(f"batched_potential: the potential of ({C}, {D}) points must give U "
+                         f"({C},) and grad U ({C}, {D}), got {U.shape} and {g.shape}")
+    bad = ~(np.isfinite(U) & np.isfinite(g).all(-1))
+    if bad.any():
+        c = int(np.flatnonzero(bad)[0])
+        q = np.asarray(state[c].cpu() if isinstance(state, torch.Tensor) else state[c])
+        raise ValueError(
+            f"NUTS: U or its gradient is not finite at the start of chain {c}, q = "
+            f"{np.array2string(q, precision=4, threshold=8)} (U = {float(U[c])!r}); start "
+            "elsewhere (init_params), or check the potential there")
 
 
 def _flat(family, model, x):

@@ -25,7 +25,7 @@ from elbolab.models.compiled import SIGNATURE, exp_nonpositive
 BLOCK = 32  # points per logarithm
 
 
-@njit(SIGNATURE, fastmath={"contract", "reassoc"}, cache=True)
+@njit(SIGNATURE, fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
 def gmm_potential(q, xt, params, grad):
     """U(q) and its gradient (module docstring) for q = mu flat (K d,), the data transposed
     xt (d, n) and params = (K, s2, const)."""
