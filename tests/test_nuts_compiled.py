@@ -254,3 +254,37 @@ def test_both_kernels_accept_nearly_everything_at_a_tiny_step():
     for transition in (batched.transition, compiled.transition):
         tr = transition(z, step, inv_mass, compiled, 8, Random(0, q0))
         assert tr.accept.mean() > 0.999 and tr.accept.min() > 0.99, transition
+
+
+class _NoPrior(BayesianGMM):
+    """A batched (and compiled) potential without the prior on mu: both agree, the model not."""
+
+    def batched_potential(self, x):
+        flat = super().batched_potential(x)
+
+        def potential(q):
+            U, g = flat.potential(q)
+            return U - 0.5 * (q * q).sum(-1) / self.prior_var, g - q / self.prior_var
+
+        return dataclasses.replace(flat, potential=potential)
+
+
+class _Renamed(BayesianGMM):
+    def batched_potential(self, x):
+        flat = super().batched_potential(x)
+        return dataclasses.replace(flat, to_sites=lambda q: {"means": flat.to_sites(q)["mu"]})
+
+
+def test_a_declared_potential_is_checked_against_the_models_own_trace():
+    """A term missing from the family's potential (here the prior; as well a log-Jacobian) gives
+    another posterior under every kernel that reads it, unless the potential is compared with the
+    model's own log density: it is, at the starts, before any step; a site name the model lacks
+    is an error too."""
+    x, _ = BayesianGMM(2, 10.0).simulate(30, seed=0)
+    kw = dict(seed=0, warmup=5, num_samples=5, num_chains=2, kernel="batched")
+    with pytest.raises(ValueError, match=r"batched_potential: from q to q \+ 1/2 .* U changes by "
+                                         r".*, but the model's own -log p\(z, x\)"):
+        inference.fit("mcmc", _NoPrior(2, 10.0), x, **kw)
+    with pytest.raises(ValueError, match=r"to_sites gives \['means'\], which the model has no "
+                                         "site of that name for"):
+        inference.fit("mcmc", _Renamed(2, 10.0), x, **kw)

@@ -29,7 +29,7 @@ from elbolab.inference.budget import check_mcmc
 from elbolab.inference.mcmc import adapt
 from elbolab.inference.mcmc.arrays import Random, host_state, on_host
 from elbolab.inference.mcmc.chains import run_chains
-from elbolab.inference.mcmc.potential import trace_potential
+from elbolab.inference.mcmc.potential import check_against_model, trace_potential
 from elbolab.inference.mcmc.prepare import hand_back, prepared
 from elbolab.inference.result import FitResult, check_settings, data_fields
 from elbolab.inference.runtime import (
@@ -133,13 +133,14 @@ def run_nuts(
 
 
 def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = None,
-                compiled: tuple | None = None, reference=None) -> NutsRun:
+                compiled: tuple | None = None, reference=None, check=None) -> NutsRun:
     """All chains under one adaptation loop (Stan's, :mod:`elbolab.inference.mcmc.adapt`) on a
     family's :class:`FlatPotential`: in one computation (:mod:`elbolab.inference.mcmc.batched`;
     the chains' state in NumPy on the CPU, on the device in torch on a GPU, :mod:`.arrays`), or,
     given ``compiled`` (a family's ``compiled_potential``), each trajectory in machine code
     (:mod:`elbolab.inference.mcmc.compiled`, float64 on the CPU), checked first against
-    ``reference``, the batched potential on float64 data. Every chain starts at
+    ``reference``, the batched potential on float64 data. ``check(q0)`` runs on the starting
+    points before any step (a family's potential against its model's trace). Every chain starts at
     ``init_params`` (site -> unconstrained value) when given, as Pyro's kernel does."""
     q0 = flat.init(settings.num_chains, torch.Generator().manual_seed(seed))
     if init_params is not None:
@@ -157,12 +158,15 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
         state = state.astype(np.float64)
         potential = Compiled(*compiled)  # (fn, x, params)
         _check_start(flat, potential, state, settings.num_chains)
-        check_against(potential, on_host(reference), state)
         step = potential.transition
     else:
         potential = flat.potential if state is q0 else on_host(flat.potential)
         _check_start(flat, potential, state, settings.num_chains)
         step = adapt.transition
+    if check is not None:
+        check(q0)
+    if compiled is not None:
+        check_against(potential, on_host(reference), state)
     total = settings.warmup + settings.num_samples
     desc = f"nuts ({'batched' if compiled is None else 'compiled'})"
     with tqdm(total=total, desc=desc, disable=not show_progress(settings.progress),
@@ -346,12 +350,15 @@ def fit(
             model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
             init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            compiled = reference = None
+            compiled = reference = check = None
+            if kernel != "pyro" and isinstance(family, BatchedPotential):
+                flat64 = family.batched_potential(x.to(torch.float64))
+                reference = flat64.potential
+                check = lambda q0: check_against_model(model, x, flat64, q0)  # noqa: E731
             if kernel == "compiled":
                 compiled = family.compiled_potential(x)
-                reference = family.batched_potential(x.to(torch.float64)).potential
             run = run_batched(_flat(family, model, x), settings, seed, init_params,
-                              compiled, reference) if kernel != "pyro" else run_nuts(
+                              compiled, reference, check) if kernel != "pyro" else run_nuts(
                 model,
                 (x,),
                 settings,

@@ -146,4 +146,53 @@ def _log_prob(site) -> torch.Tensor:
     return lp
 
 
+def check_against_model(model, x: torch.Tensor, flat: FlatPotential, q: torch.Tensor) -> None:
+    """A family's declared potential against its model's own trace, before any step: for up to
+    4 starting points q and q + 1/2, U(q + 1/2) - U(q) must equal the same difference of
+
+        -log p(z, x) - log |det dz/dq|,   z = ``flat.to_sites(q)`` (the model conditioned on z),
+
+    with the Jacobian of ``to_sites`` by autograd, to 1e-6 relative (float64; a difference, so
+    the constants, which move no draw, need not match). A term that depends on q missing from
+    the potential (a prior, a log-Jacobian) would otherwise give another posterior, silently.
+    Skipped where it cannot apply: ``to_sites`` not one-to-one in size (a simplex), or a latent
+    site the points do not fix (summed out or sampled by the model itself)."""
+    x = x.detach().to(torch.float64)
+    q = q.detach().to("cpu", torch.float64)[:4]
+
+    def z_of(u):
+        return torch.cat([v.reshape(-1) for v in flat.to_sites(u).values()])
+
+    def minus_log_joint(u):  # -log p(z, x) - log |det dz/du| for one point u (D,)
+        sites = {k: v.detach().to(x) for k, v in flat.to_sites(u).items()}
+        with torch.no_grad(), poutine.block():
+            tr = poutine.trace(poutine.condition(model, data=sites)).get_trace(x)
+        free = [k for k, s in tr.nodes.items() if s["type"] == "sample" and not
+                s["is_observed"] and not site_is_plate(s)]
+        unknown = sorted(set(sites) - set(tr.nodes))
+        if unknown:
+            raise ValueError(f"batched_potential: to_sites gives {unknown}, which the model has "
+                             f"no site of that name for (its latent sites: {free})")
+        if free:
+            return None
+        J = torch.autograd.functional.jacobian(z_of, u.to(x))
+        return -float(tr.log_prob_sum()) - float(torch.linalg.slogdet(J).logabsdet)
+
+    if z_of(q[0]).numel() != q.shape[-1]:
+        return
+    U0, _ = flat.potential(q.to(x))
+    U1, _ = flat.potential((q + 0.5).to(x))
+    for c in range(q.shape[0]):
+        m0, m1 = minus_log_joint(q[c]), minus_log_joint(q[c] + 0.5)
+        if m0 is None or m1 is None:
+            return
+        mine, theirs = float(U1[c] - U0[c]), m1 - m0
+        if not abs(mine - theirs) <= 1e-6 * (1 + abs(float(U0[c])) + abs(m0)):
+            raise ValueError(
+                "batched_potential: from q to q + 1/2 (q = "
+                f"{[round(float(v), 4) for v in q[c][:6]]}...) U changes by {mine!r}, but the "
+                f"model's own -log p(z, x) - log|dz/dq| by {theirs!r}: a term that depends on q "
+                "is missing or wrong (a prior, a log-Jacobian of to_sites)")
+
+
 __all__ = ["CHAINS", "trace_potential"]
