@@ -129,6 +129,11 @@ class _WrongPrior(BayesianGMM):
         return fn, data, params * np.array([1.0, 2.0, 1.0])
 
 
+class _TwoItems(BayesianGMM):
+    def compiled_potential(self, x):
+        return super().compiled_potential(x)[:2]
+
+
 class _CompiledOnly(BayesianGMM):
     batched_potential = None  # declares compiled_potential alone
 
@@ -194,6 +199,8 @@ def test_a_compiled_potential_is_checked_before_any_step():
     with pytest.raises(ValueError, match="'_python_potential' must be a Numba @njit function of "
                                          "elbolab.models.compiled.SIGNATURE"):
         inference.fit("mcmc", _PythonPotential(2, 10.0), x, **kw)
+    with pytest.raises(ValueError, match=r"compiled_potential: must return \(fn, data, params\)"):
+        inference.fit("mcmc", _TwoItems(2, 10.0), x, **kw)
     with pytest.raises(ValueError, match="'_default_error_model' must be compiled with "
                                          "error_model='numpy'"):
         inference.fit("mcmc", _RaisingErrors(2, 10.0), x, **kw)

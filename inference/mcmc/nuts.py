@@ -1,12 +1,16 @@
 """NUTS as the reference engine, with diagnostics on label- and rotation-invariant quantities.
 
-Two kernels, chosen from declared capabilities (``Settings.kernel``): a family with
+Three kernels, chosen from declared capabilities (``Settings.kernel``,
+:mod:`elbolab.inference.mcmc.kernels`): a family with
+:class:`~elbolab.models.capabilities.CompiledPotential` and data on the CPU runs each trajectory
+in machine code (:mod:`elbolab.inference.mcmc.compiled`); one with
 :class:`~elbolab.models.capabilities.BatchedPotential` runs all chains in one computation
-(:mod:`elbolab.inference.mcmc.batched`, one generator seeded by ``seed``); any other model runs
-Pyro's NUTS, chain c seeded ``seed + c``, one chain after another or one worker process each
-(``Settings.chain_method``, :mod:`elbolab.inference.mcmc.chains`): the same draws either way.
-Both kernels are deterministic on CPU. Discrete sites named in ``family.discrete_sites`` are summed out by
-enumeration.
+(:mod:`elbolab.inference.mcmc.batched`); both under Stan's adaptation
+(:mod:`elbolab.inference.mcmc.adapt`), one generator seeded by ``seed``, after the checks of a
+declared potential against the model's trace. Any other model runs Pyro's NUTS, chain c seeded
+``seed + c``, one chain after another or one worker process each (``Settings.chain_method``,
+:mod:`elbolab.inference.mcmc.chains`): the same draws either way. Every kernel is deterministic
+on CPU. Discrete sites named in ``family.discrete_sites`` are summed out by enumeration.
 R-hat and bulk/tail ESS (Vehtari et al. 2021, via ArviZ) are computed on
 ``family.posterior_invariants(samples, x)``: raw mixture means or factor loadings mix across labels or
 rotations, so their R-hat says nothing.
@@ -29,7 +33,8 @@ from elbolab.inference.budget import check_mcmc
 from elbolab.inference.mcmc import adapt
 from elbolab.inference.mcmc.arrays import Random, host_state, on_host
 from elbolab.inference.mcmc.chains import run_chains
-from elbolab.inference.mcmc.potential import check_against_model, trace_potential
+from elbolab.inference.mcmc.kernels import KERNEL_NOTES, check_start, choose, flat_potential
+from elbolab.inference.mcmc.potential import check_against_model
 from elbolab.inference.mcmc.prepare import hand_back, prepared
 from elbolab.inference.result import FitResult, check_settings, data_fields
 from elbolab.inference.runtime import (
@@ -42,7 +47,6 @@ from elbolab.inference.runtime import (
 from elbolab.inference.tracing import to_numpy
 from elbolab.models.capabilities import (
     BatchedPotential,
-    CompiledPotential,
     McmcModel,
     PointwiseLogLikelihood,
     PosteriorInvariants,
@@ -53,8 +57,6 @@ from elbolab.models.validate import boolean, choice, integer, positive, probabil
 KERNELS = ("auto", "compiled", "batched", "pyro")
 CHAIN_METHODS = ("auto", "sequential", "parallel")
 MIN_DRAWS = 4  # per chain, for split R-hat and ESS
-KERNEL_NOTES = {"compiled": "compiled kernel, each trajectory in machine code",
-                "batched": "batched kernel, chains in one computation", "pyro": "Pyro NUTS"}
 
 
 @dataclass
@@ -157,11 +159,11 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
 
         state = state.astype(np.float64)
         potential = Compiled(*compiled)  # (fn, x, params)
-        _check_start(flat, potential, state, settings.num_chains)
+        check_start(flat, potential, state, settings.num_chains)
         step = potential.transition
     else:
         potential = flat.potential if state is q0 else on_host(flat.potential)
-        _check_start(flat, potential, state, settings.num_chains)
+        check_start(flat, potential, state, settings.num_chains)
         step = adapt.transition
     if check is not None:
         check(q0)
@@ -179,72 +181,6 @@ def run_batched(flat, settings: Settings, seed: int, init_params: dict | None = 
     diverging = torch.as_tensor(draws.diverging).cpu()
     depth = torch.as_tensor(draws.depth).cpu().to(torch.int64)
     return NutsRun(flat.to_sites(q), [int(d) for d in diverging.sum(1)], diverging, depth)
-
-
-def _check_start(flat, potential, state, chains: int) -> None:
-    """The family's starting points and potential, before any step: ``init`` gives (C, D) with
-    D = ``flat.dim``, the potential U (C,) and grad U (C, D), finite at every start (a chain
-    started where U is NaN or inf never moves)."""
-    C, D = chains, flat.dim
-    if tuple(state.shape) != (C, D):
-        raise ValueError(f"batched_potential: init({C}, generator) must give the starting "
-                         f"points as ({C}, {D}) (chains, FlatPotential.dim), got "
-                         f"{tuple(state.shape)}")
-    U, g = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-            for v in potential(state))
-    if U.shape != (C,) or g.shape != (C, D):
-        raise ValueError(f"batched_potential: the potential of ({C}, {D}) points must give U "
-                         f"({C},) and grad U ({C}, {D}), got {U.shape} and {g.shape}")
-    bad = ~(np.isfinite(U) & np.isfinite(g).all(-1))
-    if bad.any():
-        c = int(np.flatnonzero(bad)[0])
-        q = np.asarray(state[c].cpu() if isinstance(state, torch.Tensor) else state[c])
-        raise ValueError(
-            f"NUTS: U or its gradient is not finite at the start of chain {c}, q = "
-            f"{np.array2string(q, precision=4, threshold=8)} (U = {float(U[c])!r}); start "
-            "elsewhere (init_params), or check the potential there")
-
-
-def _flat(family, model, x):
-    """The family's declared potential, else one read from the model's own trace."""
-    if isinstance(family, BatchedPotential):
-        return family.batched_potential(x)
-    return trace_potential(model, x, family.max_plate_nesting)
-
-
-def _kernel(family, settings: Settings, fix_params, x) -> str:
-    """Which kernel runs, from declared capabilities (``Settings.kernel``): "compiled" for a
-    family declaring CompiledPotential with data on the CPU, "batched" for one declaring
-    BatchedPotential (or asked for: the potential is then read from the model's trace by
-    :func:`elbolab.inference.mcmc.potential.trace_potential`), else "pyro"."""
-    if settings.kernel == "pyro" or settings.chain_method != "auto":
-        return "pyro"  # a chain method names Pyro's kernel (Settings.chain_method)
-    if settings.kernel != "auto" and fix_params is not None:
-        raise ValueError(f"kernel: {settings.kernel!r} takes no fix_params (parameters fixed in "
-                         "the model); use kernel='pyro'")
-    compiled = isinstance(family, CompiledPotential)
-    name = getattr(family, "name", type(family).__name__)
-    if compiled and not isinstance(family, BatchedPotential) and settings.kernel != "batched":
-        raise ValueError(f"kernel: {name!r} declares compiled_potential but no "
-                         "batched_potential, which gives the compiled kernel its starting points "
-                         "and site names (a FlatPotential: docs/api.md); declare it too, or use "
-                         "kernel='pyro'")
-    if settings.kernel == "compiled":
-        if not compiled:
-            raise ValueError(f"kernel: 'compiled' needs a family declaring CompiledPotential (a "
-                             f"Numba potential, docs/api.md); {name!r} declares none: use "
-                             "'batched' or 'pyro'")
-        if x.device.type != "cpu":
-            raise ValueError(f"kernel: 'compiled' runs on the CPU; the data are on {x.device}: "
-                             "use 'batched' (chains on the device)")
-        return "compiled"
-    if settings.kernel == "batched":
-        return "batched"
-    if fix_params is not None:
-        return "pyro"
-    if compiled and x.device.type == "cpu":
-        return "compiled"
-    return "batched" if isinstance(family, BatchedPotential) else "pyro"
 
 
 def invariant_diagnostics(invariants: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -346,7 +282,7 @@ def fit(
     loaded: list = []  # (module parameter, its own value): handed back at the end
     try:
         with isolated(seed), one_thread(x), Timer(x.device) as timer:
-            kernel = _kernel(family, settings, fix_params, x)
+            kernel = choose(family, settings, fix_params, x)
             model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
             init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
@@ -357,7 +293,10 @@ def fit(
                 check = lambda q0: check_against_model(model, x, flat64, q0)  # noqa: E731
             if kernel == "compiled":
                 compiled = family.compiled_potential(x)
-            run = run_batched(_flat(family, model, x), settings, seed, init_params,
+                if not (isinstance(compiled, tuple | list) and len(compiled) == 3):
+                    raise ValueError("compiled_potential: must return (fn, data, params), got "
+                                     f"{type(compiled).__name__}")
+            run = run_batched(flat_potential(family, model, x), settings, seed, init_params,
                               compiled, reference, check) if kernel != "pyro" else run_nuts(
                 model,
                 (x,),
