@@ -142,21 +142,9 @@ def _python_potential(q, x, params, grad):
     return 0.0
 
 
-class _PythonPotential(BayesianGMM):
-    def compiled_potential(self, x):
-        _, data, params = super().compiled_potential(x)
-        return _python_potential, data, params
-
-
 @njit(SIGNATURE)
 def _default_error_model(q, x, params, grad):
     return 0.0
-
-
-class _RaisingErrors(BayesianGMM):
-    def compiled_potential(self, x):
-        _, data, params = super().compiled_potential(x)
-        return _default_error_model, data, params
 
 
 @njit(SIGNATURE, error_model="numpy")
@@ -166,10 +154,16 @@ def _flipped(q, x, params, grad):
     return U
 
 
-class _FlippedGradient(BayesianGMM):
+class _WithFn(BayesianGMM):
+    """The GMM with its compiled potential's function replaced by ``fn``."""
+
+    def __init__(self, fn):
+        super().__init__(2, 10.0)
+        self.fn = fn
+
     def compiled_potential(self, x):
         _, data, params = super().compiled_potential(x)
-        return _flipped, data, params
+        return self.fn, data, params
 
 
 class _Starts(BayesianGMM):
@@ -198,15 +192,15 @@ def test_a_compiled_potential_is_checked_before_any_step():
             inference.fit("mcmc", _CompiledOnly(2, 10.0), x, kernel=kernel, **kw)
     with pytest.raises(ValueError, match="'_python_potential' must be a Numba @njit function of "
                                          "elbolab.models.compiled.SIGNATURE"):
-        inference.fit("mcmc", _PythonPotential(2, 10.0), x, **kw)
+        inference.fit("mcmc", _WithFn(_python_potential), x, **kw)
     with pytest.raises(ValueError, match=r"compiled_potential: must return \(fn, data, params\)"):
         inference.fit("mcmc", _TwoItems(2, 10.0), x, **kw)
     with pytest.raises(ValueError, match="'_default_error_model' must be compiled with "
                                          "error_model='numpy'"):
-        inference.fit("mcmc", _RaisingErrors(2, 10.0), x, **kw)
+        inference.fit("mcmc", _WithFn(_default_error_model), x, **kw)
     with pytest.raises(ValueError, match="the same U as batched_potential at q = .*, but not the "
                                          "same gradient: coordinate 0"):
-        inference.fit("mcmc", _FlippedGradient(2, 10.0), x, **kw)
+        inference.fit("mcmc", _WithFn(_flipped), x, **kw)
     for kernel in ("compiled", "batched"):
         with pytest.raises(ValueError, match=r"init\(2, generator\) must give the starting points "
                                              r"as \(2, 2\)"):

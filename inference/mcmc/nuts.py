@@ -286,9 +286,12 @@ def fit(
             model, discrete, given = prepared(model, x, fix_params, family, loaded, given)
             init_params = init_params if given is None else given
             check_mcmc(model, x, settings)  # memory of the draws, before any step
-            compiled = reference = check = None
-            if kernel != "pyro" and isinstance(family, BatchedPotential):
-                flat64 = family.batched_potential(x.to(torch.float64))
+            flat = compiled = reference = check = None
+            if kernel != "pyro":
+                flat = flat_potential(family, model, x)
+            if flat is not None and isinstance(family, BatchedPotential):
+                flat64 = (flat if x.dtype == torch.float64 else
+                          family.batched_potential(x.to(torch.float64)))
                 reference = flat64.potential
                 check = lambda q0: check_against_model(model, x, flat64, q0)  # noqa: E731
             if kernel == "compiled":
@@ -296,7 +299,7 @@ def fit(
                 if not (isinstance(compiled, tuple | list) and len(compiled) == 3):
                     raise ValueError("compiled_potential: must return (fn, data, params), got "
                                      f"{type(compiled).__name__}")
-            run = run_batched(flat_potential(family, model, x), settings, seed, init_params,
+            run = run_batched(flat, settings, seed, init_params,
                               compiled, reference, check) if kernel != "pyro" else run_nuts(
                 model,
                 (x,),
