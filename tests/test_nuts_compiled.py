@@ -307,3 +307,43 @@ def test_the_kernels_uniform_stream_is_uniform():
     assert 0 < u.min() and u.max() < 1 and np.isfinite(np.log(u)).all()
     assert stats.kstest(u, "uniform").pvalue > 1e-3
     assert not np.array_equal(u[:100], stream(12346, 100))
+
+
+_INTERRUPTED = """
+import numpy as np, torch
+from elbolab import inference
+from elbolab.models.gmm import BayesianGMM
+fam = BayesianGMM(4, 10.0, dim=2)
+x, _ = fam.simulate(5000, seed=1)
+inference.fit("mcmc", fam, x, num_samples=5, warmup=5)
+state = torch.random.get_rng_state().clone()
+print("start", flush=True)
+try:
+    inference.fit("mcmc", fam, x, num_samples=3000, warmup=1000)
+    print("finished")
+except KeyboardInterrupt:
+    print("interrupted", torch.equal(state, torch.random.get_rng_state()))
+print(inference.fit("mcmc", fam, x, num_samples=10, warmup=10).samples["mu"].shape)
+"""
+
+
+def test_ctrl_c_inside_the_compiled_kernel_is_a_keyboard_interrupt(tmp_path):
+    """A user's Ctrl-C while the trajectory runs in compiled code: Numba reports it as a
+    SystemError, which a caller would take for a crash; the fit raises KeyboardInterrupt, the
+    caller's random state is restored, and the next fit runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "start"
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert out.splitlines()[0] == "interrupted True", out
+    assert "torch.Size([4, 10, 4, 2])" in out

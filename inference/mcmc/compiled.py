@@ -26,6 +26,7 @@ and Numba's cache on disk serves later processes.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 from numba import njit, types
@@ -286,6 +287,22 @@ class _FirstClass(WrapperAddressProtocol):
         return SIGNATURE
 
 
+@contextmanager
+def _interrupts():
+    """Ctrl-C during a compiled call as the KeyboardInterrupt it is: Numba reports a signal that
+    arrives inside compiled code as a SystemError caused by it, which a caller (the command
+    line's interrupt handling, a notebook) would take for a crash."""
+    try:
+        yield
+    except SystemError as exc:
+        cause = exc
+        while cause is not None:
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 class Compiled:
     """A family's compiled potential as the kernel's two entry points: ``__call__(q)`` ->
     (U, grad U) for C points (NumPy, float64), and ``transition`` with the signature of
@@ -299,16 +316,19 @@ class Compiled:
             raise ValueError(f"compiled potential: the data must be a matrix, got {self.x.shape}")
 
     def __call__(self, q: np.ndarray):
-        return _evaluate(self.fn, self.x, self.params, np.ascontiguousarray(q, dtype=np.float64))
+        with _interrupts():
+            return _evaluate(self.fn, self.x, self.params,
+                             np.ascontiguousarray(q, dtype=np.float64))
 
     def transition(self, z, step_size, inv_mass, potential, max_depth, rng, adapting=True):
         C, D = inv_mass.shape
         normals = rng.normal((C, D))
         seeds = rng.seeds(C)
         f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
-        out, accept, diverging, depth, leapfrogs = _all(
-            self.fn, self.x, self.params, f64(z), f64(step_size), f64(inv_mass), max_depth,
-            f64(normals), seeds)
+        with _interrupts():
+            out, accept, diverging, depth, leapfrogs = _all(
+                self.fn, self.x, self.params, f64(z), f64(step_size), f64(inv_mass), max_depth,
+                f64(normals), seeds)
         return Transition(out, accept, diverging, depth, leapfrogs)
 
 
